@@ -1,0 +1,136 @@
+"""The indai model artefact: an exported torch program plus a card, and how to run it.
+
+Training writes `model.pt2` (a `torch.export` program: graph and weights, no Python code and
+no pickle) and `indai_model.json` (the card: inputs per modality, classes, the program's
+sha256). Serving and `mlflow.pyfunc` both load it with `IndaiModel.load`, which checks the
+hash before anything is deserialised, and call `predict` with one dict per sample.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from indai.platform.errors import UserError
+from indai.platform.modalities import MODALITIES, check_sensor, decode_image, images_to_tensor_layout, tokenize_bytes
+
+FORMAT = "indai-torch-export/1"
+PROGRAM = "model.pt2"
+CARD = "indai_model.json"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_card(folder: Path, card: dict) -> Path:
+    card = dict(card, format=FORMAT, program_sha256=sha256_file(folder / PROGRAM))
+    path = folder / CARD
+    path.write_text(json.dumps(card, indent=2, ensure_ascii=False))
+    return path
+
+
+def mlflow_signature(card: dict):
+    """Signature over all three modalities (each optional) and the prediction."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+    inputs = Schema([
+        ColSpec(Array(Array(DataType.double)), "sensor", required=False),
+        ColSpec(DataType.string, "image", required=False),
+        ColSpec(DataType.string, "text", required=False),
+    ])
+    outputs = Schema([ColSpec(DataType.string, "label"), ColSpec(Array(DataType.double), "probabilities")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+class IndaiModel:
+    """A loaded model: `predict([{"sensor": [[...]], "image": b64, "text": "..."}])`."""
+
+    def __init__(self, card: dict, program):
+        self.card = card
+        self.program = program
+        self.module = program.module()
+        self.modalities = card["modalities"]
+        self.classes = card["classes"]
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "IndaiModel":
+        import torch
+
+        folder = Path(folder)
+        card_path = folder / CARD
+        if not card_path.is_file():
+            raise UserError(f"{folder} holds no {CARD}: it is not an indai model")
+        card = json.loads(card_path.read_text())
+        if card.get("format") != FORMAT:
+            raise UserError(f"{folder}: model format {card.get('format')!r} is not {FORMAT!r}")
+        if sha256_file(folder / PROGRAM) != card.get("program_sha256"):
+            raise UserError(f"{folder / PROGRAM} does not match the hash in its card: refusing to load it")
+        return cls(card, torch.export.load(str(folder / PROGRAM)))
+
+    def prepare(self, sample: dict) -> dict:
+        """Validate one sample against the card; raise UserError saying what is wrong."""
+        if not isinstance(sample, dict):
+            raise UserError("each input must be an object with sensor, image and/or text")
+        unknown = set(sample) - set(MODALITIES) - {"channels", "sampling_rate_hz"}
+        if unknown:
+            raise UserError(f"unknown input field(s) {sorted(unknown)}: use sensor, image, text (and channels, sampling_rate_hz)")
+        given = [m for m in MODALITIES if sample.get(m) is not None]
+        if not given:
+            raise UserError(f"input has none of the model's modalities {self.modalities}")
+        extra = [m for m in given if m not in self.modalities]
+        if extra:
+            raise UserError(f"this model takes {self.modalities}, not {extra}")
+        out = {}
+        if "sensor" in given:
+            s = self.card["inputs"]["sensor"]
+            try:
+                arr = np.asarray(sample["sensor"], dtype=np.float32)
+            except (TypeError, ValueError):
+                raise UserError("sensor must be a list of channels, each a list of numbers") from None
+            out["sensor"] = check_sensor(arr, s["channels"], s["length"], sample.get("channels"),
+                                         sample.get("sampling_rate_hz"), s.get("sampling_rate_hz"))
+        if "image" in given:
+            out["image"] = decode_image(sample["image"], self.card["inputs"]["image"]["size"])
+        if "text" in given:
+            if not isinstance(sample["text"], str):
+                raise UserError("text must be a string")
+            out["text"] = sample["text"]
+        return out
+
+    def run(self, prepared: list[dict]) -> list[dict]:
+        """Predict a batch of prepared samples (see `prepare`)."""
+        import torch
+
+        n = len(prepared)
+        inputs = self.card["inputs"]
+        mask = np.zeros((n, 3), dtype=np.float32)
+        kwargs = {}
+        for i, m in enumerate(MODALITIES):
+            if m not in self.modalities:
+                continue
+            mask[:, i] = [m in p for p in prepared]
+            if m == "sensor":
+                s = inputs["sensor"]
+                zero = np.zeros((len(s["channels"]), s["length"]), np.float32)
+                kwargs["sensor"] = torch.from_numpy(np.stack([p.get("sensor", zero) for p in prepared]))
+            elif m == "image":
+                size = inputs["image"]["size"]
+                zero = np.zeros((size, size, 3), np.uint8)
+                kwargs["image"] = torch.from_numpy(images_to_tensor_layout(np.stack([p.get("image", zero) for p in prepared])))
+            else:
+                kwargs["text"] = torch.from_numpy(tokenize_bytes([p.get("text", "") for p in prepared], inputs["text"]["max_len"]))
+        kwargs["mask"] = torch.from_numpy(mask)
+        with torch.inference_mode():
+            probs = torch.softmax(self.module(**kwargs).float(), dim=-1).numpy()
+        return [{"label": self.classes[int(p.argmax())], "probabilities": dict(zip(self.classes, map(float, p)))} for p in probs]
+
+    def predict(self, samples: list[dict]) -> list[dict]:
+        return self.run([self.prepare(s) for s in samples])

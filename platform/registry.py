@@ -1,0 +1,116 @@
+"""The model registry (MLflow): model references, aliases, and fetching what it holds.
+
+A model reference is `name@alias` (follows the alias) or `name/version` (pinned). Names and
+aliases are checked before they reach MLflow, so a reference can never smuggle a path, a
+scheme or a query into a URI.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from indai.platform.errors import UserError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    alias: str | None = None
+    version: int | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}@{self.alias}" if self.alias else f"models:/{self.name}/{self.version}"
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.alias}" if self.alias else f"{self.name}/{self.version}"
+
+
+def check_model_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise UserError(f"model name {name!r} is not valid: use letters, digits, '.', '_' and '-' (at most 128)")
+    return name
+
+
+def check_alias(alias: str) -> str:
+    if not isinstance(alias, str) or not ALIAS_RE.match(alias) or alias == "latest" or re.fullmatch(r"v\d+", alias):
+        raise UserError(f"alias {alias!r} is not valid: use lower-case letters, digits, '_' or '-', starting with a letter (not 'latest' or 'v<N>')")
+    return alias
+
+
+def parse_model_ref(text: str) -> ModelRef:
+    """`name@alias` or `name/version`."""
+    text = str(text)
+    if "@" in text:
+        name, alias = text.split("@", 1)
+        return ModelRef(check_model_name(name), alias=check_alias(alias))
+    if "/" in text:
+        name, version = text.split("/", 1)
+        if not version.isdigit() or int(version) < 1:
+            raise UserError(f"model version {version!r} is not valid: use a positive number, as in {name}/3")
+        return ModelRef(check_model_name(name), version=int(version))
+    raise UserError(f"model reference {text!r} must be name@alias (e.g. cwru-bearing@champion) or name/version (e.g. cwru-bearing/3)")
+
+
+def client(tracking_uri: str):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def resolve_version(tracking_uri: str, ref: ModelRef):
+    """The registered ModelVersion the reference points at, or a clear error."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(tracking_uri)
+    try:
+        if ref.alias:
+            return c.get_model_version_by_alias(ref.name, ref.alias)
+        return c.get_model_version(ref.name, str(ref.version))
+    except MlflowException as e:
+        code = getattr(e, "error_code", "")
+        if "RESOURCE_DOES_NOT_EXIST" in str(code) or "not found" in str(e).lower() or "INVALID_PARAMETER_VALUE" in str(code):
+            raise UserError(f"model {ref} is not in the registry at {tracking_uri}: `indai model ls` lists the registered models") from None
+        raise UserError(f"registry at {tracking_uri} failed for {ref}: {e.message if hasattr(e, 'message') else e}") from None
+
+
+def promote(tracking_uri: str, name: str, version: int, alias: str) -> None:
+    check_model_name(name)
+    check_alias(alias)
+    resolve_version(tracking_uri, ModelRef(name, version=version))
+    client(tracking_uri).set_registered_model_alias(name, alias, str(version))
+
+
+def list_models(tracking_uri: str) -> list[dict]:
+    c = client(tracking_uri)
+    out = []
+    for rm in c.search_registered_models():
+        versions = c.search_model_versions(f"name='{rm.name}'")
+        out.append({"name": rm.name, "aliases": dict(rm.aliases or {}),
+                    "versions": sorted(int(v.version) for v in versions)})
+    return out
+
+
+def download(tracking_uri: str, ref: ModelRef, dest: Path) -> tuple[Path, int]:
+    """Download the model's files into dest; return (model folder, resolved version)."""
+    import mlflow
+
+    mv = resolve_version(tracking_uri, ref)
+    client(tracking_uri)
+    path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{ref.name}/{mv.version}", dst_path=str(dest))
+    return Path(path), int(mv.version)
+
+
+def client_for_current():
+    """A client for the tracking URI set by `client(...)` earlier in this process."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=mlflow.get_tracking_uri(), registry_uri=mlflow.get_registry_uri())

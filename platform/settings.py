@@ -1,0 +1,84 @@
+"""Where the platform's services are: object store, MLflow, Ray, Serve.
+
+On the embedded default, `indai up` starts local Ray and an MLflow server on SQLite and
+writes their addresses into `$INDAI_HOME/services.json`; every other command reads them from
+there. On a cluster the same fields come from environment variables (INDAI_STORE_URI,
+INDAI_MLFLOW_URI, INDAI_RAY_ADDRESS, INDAI_SERVE_URL), so only configuration differs.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from indai.platform.errors import UserError
+
+SERVICES_FILE = "services.json"
+
+
+def home() -> Path:
+    """The embedded default's state folder (`INDAI_HOME`, default `~/.indai`)."""
+    return Path(os.environ.get("INDAI_HOME", Path.home() / ".indai")).expanduser().resolve()
+
+
+@dataclass
+class Settings:
+    store_uri: str
+    """Object store root: file:///path or s3://bucket/prefix."""
+    mlflow_uri: str | None
+    """MLflow tracking server, e.g. http://127.0.0.1:5000."""
+    ray_address: str | None
+    """Ray cluster address (host:port of the GCS) or None when no cluster is up."""
+    serve_url: str | None
+    """Base URL of the Ray Serve HTTP proxy."""
+    home: Path
+
+    def require_mlflow(self) -> str:
+        if not self.mlflow_uri:
+            raise UserError("no MLflow server is configured: run `indai up` (embedded default) or set INDAI_MLFLOW_URI")
+        return self.mlflow_uri
+
+    def require_ray(self) -> str:
+        if not self.ray_address:
+            raise UserError("no Ray cluster is running: run `indai up` (embedded default) or set INDAI_RAY_ADDRESS")
+        return self.ray_address
+
+
+def read_services(root: Path | None = None) -> dict:
+    path = (root or home()) / SERVICES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is damaged: run `indai down` and `indai up` again") from None
+
+
+def write_services(data: dict, root: Path | None = None) -> Path:
+    root = root or home()
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / SERVICES_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def load_settings() -> Settings:
+    root = home()
+    svc = read_services(root)
+    env = os.environ.get
+    return Settings(
+        store_uri=env("INDAI_STORE_URI") or svc.get("store_uri") or (root / "store").as_uri(),
+        mlflow_uri=env("INDAI_MLFLOW_URI") or svc.get("mlflow_uri"),
+        ray_address=env("INDAI_RAY_ADDRESS") or svc.get("ray_address"),
+        serve_url=env("INDAI_SERVE_URL") or svc.get("serve_url"),
+        home=root,
+    )
+
+
+def as_dict(s: Settings) -> dict:
+    d = asdict(s)
+    d["home"] = str(s.home)
+    return d

@@ -1,0 +1,73 @@
+"""Dataset versions as torch datasets, sharded across workers without padding.
+
+A split holds either windowed sensor signals (`sensor_signal` [C, T] + `sensor_starts`) or
+ready arrays (`sensor` [N, C, L], `image` [N, H, W, 3] uint8, `text` [N] strings), plus
+`label` and an optional presence `mask` [N, 3]. Each item is a dict of tensors that the
+model's forward takes by name.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from indai.platform.modalities import MODALITIES, images_to_tensor_layout, tokenize_bytes
+
+
+class SplitDataset(Dataset):
+    def __init__(self, arrays: dict[str, np.ndarray], window: int | None = None, text_len: int = 128,
+                 modalities: list[str] | None = None):
+        self.label = torch.as_tensor(arrays["label"], dtype=torch.long)
+        n = len(self.label)
+        self.modalities = modalities or [m for m in MODALITIES if m in arrays or (m == "sensor" and "sensor_signal" in arrays)]
+        self.window = window
+        self.signal = torch.as_tensor(arrays["sensor_signal"]) if "sensor_signal" in arrays else None
+        self.starts = arrays.get("sensor_starts")
+        self.sensor = torch.as_tensor(arrays["sensor"], dtype=torch.float32) if "sensor" in arrays else None
+        self.image = torch.as_tensor(images_to_tensor_layout(arrays["image"])) if "image" in arrays else None
+        self.text = torch.as_tensor(tokenize_bytes(list(arrays["text"]), text_len)) if "text" in arrays else None
+        mask = arrays.get("mask")
+        self.mask = torch.as_tensor(mask, dtype=torch.float32) if mask is not None else torch.ones(n, 3)
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = {"label": self.label[i], "mask": self.mask[i]}
+        if "sensor" in self.modalities:
+            if self.signal is not None:
+                s = int(self.starts[i])
+                item["sensor"] = self.signal[:, s: s + self.window]
+            else:
+                item["sensor"] = self.sensor[i]
+        if "image" in self.modalities:
+            item["image"] = self.image[i]
+        if "text" in self.modalities:
+            item["text"] = self.text[i]
+        return item
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Indices rank::world, optionally shuffled per epoch with a shared seed; unlike
+    DistributedSampler it never repeats samples, so evaluation counts each sample once."""
+
+    def __init__(self, n: int, rank: int, world: int, shuffle: bool, seed: int = 0):
+        self.n, self.rank, self.world, self.shuffle, self.seed, self.epoch = n, rank, world, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        return np.random.default_rng(self.seed + self.epoch).permutation(self.n)
+
+    def __iter__(self):
+        order = self._order()
+        if self.shuffle:  # equal length on every rank, so collective steps stay in lockstep
+            per = self.n // self.world
+            return iter(order[self.rank * per: (self.rank + 1) * per].tolist())
+        return iter(order[self.rank:: self.world].tolist())
+
+    def __len__(self) -> int:
+        return self.n // self.world if self.shuffle else len(range(self.rank, self.n, self.world))

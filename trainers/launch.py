@@ -1,0 +1,243 @@
+"""Run a training recipe end to end: dataset -> Ray Train (DeepSpeed) -> MLflow model -> registry.
+
+The driver resolves the dataset version, opens (or re-opens, on resume) the MLflow run and
+logs the parameters and the dataset as the run's input; the workers run `train_loop`; the
+driver then turns the final weights into an exported program, logs it as an MLflow model
+with a signature over all modalities, registers it once per run and optionally moves an alias.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from indai.platform import datasets, registry
+from indai.platform.errors import UserError
+from indai.platform.model_format import mlflow_signature, write_card
+from indai.platform.settings import Settings
+from indai.platform.storage import open_store
+from indai.trainers import checkpoint
+from indai.trainers.config import TrainConfig
+from indai.trainers.loop import train_loop
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    dataset: str
+    test_accuracy: float | None
+    model_name: str | None = None
+    model_version: int | None = None
+    alias: str | None = None
+    resumed_from: str | None = None
+    confusion: list = field(default_factory=list)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:500]
+    return out
+
+
+def complete_from_manifest(cfg: TrainConfig, manifest: dict) -> TrainConfig:
+    """Fields the dataset decides: classes, channels, window length, normalisation."""
+    m = cfg.model.model_copy(deep=True)
+    m.num_classes = len(manifest["classes"])
+    sensor = manifest.get("modalities", {}).get("sensor")
+    if sensor and "sensor" in m.modalities:
+        m.sensor.channels = len(sensor["channels"])
+        m.sensor.length = sensor["window"]
+        m.sensor_mean, m.sensor_std = sensor["norm"]["mean"], sensor["norm"]["std"]
+    return cfg.model_copy(update={"model": m})
+
+
+def _open_run(cfg: TrainConfig, store, manifest: dict, ref: datasets.DatasetRef):
+    import mlflow
+
+    found = checkpoint.latest(store, cfg.run.name) if cfg.run.resume else None
+    run_id = found[1].get("mlflow_run_id") if found else None
+    mlflow.set_experiment(cfg.run.experiment)
+    if run_id:
+        return mlflow.start_run(run_id=run_id), found[0]
+    run = mlflow.start_run(run_name=cfg.run.name, tags={"indai.recipe": cfg.recipe, "indai.dataset": str(ref),
+                                                        "indai.member": manifest.get("member", "")})
+    mlflow.log_params(_flatten(cfg.model_dump(mode="json", exclude={"store_uri", "mlflow_uri", "mlflow_run_id"})))
+    dataset = mlflow.data.meta_dataset.MetaDataset(source=_store_source(store, ref), name=ref.name, digest=ref.version)
+    mlflow.log_input(dataset, context="training")
+    mlflow.log_dict(manifest, "dataset/manifest.json")
+    return run, None
+
+
+def _store_source(store, ref):
+    from mlflow.data.dataset_source import DatasetSource
+
+    class StoreSource(DatasetSource):
+        """Where the dataset version lies in the object store."""
+
+        def __init__(self, uri: str):
+            self.uri = uri
+
+        @staticmethod
+        def _get_source_type() -> str:
+            return "indai-store"
+
+        def load(self, dst_path=None):
+            raise NotImplementedError("read dataset versions with indai.platform.datasets")
+
+        @staticmethod
+        def _can_resolve(raw_source) -> bool:
+            return False
+
+        @classmethod
+        def _resolve(cls, raw_source):
+            return cls(str(raw_source))
+
+        def to_dict(self) -> dict:
+            return {"uri": self.uri}
+
+        @classmethod
+        def from_dict(cls, source_dict: dict):
+            return cls(source_dict["uri"])
+
+    return StoreSource(f"{store.uri.rstrip('/')}/datasets/{ref.name}/{ref.version}")
+
+
+def run_workers(cfg: TrainConfig, settings: Settings) -> None:
+    config = cfg.model_dump(mode="json")
+    if cfg.run.launcher == "local":
+        train_loop(config)
+        return
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(address=settings.require_ray(), log_to_driver=True, logging_level="WARNING")
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=cfg.run.use_gpu,
+                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.run.name, storage_path=str(settings.home / "ray_results"),
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
+    )
+    trainer.fit()
+
+
+def _already_registered(name: str, run_id: str):
+    c = registry.client_for_current()
+    for mv in c.search_model_versions(f"name='{name}'"):
+        if mv.run_id == run_id:
+            return mv
+    return None
+
+
+def log_and_register(cfg: TrainConfig, store, manifest: dict, run_id: str) -> tuple[int | None, dict]:
+    """Build the exported program from the final weights and log it as an MLflow model."""
+    import mlflow
+    import torch
+    from safetensors.torch import load_file
+
+    from indai.trainers.models import create_model
+    from indai.trainers.models.multimodal import ModelConfig
+    from indai.trainers.models.multimodal.export import card_inputs, export
+
+    final = f"{checkpoint.prefix(cfg.run.name)}/{checkpoint.FINAL}"
+    if not store.is_committed(final):
+        raise UserError(f"run {cfg.run.name} has no committed final weights: training did not finish")
+    with tempfile.TemporaryDirectory(prefix="indai-model-") as tmp:
+        tmp = Path(tmp)
+        store.download_dir(final, tmp / "final")
+        result = json.loads((tmp / "final" / "result.json").read_text())
+        mcfg = ModelConfig.model_validate_json((tmp / "final" / "model_config.json").read_text())
+        model = create_model(mcfg)
+        model.load_state_dict(load_file(str(tmp / "final" / "model.safetensors")))
+        pkg = tmp / "indai_model"
+        pkg.mkdir()
+        with torch.no_grad():
+            export(model, pkg)
+        card = {"classes": manifest["classes"], "modalities": mcfg.modalities,
+                "inputs": card_inputs(mcfg, manifest.get("modalities", {}).get("sensor")),
+                "dataset": f"{manifest['name']}@{manifest['version']}", "recipe": cfg.recipe,
+                "run_id": run_id, "attribution": manifest.get("attribution", "")}
+        write_card(pkg, card)
+        version = None
+        name = cfg.run.register_as
+        existing = _already_registered(name, run_id) if name else None
+        if existing is not None:
+            version = int(existing.version)
+        else:
+            # the "model from code" file, found without importing (importing it registers a model)
+            pyfunc_file = importlib.util.find_spec("indai.platform.mlflow_pyfunc").origin
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(pyfunc_file), artifacts={"indai_model": str(pkg)},
+                                           signature=mlflow_signature(card), registered_model_name=name,
+                                           pip_requirements=["indai"])
+            if name:
+                version = int(info.registered_model_version)
+        if name and version:
+            c = registry.client_for_current()
+            for k, v in {"indai.dataset": card["dataset"], "indai.recipe": cfg.recipe, "indai.run": cfg.run.name}.items():
+                c.set_model_version_tag(name, str(version), k, v)
+    return version, result
+
+
+def log_confusion(result: dict, classes: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+    import numpy as np
+
+    conf = np.array(result["confusion"])
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(classes), 1 + 0.6 * len(classes)))
+    ax.imshow(conf, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, int(conf[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if conf[i, j] > conf.max() / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"test accuracy {result['accuracy']:.4f} (n={result['n']})")
+    fig.tight_layout()
+    mlflow.log_figure(fig, "confusion_matrix_test.png")
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig, settings: Settings) -> TrainResult:
+    import mlflow
+
+    store = open_store(settings.store_uri)
+    ref = datasets.resolve(store, datasets.parse_ref(cfg.data.dataset))
+    manifest = datasets.read_manifest(store, ref)
+    cfg = complete_from_manifest(cfg, manifest)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"dataset": str(ref)})})
+    tracking = settings.require_mlflow()
+    registry.client(tracking)
+    run, resumed = _open_run(cfg, store, manifest, ref)
+    with run:
+        run_id = run.info.run_id
+        cfg = cfg.model_copy(update={"store_uri": settings.store_uri, "mlflow_uri": tracking, "mlflow_run_id": run_id})
+        if resumed:
+            print(f"resuming run {cfg.run.name} (MLflow run {run_id}) from checkpoint {resumed}", file=sys.stderr)
+        run_workers(cfg, settings)
+        version, result = log_and_register(cfg, store, manifest, run_id)
+        test = result.get("test") or {}
+        if test:
+            log_confusion(test, manifest["classes"])
+    out = TrainResult(run_id=run_id, dataset=str(ref), test_accuracy=test.get("accuracy"), model_name=cfg.run.register_as,
+                      model_version=version, resumed_from=resumed, confusion=test.get("confusion", []))
+    if version and cfg.run.alias:
+        registry.promote(tracking, cfg.run.register_as, version, cfg.run.alias)
+        out.alias = cfg.run.alias
+    return out
