@@ -201,7 +201,8 @@ def train_loop(config: dict) -> dict:
     for epoch in range(start_epoch, cfg.optim.epochs):
         train_sampler.set_epoch(epoch)
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        for batch in bar(train_loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", enabled=cfg.run.progress and d.rank == 0):
+        show_bar = cfg.run.progress and d.rank == 0 and not d.under_ray  # Ray relays worker output line by line
+        for batch in bar(train_loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", enabled=show_bar):
             batch = _to(batch, d.device)
             loss = F.cross_entropy(_forward(engine, batch).float(), batch["label"], label_smoothing=cfg.optim.label_smoothing)
             engine.backward(loss)

@@ -1,0 +1,323 @@
+"""The `indai` command line.
+
+Each subcommand is a thin layer over a library function; bad input ends with one line
+`indai: error: <what is wrong and what to do>` and exit status 2. Training and serving code
+is imported late, so `indai --help` and the control-plane commands stay fast and
+indai.platform never depends on indai.trainers or indai.serving at import time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from indai.platform.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _settings():
+    from indai.platform.settings import load_settings
+
+    return load_settings()
+
+
+def _store():
+    from indai.platform.storage import open_store
+
+    return open_store(_settings().store_uri)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+
+
+# ---- services -------------------------------------------------------------------------------
+
+def cmd_up(a) -> int:
+    from indai.platform import services
+
+    state = services.up(num_cpus=a.cpus)
+    print(f"MLflow UI      {state['mlflow_uri']}")
+    print(f"Ray dashboard  {state['ray_dashboard']}  (cluster {state['ray_address']})")
+    print(f"object store   {state['store_uri']}")
+    print(f"Serve (after `indai serve`)  {state['serve_url']}")
+    return 0
+
+
+def cmd_down(a) -> int:
+    from indai.platform import services
+
+    state = services.down()
+    print("stopped the embedded services" if state else "no embedded services were running")
+    return 0
+
+
+def cmd_status(a) -> int:
+    from indai.platform import services
+
+    _print_json(services.status())
+    return 0
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+def cmd_data_ingest(a) -> int:
+    from indai.platform.ingest import ingest
+
+    name, version, manifest = ingest(a.spec, _store(), progress=not a.quiet)
+    w = manifest["split"]["windows"]
+    print(f"dataset {name}@{version}: {len(manifest['classes'])} classes; windows " + ", ".join(f"{k} {v}" for k, v in w.items()))
+    return 0
+
+
+def cmd_data_ls(a) -> int:
+    from indai.platform import datasets
+
+    for name, version in datasets.list_versions(_store()):
+        print(f"{name}@{version}")
+    return 0
+
+
+def cmd_data_show(a) -> int:
+    from indai.platform import datasets
+
+    _print_json(datasets.read_manifest(_store(), datasets.parse_ref(a.ref)))
+    return 0
+
+
+# ---- training -------------------------------------------------------------------------------
+
+def load_train_config(recipe: str, overrides: list[str]):
+    from indai.platform.config import load_config, recipe_command
+    from indai.trainers.config import TrainConfig
+
+    cfg = load_config(TrainConfig, recipe, overrides)
+    recipe_command(recipe)
+    return cfg
+
+
+def cmd_train(a) -> int:
+    from indai.trainers.launch import train
+
+    overrides = list(a.overrides)
+    if a.launcher:
+        overrides.append(f"run.launcher={a.launcher}")
+    cfg = load_train_config(a.recipe, overrides)
+    result = train(cfg, _settings())
+    acc = f"{result.test_accuracy:.4f}" if result.test_accuracy is not None else "n/a"
+    print(f"run {result.run_id}: dataset {result.dataset}, test accuracy {acc}"
+          + (f", registered {result.model_name} version {result.model_version}" if result.model_version else "")
+          + (f", alias {result.alias}" if result.alias else ""))
+    return 0
+
+
+# ---- registry -------------------------------------------------------------------------------
+
+def cmd_model_ls(a) -> int:
+    from indai.platform import registry
+
+    _print_json(registry.list_models(_settings().require_mlflow()))
+    return 0
+
+
+def cmd_model_promote(a) -> int:
+    from indai.platform import registry
+
+    ref = registry.parse_model_ref(a.model)
+    if ref.version is None:
+        raise UserError(f"promote takes a pinned version, e.g. {ref.name}/3 (`indai model ls` lists versions)")
+    registry.promote(_settings().require_mlflow(), ref.name, ref.version, a.alias)
+    print(f"{ref.name}@{a.alias} -> version {ref.version}")
+    return 0
+
+
+# ---- serving --------------------------------------------------------------------------------
+
+def serve_model(model: str, replicas: int = 1) -> str:
+    import ray
+    from ray import serve
+
+    from indai.platform import services
+    from indai.serving.app import ServeArgs, build_app
+
+    s = _settings()
+    args = ServeArgs(model=model, mlflow_uri=s.require_mlflow(), num_replicas=replicas)
+    app = build_app(args)
+    if not ray.is_initialized():
+        ray.init(address=s.require_ray(), logging_level="WARNING", log_to_driver=False)
+    state = services.read_services()
+    port = int(state.get("serve_port") or 8000)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app, name=args.name, route_prefix=args.route_prefix)
+    return s.serve_url or f"http://127.0.0.1:{port}"
+
+
+def cmd_serve(a) -> int:
+    if a.stop:
+        import ray
+        from ray import serve
+
+        ray.init(address=_settings().require_ray(), logging_level="WARNING", log_to_driver=False)
+        serve.shutdown()
+        print("Serve stopped")
+        return 0
+    if not a.model:
+        raise UserError("name the model to serve: indai serve --model name@alias (or name/version)")
+    url = serve_model(a.model, a.replicas)
+    print(f"serving {a.model} at {url}/v1/predict (OpenAPI: {url}/openapi.json, docs: {url}/docs)")
+    return 0
+
+
+def cmd_predict(a) -> int:
+    from indai.serving.client import evaluate_split, post_predict, split_instances
+
+    url = a.url or _settings().serve_url
+    if not url:
+        raise UserError("no Serve address: run `indai up` and `indai serve`, or pass --url")
+    if a.dataset:
+        from indai.platform import datasets
+
+        store = _store()
+        ref = datasets.resolve(store, datasets.parse_ref(a.dataset))
+        instances, labels = split_instances(store, ref, a.split, a.limit)
+        ev = evaluate_split(url, instances, labels, concurrency=a.concurrency)
+        print(f"{ref} {a.split}: {ev.summary()}")
+        return 0
+    if not a.input:
+        raise UserError("give --input <file.json> (a request body with \"instances\") or --dataset <name@version>")
+    path = Path(a.input)
+    if not path.is_file():
+        raise UserError(f"input file {a.input!r} does not exist")
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"input file {a.input!r} is not valid JSON: {e}") from None
+    instances = body.get("instances") if isinstance(body, dict) else None
+    if not isinstance(instances, list) or not instances:
+        raise UserError(f"input file {a.input!r} must hold an object with a non-empty \"instances\" list")
+    _print_json(post_predict(url, instances))
+    return 0
+
+
+# ---- the whole main job -----------------------------------------------------------------------
+
+def cmd_demo(a) -> int:
+    from indai.platform import datasets, registry, services
+    from indai.platform.ingest import ingest
+    from indai.platform.progress import Stages
+    from indai.serving.client import evaluate_split, split_instances
+    from indai.trainers.launch import train
+
+    stages = Stages()
+    with stages.stage("start embedded services (Ray, MLflow on SQLite, object store folder)"):
+        state = services.up(num_cpus=a.cpus)
+    s = _settings()
+    store = _store()
+    with stages.stage("ingest CWRU 0 HP recordings into a dataset version"):
+        name, version, manifest = ingest(a.spec, store)
+        print(f"    dataset {name}@{version}, windows {manifest['split']['windows']}", file=sys.stderr)
+    with stages.stage("train with Ray Train (2 workers) and DeepSpeed, log to MLflow, register"):
+        cfg = load_train_config(a.recipe, [f"data.dataset={name}@{version}", *a.overrides])
+        result = train(cfg, s)
+        print(f"    test accuracy in training {result.test_accuracy:.4f}; {result.model_name} version {result.model_version}", file=sys.stderr)
+    with stages.stage("promote: point the 'champion' alias at the new version"):
+        registry.promote(s.require_mlflow(), result.model_name, result.model_version, "champion")
+    model = f"{result.model_name}@champion"
+    with stages.stage(f"serve {model} with Ray Serve"):
+        url = serve_model(model)
+    with stages.stage("predict the held-out test windows over HTTP"):
+        ref = datasets.DatasetRef(name, version)
+        instances, labels = split_instances(store, ref, "test")
+        ev = evaluate_split(url, instances, labels, concurrency=4)
+    print(stages.summary())
+    print(f"held-out test windows ({ev.n}, split by time): {ev.summary()}")
+    print(f"MLflow UI {state['mlflow_uri']} (experiment {cfg.run.experiment}, model {result.model_name}); "
+          f"object store {state['store_uri']}; Serve {url}/v1/predict, OpenAPI {url}/openapi.json")
+    print("stop the services with `indai down`")
+    if ev.accuracy < a.min_accuracy:
+        print(f"indai: error: served accuracy {ev.accuracy:.4f} is below the required {a.min_accuracy}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---- parser ---------------------------------------------------------------------------------
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="indai", description="indai: train, register and serve multimodal models for an industrial AI consortium.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start the embedded default: local Ray and MLflow (SQLite) under $INDAI_HOME")
+    up.add_argument("--cpus", type=int, default=None, help="logical CPUs Ray may schedule (default: max(4, cores))")
+    up.set_defaults(fn=cmd_up)
+    sub.add_parser("down", help="stop the embedded services").set_defaults(fn=cmd_down)
+    sub.add_parser("status", help="show the embedded services").set_defaults(fn=cmd_status)
+
+    data = sub.add_parser("data", help="datasets: ingest raw files into versions, list, show").add_subparsers(dest="data_cmd", required=True, metavar="ACTION")
+    ing = data.add_parser("ingest", help="ingest the files a dataset spec (YAML) names into a new dataset version")
+    ing.add_argument("spec", help="dataset spec YAML, e.g. examples/cwru-0hp/dataset.yaml")
+    ing.add_argument("--quiet", action="store_true", help="no progress bar")
+    ing.set_defaults(fn=cmd_data_ingest)
+    data.add_parser("ls", help="list committed dataset versions").set_defaults(fn=cmd_data_ls)
+    show = data.add_parser("show", help="print a dataset version's manifest")
+    show.add_argument("ref", help="name@version or name@latest")
+    show.set_defaults(fn=cmd_data_show)
+
+    tr = sub.add_parser("train", help="train a recipe with Ray Train + DeepSpeed, log to MLflow, register the model")
+    tr.add_argument("recipe", help="recipe YAML, e.g. trainers/recipes/cwru_sensor.yaml")
+    tr.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.epochs=3 run.workers=1")
+    tr.add_argument("--launcher", choices=["ray", "local"], help="ray (default): TorchTrainer workers; local: in this process")
+    tr.set_defaults(fn=cmd_train)
+
+    model = sub.add_parser("model", help="registered models: list, promote").add_subparsers(dest="model_cmd", required=True, metavar="ACTION")
+    model.add_parser("ls", help="list registered models, versions and aliases").set_defaults(fn=cmd_model_ls)
+    pr = model.add_parser("promote", help="point an alias at a registered version")
+    pr.add_argument("model", help="name/version, e.g. cwru-bearing/3")
+    pr.add_argument("--alias", default="champion", help="alias to move (default champion)")
+    pr.set_defaults(fn=cmd_model_promote)
+
+    sv = sub.add_parser("serve", help="serve a registered model with Ray Serve (HTTP, OpenAPI at /openapi.json)")
+    sv.add_argument("--model", help="name@alias or name/version")
+    sv.add_argument("--replicas", type=int, default=1)
+    sv.add_argument("--stop", action="store_true", help="stop Serve")
+    sv.set_defaults(fn=cmd_serve)
+
+    pd = sub.add_parser("predict", help="send a request file, or a dataset split, to the served model")
+    pd.add_argument("--input", help="JSON file with {\"instances\": [...]}")
+    pd.add_argument("--dataset", help="send every window of a dataset split and report accuracy and latency")
+    pd.add_argument("--split", default="test", choices=["train", "val", "test"])
+    pd.add_argument("--limit", type=int, default=None, help="at most this many windows")
+    pd.add_argument("--concurrency", type=int, default=4)
+    pd.add_argument("--url", help="Serve base URL (default: the embedded one)")
+    pd.set_defaults(fn=cmd_predict)
+
+    dm = sub.add_parser("demo", help="the main job end to end on the embedded default")
+    dm.add_argument("--spec", default="examples/cwru-0hp/dataset.yaml")
+    dm.add_argument("--recipe", default="trainers/recipes/cwru_sensor.yaml")
+    dm.add_argument("--cpus", type=int, default=None)
+    dm.add_argument("--min-accuracy", type=float, default=0.97, help="exit non-zero if served accuracy is lower")
+    dm.add_argument("overrides", nargs="*", help="recipe overrides")
+    dm.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"indai: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("indai: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
