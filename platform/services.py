@@ -93,7 +93,8 @@ def start_ray(root: Path, gcs_port: int, dashboard_port: int, num_cpus: int) -> 
         raise UserError("the `ray` command is not installed in this environment: run `make install`")
     cmd = [ray, "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dashboard_port}", f"--temp-dir={tmp}", f"--num-cpus={num_cpus}", "--disable-usage-stats"]
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    # every Ray process of this cluster inherits the tag, so `indai down` stops exactly these
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", INDAI_RAY_TAG=tmp.name)
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     if done.returncode != 0:
         raise UserError(f"`ray start` failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
@@ -132,12 +133,15 @@ def _ray_pids(state: dict) -> list[int]:
     tmp = state.get("ray_temp_dir")
     if not tmp:
         return []
+    tag = Path(tmp).name
     pids = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         try:
-            if any(tmp in part for part in (p.info["cmdline"] or [])):
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if any(tmp in part for part in (p.info["cmdline"] or [])) or p.environ().get("INDAI_RAY_TAG") == tag:
                 pids.append(p.info["pid"])
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return pids
 

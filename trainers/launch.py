@@ -132,10 +132,11 @@ def run_workers(cfg: TrainConfig, settings: Settings) -> None:
     trainer.fit()
 
 
-def _already_registered(name: str, run_id: str):
+def _already_registered(name: str, run_id: str, step: int):
+    """The version this run already registered for these final weights (a re-run registers once)."""
     c = registry.client_for_current()
     for mv in c.search_model_versions(f"name='{name}'"):
-        if mv.run_id == run_id:
+        if mv.run_id == run_id and (mv.tags or {}).get("indai.step") == str(step):
             return mv
     return None
 
@@ -171,7 +172,7 @@ def log_and_register(cfg: TrainConfig, store, manifest: dict, run_id: str) -> tu
         write_card(pkg, card)
         version = None
         name = cfg.run.register_as
-        existing = _already_registered(name, run_id) if name else None
+        existing = _already_registered(name, run_id, result["step"]) if name else None
         if existing is not None:
             version = int(existing.version)
         else:
@@ -184,7 +185,8 @@ def log_and_register(cfg: TrainConfig, store, manifest: dict, run_id: str) -> tu
                 version = int(info.registered_model_version)
         if name and version:
             c = registry.client_for_current()
-            for k, v in {"indai.dataset": card["dataset"], "indai.recipe": cfg.recipe, "indai.run": cfg.run.name}.items():
+            for k, v in {"indai.dataset": card["dataset"], "indai.recipe": cfg.recipe, "indai.run": cfg.run.name,
+                         "indai.step": str(result["step"])}.items():
                 c.set_model_version_tag(name, str(version), k, v)
     return version, result
 
