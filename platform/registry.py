@@ -50,6 +50,7 @@ def parse_model_ref(text: str) -> ModelRef:
         return ModelRef(check_model_name(name), alias=check_alias(alias))
     if "/" in text:
         name, version = text.split("/", 1)
+        check_model_name(name)
         if not version.isdigit() or int(version) < 1:
             raise UserError(f"model version {version!r} is not valid: use a positive number, as in {name}/3")
         return ModelRef(check_model_name(name), version=int(version))

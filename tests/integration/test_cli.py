@@ -1,0 +1,127 @@
+"""The CLI as a user meets it: --help everywhere, one-line errors, nothing half-written,
+and a training job killed mid-run that `indai train` resumes."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+INDAI = [sys.executable, "-m", "indai.platform.cli"]
+
+
+def indai(*args, home: Path | str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, INDAI_HOME=str(home), PYTHONUNBUFFERED="1")
+    return subprocess.run([*INDAI, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO, **kw)
+
+
+def error_line(done: subprocess.CompletedProcess) -> str:
+    lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert lines[-1].startswith("indai: error: "), done.stderr[-2000:]
+    assert sum(ln.startswith("indai: error") for ln in lines) == 1
+    return lines[-1]
+
+
+@pytest.mark.parametrize("cmd", [[], ["up"], ["down"], ["data", "ingest"], ["train"], ["model", "promote"], ["serve"], ["predict"], ["demo"]])
+def test_every_command_has_help(cmd, tmp_path):
+    done = indai(*cmd, "--help", home=tmp_path, timeout=60)
+    assert done.returncode == 0 and "usage: indai" in done.stdout
+
+
+def test_ingest_errors_are_one_line_and_leave_nothing(tmp_path):
+    (tmp_path / "bad.yaml").write_text("name: x\nsensor: [unclosed\n")
+    assert "not valid YAML at line" in error_line(indai("data", "ingest", tmp_path / "bad.yaml", home=tmp_path))
+    assert "does not exist" in error_line(indai("data", "ingest", tmp_path / "missing.yaml", home=tmp_path))
+    spec = (REPO / "examples/cwru-0hp/dataset.yaml").read_text().replace("path: 1797_B_7_DE12.npz", "path: ../../etc/passwd")
+    (tmp_path / "trav.yaml").write_text(spec)
+    assert "may not contain '..'" in error_line(indai("data", "ingest", tmp_path / "trav.yaml", home=tmp_path))
+    store = tmp_path / "store"
+    assert not store.exists() or not any(store.rglob("*"))
+
+
+def test_errors_that_need_services(services, trained_model, tmp_path):
+    home = services.home
+    assert "not in the registry" in error_line(indai("model", "promote", "no-such/1", home=home))
+    assert "not in the registry" in error_line(indai("model", "promote", "it-cwru/99", home=home))
+    assert "model name '..' is not valid" in error_line(indai("serve", "--model", "../../etc", home=home))
+    assert "must be name@alias" in error_line(indai("serve", "--model", "justaname", home=home))
+    assert "not valid" in error_line(indai("model", "promote", "it-cwru/1", "--alias", "Bad Alias", home=home))
+    assert "has no committed version" in error_line(indai("train", REPO / "trainers/recipes/cwru_sensor.yaml", "data.dataset=nothing-here", home=home))
+    body = tmp_path / "req.json"
+    body.write_text('{"instances": [{"sensor": [[1, 2], [3, 4]]}]}')
+    done = indai("predict", "--input", body, "--url", "http://127.0.0.1:9", home=home)
+    assert "did not answer" in error_line(done)
+    body.write_text("{nope")
+    assert "not valid JSON" in error_line(indai("predict", "--input", body, home=home))
+
+
+def test_model_promote_moves_the_alias(services, trained_model):
+    from mlflow.tracking import MlflowClient
+
+    done = indai("model", "promote", "it-cwru/1", "--alias", "staging", home=services.home)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert MlflowClient(services.mlflow_uri).get_model_version_by_alias("it-cwru", "staging").version == "1"
+    listed = indai("model", "ls", home=services.home)
+    assert '"staging": "1"' in listed.stdout
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(services, cwru_dataset, tmp_path):
+    """Kill `indai train` (SIGKILL, no clean-up) once its first checkpoint is committed; run it again."""
+    from indai.platform.storage import open_store
+
+    name, version, _ = cwru_dataset
+    store = open_store(services.store_uri)
+    args = ["train", REPO / "trainers/recipes/cwru_sensor.yaml", "--launcher", "local", f"data.dataset={name}@{version}",
+            "optim.epochs=8", "run.name=killed-run", "run.register_as=killed-model", "run.progress=false"]
+    env = dict(os.environ, INDAI_HOME=str(services.home))
+    proc = subprocess.Popen([*INDAI, *map(str, args)], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not store.committed_children("checkpoints/killed-run"):
+        time.sleep(0.1)
+    assert proc.poll() is None, f"indai train ended by itself with {proc.returncode} before it was killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = store.committed_children("checkpoints/killed-run")
+    assert done_before and "final" not in done_before, done_before
+    again = indai(*args, home=services.home)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming run killed-run" in again.stderr and f"from checkpoint {done_before[-1]}" in again.stderr
+    assert "registered killed-model version 1" in again.stdout
+    assert "final" in store.committed_children("checkpoints/killed-run")
+
+
+def test_up_and_down_stop_exactly_their_processes(tmp_path):
+    import psutil
+
+    from indai.platform.services import ray_temp_dir
+
+    env_home = tmp_path / "own-home"
+    done = indai("up", "--cpus", "2", home=env_home, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "MLflow UI" in done.stdout
+    tag = ray_temp_dir(env_home.resolve()).name
+
+    def ours() -> list[int]:
+        found = []
+        for p in psutil.process_iter(["pid"]):
+            try:
+                if p.environ().get("INDAI_RAY_TAG") == tag:
+                    found.append(p.pid)
+            except (psutil.Error, OSError):
+                continue
+        return found
+
+    assert ours()
+    status = indai("status", home=env_home)
+    assert '"running": true' in status.stdout
+    assert indai("down", home=env_home).returncode == 0
+    time.sleep(1)
+    assert ours() == []
+    assert '"running": false' in indai("status", home=env_home).stdout
