@@ -85,3 +85,24 @@ def test_unknown_model_is_refused_before_deploying(services):
 
     with pytest.raises(UserError, match="not in the registry"):
         build_app(ServeArgs(model="no-such-model@champion", mlflow_uri=services.mlflow_uri))
+
+
+def test_cli_predict_with_a_request_file(served, test_windows, services, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def run(body: dict) -> subprocess.CompletedProcess:
+        path = tmp_path / "req.json"
+        path.write_text(json.dumps(body))
+        return subprocess.run([sys.executable, "-m", "indai.platform.cli", "predict", "--input", str(path), "--url", served],
+                              capture_output=True, text=True, timeout=120, env=dict(os.environ, INDAI_HOME=str(services.home)))
+
+    inst, labels = test_windows
+    ok = run({"instances": [inst[0]]})
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads(ok.stdout)["predictions"][0]["label"] == labels[0]
+    bad = run({"instances": [{**inst[0], "sensor": [[1.0, 2.0]]}]})
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == ("indai: error: the model server refused the request (400): sensor window has "
+                                                   "shape [1, 2], the model expects [2, 1024] (channels x samples)")

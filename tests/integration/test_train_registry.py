@@ -40,6 +40,16 @@ def test_ray_train_run_is_logged_registered_and_aliased(services, cwru_dataset, 
     model = mlflow.pyfunc.load_model("models:/it-cwru@champion")
     sig = model.metadata.get_input_schema()
     assert set(sig.input_names()) == {"sensor", "image", "text"}
+    assert not any(spec.required for spec in sig.inputs)  # any modality may be absent
+    import pandas as pd
+
+    from indai.platform import datasets
+    from indai.serving.client import split_instances
+
+    instances, labels = split_instances(store, datasets.DatasetRef(name, version), "test", limit=20)
+    out = model.predict(pd.DataFrame({"sensor": [i["sensor"] for i in instances]}))
+    assert (out["label"] == pd.Series(labels)).mean() >= 0.9
+    assert len(out["probabilities"][0]) == 10
 
 
 def test_rerun_resumes_from_checkpoint_and_registers_once(services, trained_model):
