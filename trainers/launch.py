@@ -36,6 +36,39 @@ class TrainResult:
     confusion: list = field(default_factory=list)
 
 
+def store_dataset_source(uri: str):
+    """An MLflow dataset source that names where a dataset version lies in the object store."""
+    from mlflow.data.dataset_source import DatasetSource
+
+    class StoreDatasetSource(DatasetSource):
+        def __init__(self, uri: str):
+            self.uri = uri
+
+        @staticmethod
+        def _get_source_type() -> str:
+            return "indai-store"
+
+        def load(self, dst_path=None):
+            raise NotImplementedError("read dataset versions with indai.platform.datasets")
+
+        @staticmethod
+        def _can_resolve(raw_source) -> bool:
+            return False
+
+        @classmethod
+        def _resolve(cls, raw_source):
+            return cls(str(raw_source))
+
+        def to_dict(self) -> dict:
+            return {"uri": self.uri}
+
+        @classmethod
+        def from_dict(cls, source_dict: dict):
+            return cls(source_dict["uri"])
+
+    return StoreDatasetSource(uri)
+
+
 def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     out = {}
     for k, v in d.items():
@@ -70,44 +103,11 @@ def _open_run(cfg: TrainConfig, store, manifest: dict, ref: datasets.DatasetRef)
     run = mlflow.start_run(run_name=cfg.run.name, tags={"indai.recipe": cfg.recipe, "indai.dataset": str(ref),
                                                         "indai.member": manifest.get("member", "")})
     mlflow.log_params(_flatten(cfg.model_dump(mode="json", exclude={"store_uri", "mlflow_uri", "mlflow_run_id"})))
-    dataset = mlflow.data.meta_dataset.MetaDataset(source=_store_source(store, ref), name=ref.name, digest=ref.version)
+    source = store_dataset_source(f"{store.uri.rstrip('/')}/datasets/{ref.name}/{ref.version}")
+    dataset = mlflow.data.meta_dataset.MetaDataset(source=source, name=ref.name, digest=ref.version)
     mlflow.log_input(dataset, context="training")
     mlflow.log_dict(manifest, "dataset/manifest.json")
     return run, None
-
-
-def _store_source(store, ref):
-    from mlflow.data.dataset_source import DatasetSource
-
-    class StoreSource(DatasetSource):
-        """Where the dataset version lies in the object store."""
-
-        def __init__(self, uri: str):
-            self.uri = uri
-
-        @staticmethod
-        def _get_source_type() -> str:
-            return "indai-store"
-
-        def load(self, dst_path=None):
-            raise NotImplementedError("read dataset versions with indai.platform.datasets")
-
-        @staticmethod
-        def _can_resolve(raw_source) -> bool:
-            return False
-
-        @classmethod
-        def _resolve(cls, raw_source):
-            return cls(str(raw_source))
-
-        def to_dict(self) -> dict:
-            return {"uri": self.uri}
-
-        @classmethod
-        def from_dict(cls, source_dict: dict):
-            return cls(source_dict["uri"])
-
-    return StoreSource(f"{store.uri.rstrip('/')}/datasets/{ref.name}/{ref.version}")
 
 
 def run_workers(cfg: TrainConfig, settings: Settings) -> None:
