@@ -1,0 +1,95 @@
+{{/* Resource name prefix. */}}
+{{- define "indai.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}{{ .Release.Name | trunc 40 | trimSuffix "-" }}{{- else -}}{{ printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "indai.labels" -}}
+app.kubernetes.io/name: {{ default .Chart.Name .Values.nameOverride }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{/* Labels that mark a pod as one of this release's platform pods (NetworkPolicy peers). */}}
+{{- define "indai.selector" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+indai.io/platform: "true"
+{{- end -}}
+
+{{- define "indai.image" -}}
+{{ .repository }}:{{ .tag }}
+{{- end -}}
+
+{{/* Pod-level security context: Pod Security "restricted". */}}
+{{- define "indai.podSecurity" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.runAsUser }}
+runAsGroup: {{ .Values.runAsUser }}
+fsGroup: {{ .Values.runAsUser }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "indai.containerSecurity" -}}
+allowPrivilegeEscalation: false
+runAsNonRoot: true
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "indai.secretName" -}}{{ include "indai.fullname" . }}-secrets{{- end -}}
+
+{{/* S3 endpoint, bucket and credentials: the release's MinIO or an external S3. */}}
+{{- define "indai.s3Endpoint" -}}
+{{- if .Values.minio.enabled -}}{{ include "indai.fullname" . }}-minio:9000{{- else -}}{{ required "externalS3.endpoint is required when minio.enabled is false" .Values.externalS3.endpoint }}{{- end -}}
+{{- end -}}
+{{- define "indai.s3Bucket" -}}
+{{- if .Values.minio.enabled -}}{{ .Values.minio.bucket }}{{- else -}}{{ required "externalS3.bucket is required when minio.enabled is false" .Values.externalS3.bucket }}{{- end -}}
+{{- end -}}
+{{- define "indai.s3Secret" -}}
+{{- if .Values.minio.enabled -}}{{ include "indai.secretName" . }}{{- else -}}{{ required "externalS3.existingSecret is required when minio.enabled is false" .Values.externalS3.existingSecret }}{{- end -}}
+{{- end -}}
+{{- define "indai.s3Secure" -}}
+{{- if .Values.minio.enabled -}}0{{- else if .Values.externalS3.secure -}}1{{- else -}}0{{- end -}}
+{{- end -}}
+
+{{- define "indai.mlflowUri" -}}
+{{- if .Values.mlflow.enabled -}}http://{{ include "indai.fullname" . }}-mlflow:5000{{- else -}}{{ required "mlflow.external.uri is required when mlflow.enabled is false" .Values.mlflow.external.uri }}{{- end -}}
+{{- end -}}
+
+{{- define "indai.dbHost" -}}
+{{- if .Values.postgresql.enabled -}}{{ include "indai.fullname" . }}-postgresql{{- else -}}{{ required "externalDatabase.host is required when postgresql.enabled is false" .Values.externalDatabase.host }}{{- end -}}
+{{- end -}}
+{{- define "indai.dbSecret" -}}
+{{- if .Values.postgresql.enabled -}}{{ include "indai.secretName" . }}{{- else -}}{{ required "externalDatabase.existingSecret is required when postgresql.enabled is false" .Values.externalDatabase.existingSecret }}{{- end -}}
+{{- end -}}
+
+{{/* Environment every platform pod gets: where the object store and MLflow are. */}}
+{{- define "indai.platformEnv" -}}
+- name: INDAI_STORE_URI
+  value: s3://{{ include "indai.s3Bucket" . }}
+- name: INDAI_S3_ENDPOINT
+  value: {{ include "indai.s3Endpoint" . | quote }}
+- name: INDAI_S3_SECURE
+  value: {{ include "indai.s3Secure" . | quote }}
+- name: INDAI_S3_ACCESS_KEY
+  valueFrom: {secretKeyRef: {name: {{ include "indai.s3Secret" . }}, key: accessKey}}
+- name: INDAI_S3_SECRET_KEY
+  valueFrom: {secretKeyRef: {name: {{ include "indai.s3Secret" . }}, key: secretKey}}
+- name: INDAI_MLFLOW_URI
+  value: {{ include "indai.mlflowUri" . | quote }}
+{{- if and .Values.mlflow.enabled .Values.mlflow.auth }}
+- name: MLFLOW_TRACKING_USERNAME
+  value: admin
+- name: MLFLOW_TRACKING_PASSWORD
+  valueFrom: {secretKeyRef: {name: {{ include "indai.secretName" . }}, key: mlflowAdminPassword}}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,79 @@
+{{/* The RayCluster spec, shared by the RayCluster and the RayService. */}}
+{{- define "indai.rayPodSpec" -}}
+{{- $ := .root -}}
+serviceAccountName: {{ include "indai.fullname" $ }}-ray
+automountServiceAccountToken: {{ $.Values.ray.autoscaling.enabled }}
+securityContext: {{- include "indai.podSecurity" $ | nindent 2 }}
+{{- with $.Values.imagePullSecrets }}
+imagePullSecrets: {{- toYaml . | nindent 2 }}
+{{- end }}
+nodeSelector: {{- toYaml .group.nodeSelector | nindent 2 }}
+tolerations: {{- toYaml .group.tolerations | nindent 2 }}
+containers:
+  - name: {{ .container }}
+    image: {{ include "indai.image" .image }}
+    imagePullPolicy: {{ $.Values.images.pullPolicy }}
+    securityContext: {{- include "indai.containerSecurity" $ | nindent 6 }}
+    env: {{- include "indai.platformEnv" $ | nindent 6 }}
+    resources:
+      requests: {{- toYaml .group.resources.requests | nindent 8 }}
+        {{- if .gpus }}
+        nvidia.com/gpu: {{ .gpus }}
+        {{- end }}
+      limits: {{- toYaml .group.resources.limits | nindent 8 }}
+        {{- if .gpus }}
+        nvidia.com/gpu: {{ .gpus }}
+        {{- end }}
+    {{- with .ports }}
+    ports: {{- toYaml . | nindent 6 }}
+    {{- end }}
+{{- end -}}
+
+{{- define "indai.rayClusterSpec" -}}
+rayVersion: {{ .Values.ray.rayVersion | quote }}
+enableInTreeAutoscaling: {{ .Values.ray.autoscaling.enabled }}
+{{- if .Values.ray.autoscaling.enabled }}
+autoscalerOptions:
+  idleTimeoutSeconds: {{ .Values.ray.autoscaling.idleTimeoutSeconds }}
+  securityContext: {{- include "indai.containerSecurity" . | nindent 4 }}
+{{- end }}
+headGroupSpec:
+  rayStartParams:
+    dashboard-host: "0.0.0.0"
+    num-cpus: "0"
+  template:
+    metadata:
+      labels: {{- include "indai.selector" . | nindent 8 }}
+        indai.io/component: ray-head
+    spec: {{- include "indai.rayPodSpec" (dict "root" . "group" .Values.ray.head "container" "ray-head" "image" .Values.images.platform "gpus" 0 "ports" (list (dict "name" "gcs" "containerPort" 6379) (dict "name" "dashboard" "containerPort" 8265) (dict "name" "client" "containerPort" 10001) (dict "name" "serve" "containerPort" 8000))) | nindent 6 }}
+workerGroupSpecs:
+{{- with .Values.ray.cpuWorkers }}
+{{- if .enabled }}
+  - groupName: cpu
+    replicas: {{ .replicas }}
+    minReplicas: {{ .minReplicas }}
+    maxReplicas: {{ .maxReplicas }}
+    rayStartParams: {}
+    template:
+      metadata:
+        labels: {{- include "indai.selector" $ | nindent 10 }}
+          indai.io/component: ray-worker-cpu
+      spec: {{- include "indai.rayPodSpec" (dict "root" $ "group" . "container" "ray-worker" "image" $.Values.images.platform "gpus" 0) | nindent 8 }}
+{{- end }}
+{{- end }}
+{{- with .Values.ray.gpuWorkers }}
+{{- if .enabled }}
+  - groupName: gpu
+    replicas: {{ .replicas }}
+    minReplicas: {{ .minReplicas }}
+    maxReplicas: {{ .maxReplicas }}
+    rayStartParams:
+      num-gpus: {{ .gpusPerWorker | quote }}
+    template:
+      metadata:
+        labels: {{- include "indai.selector" $ | nindent 10 }}
+          indai.io/component: ray-worker-gpu
+      spec: {{- include "indai.rayPodSpec" (dict "root" $ "group" . "container" "ray-worker" "image" $.Values.images.platformGpu "gpus" .gpusPerWorker) | nindent 8 }}
+{{- end }}
+{{- end }}
+{{- end -}}
