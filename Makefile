@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # the embedded default keeps its state (object store folder, MLflow database, logs) here
 export INDAI_HOME ?= $(CURDIR)/.indai
 
-.PHONY: install demo test test-unit test-integration up down clean
+.PHONY: install demo test test-unit test-integration test-k8s up down clean k8s-up k8s-down
 
 install: $(VENV)/.installed
 
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 demo: install
 	$(BIN)/indai demo
 
-## test: the whole suite (unit + integration; k8s and gpu tiers skip where their tools are absent)
+## test: the whole suite: unit, integration, k8s (builds the local cluster once), gpu (skips without CUDA)
 test: install
 	$(BIN)/python -m pytest tests
 
@@ -37,3 +37,14 @@ down:
 
 clean: down
 	rm -rf .indai
+
+## k8s-up: a local Kubernetes control plane built from source (first build prints its time)
+k8s-up:
+	$(PY) k8s/testenv/cluster.py up
+	@$(PY) k8s/testenv/cluster.py env
+
+k8s-down:
+	$(PY) k8s/testenv/cluster.py down
+
+test-k8s: install
+	$(BIN)/python -m pytest tests/k8s

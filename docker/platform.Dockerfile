@@ -1,0 +1,19 @@
+# The indai platform image: Ray (same version as requirements.lock), DeepSpeed, MLflow client, indai.
+#   GPU nodes: docker build -f docker/platform.Dockerfile -t ghcr.io/indai/platform:0.1.0-gpu .
+#   CPU nodes: docker build -f docker/platform.Dockerfile --build-arg BASE=rayproject/ray:2.60.0-py311-cpu -t ghcr.io/indai/platform:0.1.0-cpu .
+ARG BASE=rayproject/ray:2.60.0-py311-gpu
+FROM ${BASE}
+
+USER root
+WORKDIR /opt/indai
+COPY pyproject.toml requirements.lock README.md ./
+COPY platform ./platform
+COPY trainers ./trainers
+COPY serving ./serving
+RUN python -m pip install --no-cache-dir -c requirements.lock . \
+ && chown -R 1000:100 /opt/indai
+
+# the base image's "ray" user (uid 1000); Pod Security "restricted" needs a numeric non-root uid
+USER 1000
+ENV HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
+CMD ["indai", "--help"]
