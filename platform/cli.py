@@ -242,6 +242,71 @@ def cmd_demo(a) -> int:
     return 0
 
 
+# ---- members, users, tokens ------------------------------------------------------------------
+
+def _db():
+    from indai.platform import db
+
+    eng = db.engine()
+    db.upgrade(eng)
+    return eng
+
+
+def cmd_member_add(a) -> int:
+    from indai.platform import tenancy
+
+    tenancy.add_member(_db(), a.id, a.company, a.industry, a.role)
+    print(f"member {a.id} added")
+    return 0
+
+
+def cmd_member_ls(a) -> int:
+    from indai.platform import tenancy
+
+    _print_json(tenancy.list_members(_db()))
+    return 0
+
+
+def cmd_member_disable(a) -> int:
+    from indai.platform import tenancy
+
+    tenancy.set_member_disabled(_db(), a.id, True)
+    print(f"member {a.id} disabled: its tokens are refused from now on")
+    return 0
+
+
+def cmd_user_add(a) -> int:
+    from indai.platform import tenancy
+
+    tenancy.add_user(_db(), a.id, a.member, a.role)
+    print(f"user {a.id} ({a.role}) added to member {a.member}")
+    return 0
+
+
+def cmd_token_create(a) -> int:
+    from indai.platform import tenancy
+
+    token_id, token = tenancy.create_token(_db(), a.user, a.name, a.days, a.scope)
+    print(token)
+    print(f"token {token_id}: shown once, only its hash is stored; revoke with `indai token revoke {token_id}`", file=sys.stderr)
+    return 0
+
+
+def cmd_token_revoke(a) -> int:
+    from indai.platform import tenancy
+
+    tenancy.revoke_token(_db(), a.id)
+    print(f"token {a.id} revoked")
+    return 0
+
+
+def cmd_token_ls(a) -> int:
+    from indai.platform import tenancy
+
+    _print_json(tenancy.list_tokens(_db(), a.member))
+    return 0
+
+
 # ---- parser ---------------------------------------------------------------------------------
 
 def parser() -> argparse.ArgumentParser:
@@ -291,6 +356,39 @@ def parser() -> argparse.ArgumentParser:
     pd.add_argument("--concurrency", type=int, default=4)
     pd.add_argument("--url", help="Serve base URL (default: the embedded one)")
     pd.set_defaults(fn=cmd_predict)
+
+    from indai.platform.tenancy import INDUSTRIES, MEMBER_ROLES, SCOPES, USER_ROLES
+
+    mem = sub.add_parser("member", help="consortium members and their users").add_subparsers(dest="member_cmd", required=True, metavar="ACTION")
+    ma = mem.add_parser("add", help="add a member company")
+    ma.add_argument("id", help="member id, e.g. steel-a")
+    ma.add_argument("--company", required=True)
+    ma.add_argument("--industry", required=True, choices=INDUSTRIES)
+    ma.add_argument("--role", required=True, choices=MEMBER_ROLES, help="demand company, AI supplier or research institute")
+    ma.set_defaults(fn=cmd_member_add)
+    mem.add_parser("ls", help="list members").set_defaults(fn=cmd_member_ls)
+    md = mem.add_parser("disable", help="disable a member: all its tokens are refused at once")
+    md.add_argument("id")
+    md.set_defaults(fn=cmd_member_disable)
+    mu = mem.add_parser("user-add", help="add a user to a member")
+    mu.add_argument("id", help="user id, e.g. kim.researcher")
+    mu.add_argument("--member", required=True)
+    mu.add_argument("--role", required=True, choices=USER_ROLES)
+    mu.set_defaults(fn=cmd_user_add)
+
+    tok = sub.add_parser("token", help="API tokens: create, revoke, list").add_subparsers(dest="token_cmd", required=True, metavar="ACTION")
+    tc = tok.add_parser("create", help="create a token for a user (printed once)")
+    tc.add_argument("--user", required=True)
+    tc.add_argument("--name", default="default")
+    tc.add_argument("--days", type=int, default=90)
+    tc.add_argument("--scope", action="append", choices=SCOPES, help="limit the token (repeatable; default: the role's scopes)")
+    tc.set_defaults(fn=cmd_token_create)
+    tr = tok.add_parser("revoke", help="revoke a token at once")
+    tr.add_argument("id")
+    tr.set_defaults(fn=cmd_token_revoke)
+    tl = tok.add_parser("ls", help="list tokens (never their secrets)")
+    tl.add_argument("--member")
+    tl.set_defaults(fn=cmd_token_ls)
 
     dm = sub.add_parser("demo", help="the main job end to end on the embedded default")
     dm.add_argument("--spec", default="examples/cwru-0hp/dataset.yaml")

@@ -74,3 +74,12 @@ def trained_model(services, cwru_dataset):
                       [f"data.dataset={name}@{version}", "optim.epochs=2", "run.name=it-cwru",
                        "run.register_as=it-cwru", "run.alias=champion", "run.progress=false"])
     return cfg, train(cfg, services)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server (Debian's package) for the whole session."""
+    from postgres_server import PostgresServer
+
+    with PostgresServer() as server:
+        yield server

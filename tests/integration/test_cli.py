@@ -28,7 +28,8 @@ def error_line(done: subprocess.CompletedProcess) -> str:
     return lines[-1]
 
 
-@pytest.mark.parametrize("cmd", [[], ["up"], ["down"], ["data", "ingest"], ["train"], ["model", "promote"], ["serve"], ["predict"], ["demo"]])
+@pytest.mark.parametrize("cmd", [[], ["up"], ["down"], ["data", "ingest"], ["train"], ["model", "promote"], ["serve"], ["predict"], ["demo"],
+                                 ["member", "add"], ["member", "user-add"], ["token", "create"], ["token", "revoke"]])
 def test_every_command_has_help(cmd, tmp_path):
     done = indai(*cmd, "--help", home=tmp_path, timeout=60)
     assert done.returncode == 0 and "usage: indai" in done.stdout
@@ -125,3 +126,20 @@ def test_up_and_down_stop_exactly_their_processes(tmp_path):
     time.sleep(1)
     assert ours() == []
     assert '"running": false' in indai("status", home=env_home).stdout
+
+
+def test_members_and_tokens_through_the_cli(tmp_path):
+    assert indai("member", "add", "steel-a", "--company", "Steel A", "--industry", "steel", "--role", "demand", home=tmp_path).returncode == 0
+    assert "already exists" in error_line(indai("member", "add", "steel-a", "--company", "S", "--industry", "steel",
+                                                "--role", "demand", home=tmp_path))
+    assert indai("member", "user-add", "kim", "--member", "steel-a", "--role", "researcher", home=tmp_path).returncode == 0
+    created = indai("token", "create", "--user", "kim", home=tmp_path)
+    token = created.stdout.strip()
+    assert created.returncode == 0 and token.startswith("indai_") and token not in created.stderr
+    token_id = token.split("_")[1]
+    listed = indai("token", "ls", home=tmp_path).stdout
+    assert token_id in listed and token.split("_", 2)[2] not in listed
+    assert indai("token", "revoke", token_id, home=tmp_path).returncode == 0
+    assert '"revoked": true' in indai("token", "ls", home=tmp_path).stdout
+    assert "does not exist" in error_line(indai("token", "revoke", "nope", home=tmp_path))
+    assert (tmp_path / "platform.db").is_file()

@@ -1,0 +1,168 @@
+"""Members, users and API tokens.
+
+A token looks like `indai_<id>_<secret>`. Only the id and a salted scrypt hash of the secret
+are stored; the secret is shown once, at creation. Verification looks the id up, recomputes
+the hash and compares in constant time; a revoked, expired or disabled token (or one whose
+user or member is disabled) is refused at once, since nothing is cached.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from indai.platform.db import Member, Token, User, utcnow
+from indai.platform.errors import UserError
+
+INDUSTRIES = ("steel", "automotive", "shipbuilding", "electronics", "chemicals", "bio", "other")
+MEMBER_ROLES = ("demand", "supplier", "research")  # demand company, AI supplier, research institute
+USER_ROLES = ("admin", "researcher", "consumer")
+SCOPES = ("jobs:submit", "jobs:read", "models:predict", "feedback:write", "admin")
+DEFAULT_SCOPES = {"admin": SCOPES, "researcher": ("jobs:submit", "jobs:read", "models:predict", "feedback:write"),
+                  "consumer": ("models:predict", "feedback:write")}
+ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,63}$")
+TOKEN_RE = re.compile(r"^indai_([a-z0-9]{16})_([A-Za-z0-9_-]{32,64})$")
+SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
+
+
+class AuthError(UserError):
+    """The token is missing, malformed, unknown, revoked, expired or lacks a scope."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking: the result of a verified token."""
+
+    user: str
+    member: str
+    role: str
+    scopes: frozenset[str]
+    token_id: str
+
+    def require(self, scope: str) -> None:
+        if scope not in self.scopes and "admin" not in self.scopes:
+            raise AuthError(f"token {self.token_id} lacks scope {scope!r}")
+
+
+def _check_id(kind: str, value: str) -> str:
+    if not isinstance(value, str) or not ID_RE.match(value):
+        raise UserError(f"{kind} id {value!r} is not valid: 2-64 lower-case letters, digits, '.', '_' or '-'")
+    return value
+
+
+def _choice(kind: str, value: str, allowed) -> str:
+    if value not in allowed:
+        raise UserError(f"{kind} {value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _hash(secret: str, salt: str) -> str:
+    return hashlib.scrypt(secret.encode(), salt=bytes.fromhex(salt), **SCRYPT).hex()
+
+
+def add_member(eng: Engine, member_id: str, company: str, industry: str, role: str) -> None:
+    _check_id("member", member_id)
+    _choice("industry", industry, INDUSTRIES)
+    _choice("member role", role, MEMBER_ROLES)
+    if not company.strip() or len(company) > 200:
+        raise UserError("company name must be 1-200 characters")
+    with Session(eng) as s, s.begin():
+        if s.get(Member, member_id):
+            raise UserError(f"member {member_id!r} already exists")
+        s.add(Member(id=member_id, company=company.strip(), industry=industry, role=role, created_at=utcnow()))
+
+
+def list_members(eng: Engine) -> list[dict]:
+    with Session(eng) as s:
+        return [{"id": m.id, "company": m.company, "industry": m.industry, "role": m.role, "disabled": m.disabled}
+                for m in s.scalars(select(Member).order_by(Member.id))]
+
+
+def set_member_disabled(eng: Engine, member_id: str, disabled: bool = True) -> None:
+    with Session(eng) as s, s.begin():
+        m = s.get(Member, _check_id("member", member_id))
+        if m is None:
+            raise UserError(f"member {member_id!r} does not exist: `indai member ls` lists them")
+        m.disabled = disabled
+
+
+def add_user(eng: Engine, user_id: str, member_id: str, role: str) -> None:
+    _check_id("user", user_id)
+    _choice("user role", role, USER_ROLES)
+    with Session(eng) as s, s.begin():
+        if s.get(Member, _check_id("member", member_id)) is None:
+            raise UserError(f"member {member_id!r} does not exist: add it with `indai member add`")
+        if s.get(User, user_id):
+            raise UserError(f"user {user_id!r} already exists")
+        s.add(User(id=user_id, member_id=member_id, role=role, created_at=utcnow()))
+
+
+def create_token(eng: Engine, user_id: str, name: str = "default", days: int = 90,
+                 scopes: list[str] | None = None) -> tuple[str, str]:
+    """Return (token id, the full token). The full token is never stored and never shown again."""
+    if not 1 <= days <= 365:
+        raise UserError("token lifetime must be 1-365 days")
+    with Session(eng) as s, s.begin():
+        user = s.get(User, _check_id("user", user_id))
+        if user is None:
+            raise UserError(f"user {user_id!r} does not exist: add it with `indai member user-add`")
+        allowed = DEFAULT_SCOPES[user.role]
+        wanted = list(scopes) if scopes else list(allowed)
+        beyond = [sc for sc in wanted if sc not in allowed]
+        if beyond:
+            raise UserError(f"a {user.role} cannot hold scope(s) {beyond}; allowed: {', '.join(allowed)}")
+        token_id = secrets.token_hex(8)
+        secret = secrets.token_urlsafe(32)
+        salt = secrets.token_hex(16)
+        s.add(Token(id=token_id, user_id=user_id, name=name[:100], scopes=" ".join(wanted), salt=salt,
+                    hash=_hash(secret, salt), created_at=utcnow(), expires_at=utcnow() + timedelta(days=days)))
+    return token_id, f"indai_{token_id}_{secret}"
+
+
+def revoke_token(eng: Engine, token_id: str) -> None:
+    with Session(eng) as s, s.begin():
+        t = s.get(Token, token_id)
+        if t is None:
+            raise UserError(f"token {token_id!r} does not exist: `indai token ls` lists them")
+        t.revoked_at = t.revoked_at or utcnow()
+
+
+def list_tokens(eng: Engine, member_id: str | None = None) -> list[dict]:
+    with Session(eng) as s:
+        q = select(Token, User).join(User, Token.user_id == User.id).order_by(Token.created_at)
+        if member_id:
+            q = q.where(User.member_id == member_id)
+        return [{"id": t.id, "user": u.id, "member": u.member_id, "name": t.name, "scopes": t.scopes.split(),
+                 "expires_at": t.expires_at.isoformat(), "revoked": t.revoked_at is not None} for t, u in s.execute(q)]
+
+
+def _aware(dt: datetime) -> datetime:
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)  # SQLite drops the zone
+
+
+def verify(eng: Engine, token: str | None) -> Principal:
+    """The principal a bearer token stands for, or AuthError (one message for every unknown token)."""
+    m = TOKEN_RE.match(token or "")
+    if not m:
+        raise AuthError("missing or malformed token: send `Authorization: Bearer indai_<id>_<secret>`")
+    token_id, secret = m.groups()
+    with Session(eng) as s:
+        row = s.execute(select(Token, User, Member).join(User, Token.user_id == User.id)
+                        .join(Member, User.member_id == Member.id).where(Token.id == token_id)).first()
+        if row is None or not hmac.compare_digest(_hash(secret, row[0].salt), row[0].hash):
+            raise AuthError("unknown token")
+        t, u, mem = row
+        if t.revoked_at is not None:
+            raise AuthError(f"token {token_id} was revoked")
+        if _aware(t.expires_at) <= utcnow():
+            raise AuthError(f"token {token_id} expired on {_aware(t.expires_at):%Y-%m-%d}")
+        if u.disabled or mem.disabled:
+            raise AuthError(f"{'member ' + mem.id if mem.disabled else 'user ' + u.id} is disabled")
+        return Principal(user=u.id, member=mem.id, role=u.role, scopes=frozenset(t.scopes.split()), token_id=t.id)

@@ -1,0 +1,106 @@
+"""Members, users and tokens on both databases the platform runs on: SQLite (embedded
+default) and PostgreSQL (cluster; a real server from Debian's packages)."""
+import uuid
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from indai.platform import db, tenancy
+from indai.platform.errors import UserError
+from indai.platform.tenancy import AuthError
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def eng(request, tmp_path):
+    if request.param == "sqlite":
+        e = db.engine(f"sqlite:///{tmp_path / 'platform.db'}")
+    else:
+        pg = request.getfixturevalue("postgres")
+        schema = f"t_{uuid.uuid4().hex[:8]}"  # a fresh database per test
+        with db.engine(pg.url).connect() as c:
+            c.execution_options(isolation_level="AUTOCOMMIT").execute(text(f"CREATE DATABASE {schema}"))
+        e = db.engine(pg.url.rsplit("/", 1)[0] + f"/{schema}")
+    db.upgrade(e)
+    db.upgrade(e)  # migrations are idempotent
+    yield e
+    e.dispose()
+
+
+def seed(e):
+    tenancy.add_member(e, "steel-a", "Steel A Co.", "steel", "demand")
+    tenancy.add_member(e, "auto-b", "Auto B Co.", "automotive", "demand")
+    tenancy.add_user(e, "kim", "steel-a", "researcher")
+    tenancy.add_user(e, "lee", "auto-b", "consumer")
+
+
+def test_token_lifecycle(eng):
+    seed(eng)
+    tid, token = tenancy.create_token(eng, "kim", "laptop")
+    p = tenancy.verify(eng, token)
+    assert (p.user, p.member, p.role) == ("kim", "steel-a", "researcher") and "jobs:submit" in p.scopes
+    # only a hash is stored: the secret appears nowhere in the database
+    with Session(eng) as s:
+        row = s.execute(text("SELECT * FROM tokens")).one()
+    assert token.split("_", 2)[2] not in " ".join(map(str, row)) and len(row.hash) == 64
+    tenancy.revoke_token(eng, tid)
+    with pytest.raises(AuthError, match="revoked"):
+        tenancy.verify(eng, token)
+
+
+@pytest.mark.parametrize("bad", [None, "", "Bearer x", "indai_0123456789abcdef_short", "indai_../../etc_" + "a" * 40])
+def test_malformed_tokens_are_refused(eng, bad):
+    with pytest.raises(AuthError, match="malformed"):
+        tenancy.verify(eng, bad)
+
+
+def test_wrong_secret_and_unknown_id_look_the_same(eng):
+    seed(eng)
+    tid, token = tenancy.create_token(eng, "kim")
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    other = f"indai_{'0' * 16}_{token.split('_', 2)[2]}"
+    for t in (forged, other):
+        with pytest.raises(AuthError, match="^unknown token$"):
+            tenancy.verify(eng, t)
+
+
+def test_disabling_a_member_refuses_its_tokens_at_once(eng):
+    seed(eng)
+    _, kim = tenancy.create_token(eng, "kim")
+    _, lee = tenancy.create_token(eng, "lee")
+    tenancy.set_member_disabled(eng, "steel-a")
+    with pytest.raises(AuthError, match="member steel-a is disabled"):
+        tenancy.verify(eng, kim)
+    assert tenancy.verify(eng, lee).member == "auto-b"
+
+
+def test_expired_token_is_refused(eng):
+    seed(eng)
+    tid, token = tenancy.create_token(eng, "kim", days=1)
+    with Session(eng) as s, s.begin():
+        s.get(db.Token, tid).expires_at = db.utcnow() - timedelta(seconds=1)
+    with pytest.raises(AuthError, match="expired"):
+        tenancy.verify(eng, token)
+
+
+def test_roles_bound_scopes_and_bad_input(eng):
+    seed(eng)
+    with pytest.raises(UserError, match="a consumer cannot hold scope"):
+        tenancy.create_token(eng, "lee", scopes=["jobs:submit"])
+    p = tenancy.verify(eng, tenancy.create_token(eng, "lee")[1])
+    with pytest.raises(AuthError, match="lacks scope 'jobs:submit'"):
+        p.require("jobs:submit")
+    p.require("models:predict")
+    with pytest.raises(UserError, match="already exists"):
+        tenancy.add_member(eng, "steel-a", "again", "steel", "demand")
+    with pytest.raises(UserError, match="not one of"):
+        tenancy.add_member(eng, "x-co", "X", "mining", "demand")
+    with pytest.raises(UserError, match="id '../etc' is not valid"):
+        tenancy.add_member(eng, "../etc", "X", "steel", "demand")
+    with pytest.raises(UserError, match="does not exist"):
+        tenancy.add_user(eng, "park", "no-such-member", "researcher")
+    listed = tenancy.list_tokens(eng, "auto-b")
+    assert [t["user"] for t in listed] == ["lee"] and "hash" not in listed[0] and "salt" not in listed[0]
