@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -307,6 +308,17 @@ def cmd_token_ls(a) -> int:
     return 0
 
 
+def cmd_gateway_serve(a) -> int:
+    from indai.platform import gateway, services
+
+    dashboard = a.ray_dashboard or os.environ.get("INDAI_RAY_DASHBOARD") or services.read_services().get("ray_dashboard")
+    if not dashboard:
+        raise UserError("no Ray job server known: run `indai up` or pass --ray-dashboard http://<ray-head>:8265")
+    print(f"job gateway on http://{a.host}:{a.port} -> {dashboard}", file=sys.stderr)
+    gateway.serve(a.host, a.port, dashboard, _db())
+    return 0
+
+
 # ---- parser ---------------------------------------------------------------------------------
 
 def parser() -> argparse.ArgumentParser:
@@ -389,6 +401,13 @@ def parser() -> argparse.ArgumentParser:
     tl = tok.add_parser("ls", help="list tokens (never their secrets)")
     tl.add_argument("--member")
     tl.set_defaults(fn=cmd_token_ls)
+
+    gw = sub.add_parser("gateway", help="the authenticated job gateway in front of Ray's job API").add_subparsers(dest="gw_cmd", required=True, metavar="ACTION")
+    gs = gw.add_parser("serve", help="serve the Ray Jobs REST API with member tokens, ownership, quotas and audit")
+    gs.add_argument("--host", default="127.0.0.1")
+    gs.add_argument("--port", type=int, default=8266)
+    gs.add_argument("--ray-dashboard", help="Ray job server URL (default: the embedded one)")
+    gs.set_defaults(fn=cmd_gateway_serve)
 
     dm = sub.add_parser("demo", help="the main job end to end on the embedded default")
     dm.add_argument("--spec", default="examples/cwru-0hp/dataset.yaml")

@@ -1,0 +1,169 @@
+"""The job gateway in front of a real Ray job server: the stock `ray job submit` CLI and
+JobSubmissionClient work through it with a bearer token; members are isolated; quotas,
+revocation and hostile bodies are refused; everything is audited."""
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def gateway(services, tmp_path_factory):
+    import uvicorn
+
+    from indai.platform import db, services as svc, tenancy
+    from indai.platform.gateway import Limits, build_gateway
+
+    eng = db.engine(f"sqlite:///{tmp_path_factory.mktemp('gw') / 'platform.db'}")
+    db.upgrade(eng)
+    tenancy.add_member(eng, "steel-a", "Steel A", "steel", "demand")
+    tenancy.add_member(eng, "auto-b", "Auto B", "automotive", "demand")
+    for user, member, role in (("kim", "steel-a", "researcher"), ("lee", "auto-b", "researcher"),
+                               ("park", "steel-a", "consumer"), ("root", "steel-a", "admin")):
+        tenancy.add_user(eng, user, member, role)
+    tokens = {u: tenancy.create_token(eng, u) for u in ("kim", "lee", "park", "root")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = build_gateway(svc.read_services()["ray_dashboard"], eng, Limits(concurrent_jobs=2, gpus_per_job=1))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            requests.get(f"{url}/healthz", timeout=1)
+            break
+        except requests.RequestException:
+            time.sleep(0.1)
+    yield url, eng, {u: t for u, (_, t) in tokens.items()}, {u: i for u, (i, _) in tokens.items()}
+    server.should_exit = True
+    thread.join(10)
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def client(url: str, token: str):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(url, headers=bearer(token))
+
+
+def wait_done(c, sid: str, timeout: float = 120) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = str(c.get_job_status(sid))
+        if status.split(".")[-1] in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status.split(".")[-1]
+        time.sleep(0.5)
+    raise AssertionError(f"job {sid} did not finish")
+
+
+def test_stock_ray_cli_submits_through_the_gateway(gateway):
+    url, eng, tokens, _ = gateway
+    ray = Path(sys.executable).parent / "ray"
+    done = subprocess.run([str(ray), "job", "submit", "--address", url, "--headers", json.dumps(bearer(tokens["kim"])),
+                           "--submission-id", "kim-hello", "--", "python", "-c", "print('hello from steel-a')"],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "hello from steel-a" in done.stdout  # followed the logs through the gateway's websocket
+    c = client(url, tokens["kim"])
+    assert wait_done(c, "kim-hello") == "SUCCEEDED"
+    info = c.get_job_info("kim-hello")
+    assert info.metadata["indai.member"] == "steel-a" and info.metadata["indai.user"] == "kim"
+
+
+def test_another_member_cannot_see_read_or_stop(gateway):
+    url, eng, tokens, _ = gateway
+    kim, lee = client(url, tokens["kim"]), client(url, tokens["lee"])
+    sid = kim.submit_job(entrypoint="python -c \"import time; time.sleep(30)\"", submission_id="kim-sleep")
+    assert all(j.submission_id != sid for j in lee.list_jobs())
+    for method, path in (("GET", f"/api/jobs/{sid}"), ("GET", f"/api/jobs/{sid}/logs"), ("POST", f"/api/jobs/{sid}/stop"),
+                         ("DELETE", f"/api/jobs/{sid}")):
+        r = requests.request(method, f"{url}{path}", headers=bearer(tokens["lee"]), timeout=30)
+        assert r.status_code == 404, (method, path, r.text)
+    assert str(kim.get_job_status(sid)).split(".")[-1] in ("PENDING", "RUNNING")
+    admin = client(url, tokens["root"])
+    assert any(j.submission_id == sid for j in admin.list_jobs())
+    assert kim.stop_job(sid)
+    assert wait_done(kim, sid) == "STOPPED"
+
+
+def test_consumers_submit_nothing_and_tokens_are_checked(gateway):
+    url, eng, tokens, ids = gateway
+    from indai.platform import tenancy
+
+    r = requests.post(f"{url}/api/jobs/", json={"entrypoint": "echo hi"}, headers=bearer(tokens["park"]), timeout=30)
+    assert r.status_code == 403 and "may not submit" in r.json()["detail"]
+    assert requests.get(f"{url}/api/jobs/", timeout=30).status_code == 401
+    assert requests.get(f"{url}/api/jobs/", headers=bearer("indai_0000000000000000_" + "x" * 43), timeout=30).status_code == 401
+    _, extra = tenancy.create_token(eng, "lee", "to-revoke")
+    assert requests.get(f"{url}/api/jobs/", headers=bearer(extra), timeout=30).status_code == 200
+    tenancy.revoke_token(eng, extra.split("_")[1])
+    r = requests.get(f"{url}/api/jobs/", headers=bearer(extra), timeout=30)
+    assert r.status_code == 401 and "revoked" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("body,needle", [
+    ({"entrypoint": "echo", "runtime_env": {"pip": ["--index-url=http://evil/simple", "x"]}}, "runtime_env.pip"),
+    ({"entrypoint": "echo", "runtime_env": {"working_dir": "/etc"}}, "runtime_env.working_dir"),
+    ({"entrypoint": "echo", "runtime_env": {"working_dir": "gcs://../../x.zip"}}, "runtime_env.working_dir"),
+    ({"entrypoint": "echo", "runtime_env": {"py_modules": ["/home"]}}, "runtime_env.py_modules"),
+    ({"entrypoint": "echo", "runtime_env": {"env_vars": {"LD_PRELOAD": "/tmp/x.so"}}}, "LD_PRELOAD"),
+    ({"entrypoint": "echo", "unknown": 1}, "field unknown"),
+    ({"entrypoint": 5}, "field entrypoint"),
+    ({"entrypoint": "echo", "submission_id": "../x"}, "field submission_id"),
+    ({"entrypoint": "echo", "entrypoint_num_gpus": 2}, "at most 1 GPUs per job"),
+])
+def test_hostile_or_over_quota_submissions_change_nothing(gateway, body, needle):
+    url, eng, tokens, _ = gateway
+    before = requests.get(f"{url}/api/jobs/", headers=bearer(tokens["root"]), timeout=30).json()
+    r = requests.post(f"{url}/api/jobs/", json=body, headers=bearer(tokens["kim"]), timeout=30)
+    assert r.status_code in (400, 429) and needle in r.json()["detail"], r.text
+    after = requests.get(f"{url}/api/jobs/", headers=bearer(tokens["root"]), timeout=30).json()
+    assert len(after) == len(before)
+
+
+def test_oversized_and_malformed_bodies(gateway):
+    url, eng, tokens, _ = gateway
+    r = requests.post(f"{url}/api/jobs/", data=b"x" * (2 * 1024 * 1024), headers=bearer(tokens["kim"]), timeout=30)
+    assert r.status_code == 413
+    r = requests.post(f"{url}/api/jobs/", data=b"{not json", headers=bearer(tokens["kim"]), timeout=30)
+    assert r.status_code == 400
+    r = requests.put(f"{url}/api/packages/file/..%2F..%2Fetc", data=b"x", headers=bearer(tokens["kim"]), timeout=30)
+    assert r.status_code in (400, 404)
+
+
+def test_concurrent_jobs_quota_names_the_limit(gateway):
+    url, eng, tokens, _ = gateway
+    lee = client(url, tokens["lee"])
+    sids = [lee.submit_job(entrypoint="python -c \"import time; time.sleep(60)\"") for _ in range(2)]
+    r = requests.post(f"{url}/api/jobs/", json={"entrypoint": "echo third"}, headers=bearer(tokens["lee"]), timeout=30)
+    assert r.status_code == 429 and "limit 2 at a time" in r.json()["detail"]
+    for sid in sids:
+        lee.stop_job(sid)
+    assert all(wait_done(lee, sid) == "STOPPED" for sid in sids)
+
+
+def test_every_decision_is_audited(gateway):
+    url, eng, tokens, _ = gateway
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from indai.platform.db import Audit
+
+    with Session(eng) as s:
+        rows = s.execute(select(Audit.user_id, Audit.action, Audit.status)).all()
+    assert ("kim", "submit", 200) in rows and ("park", "submit", 403) in rows
+    assert any(r.status == 401 and r.user_id is None for r in rows)
+    assert ("kim", "submit", 429) in rows and ("kim", "stop", 200) in rows
