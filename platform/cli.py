@@ -147,6 +147,7 @@ def serve_model(model: str, replicas: int = 1) -> str:
     args = ServeArgs(model=model, mlflow_uri=s.require_mlflow(), num_replicas=replicas)
     app = build_app(args)
     if not ray.is_initialized():
+        services.use_ray_auth()
         ray.init(address=s.require_ray(), logging_level="WARNING", log_to_driver=False)
     state = services.read_services()
     port = int(state.get("serve_port") or 8000)
@@ -160,6 +161,9 @@ def cmd_serve(a) -> int:
         import ray
         from ray import serve
 
+        from indai.platform import services
+
+        services.use_ray_auth()
         ray.init(address=_settings().require_ray(), logging_level="WARNING", log_to_driver=False)
         serve.shutdown()
         print("Serve stopped")
@@ -315,7 +319,9 @@ def cmd_gateway_serve(a) -> int:
     if not dashboard:
         raise UserError("no Ray job server known: run `indai up` or pass --ray-dashboard http://<ray-head>:8265")
     print(f"job gateway on http://{a.host}:{a.port} -> {dashboard}", file=sys.stderr)
-    gateway.serve(a.host, a.port, dashboard, _db())
+    token_path = services.ray_auth_env().get("RAY_AUTH_TOKEN_PATH") or os.environ.get("INDAI_RAY_AUTH_TOKEN_PATH")
+    token = Path(token_path).read_text().strip() if token_path else None
+    gateway.serve(a.host, a.port, dashboard, _db(), ray_token=token)
     return 0
 
 

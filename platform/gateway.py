@@ -77,9 +77,12 @@ def _error(status: int, detail: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": detail})
 
 
-def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None) -> FastAPI:
+def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_token: str | None = None) -> FastAPI:
+    """`ray_token`: Ray's own token (token authentication); the gateway adds it to every call
+    upstream, in Ray's own header, so the member's token never reaches Ray."""
     limits = limits or Limits()
     ray_url = ray_url.rstrip("/")
+    upstream_headers = {"X-Ray-Authorization": f"Bearer {ray_token}"} if ray_token else {}
     app = FastAPI(title="indai job gateway", version="1",
                   description="Ray Jobs REST API with per-member authentication, ownership, quotas and audit.")
     http = requests.Session()
@@ -94,7 +97,7 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None) -> Fa
         return tenancy.verify(eng, auth[7:].strip() if auth.lower().startswith("bearer ") else None)
 
     def upstream(method: str, path: str, **kw) -> requests.Response:
-        return http.request(method, f"{ray_url}{path}", timeout=60, **kw)
+        return http.request(method, f"{ray_url}{path}", timeout=60, headers=upstream_headers, **kw)
 
     def owned(p: tenancy.Principal, job_id: str) -> dict | None:
         """Ray's record of the job if the principal may see it, else None (answered as 404)."""
@@ -265,7 +268,7 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None) -> Fa
         import aiohttp
 
         await ws.accept()
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(headers=upstream_headers) as session:
             async with session.ws_connect(f"{ray_url.replace('http', 'ws', 1)}/api/jobs/{job_id}/logs/tail") as up:
                 async for msg in up:
                     if msg.type == aiohttp.WSMsgType.TEXT:
@@ -277,7 +280,7 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None) -> Fa
     return app
 
 
-def serve(host: str, port: int, ray_url: str, eng: Engine) -> None:
+def serve(host: str, port: int, ray_url: str, eng: Engine, ray_token: str | None = None) -> None:
     import uvicorn
 
-    uvicorn.run(build_gateway(ray_url, eng), host=host, port=port, log_level="warning")
+    uvicorn.run(build_gateway(ray_url, eng, ray_token=ray_token), host=host, port=port, log_level="warning")

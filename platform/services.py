@@ -86,19 +86,55 @@ def start_mlflow(root: Path, port: int, store_root: Path) -> dict:
     return {"mlflow_uri": uri, "mlflow_pid": proc.pid, "mlflow_log": str(log)}
 
 
+def ray_auth_token_file(root: Path) -> Path:
+    """Ray's own token (token authentication, Ray >= 2.5x): only the platform's processes and
+    the job gateway hold it, so nobody reaches Ray's job API or GCS without going through indai."""
+    path = root / "ray_auth_token"
+    if not path.exists():
+        import secrets
+
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+    return path
+
+
+def ray_auth_env(state: dict | None = None) -> dict[str, str]:
+    """Environment that lets a process talk to the embedded Ray cluster (empty if none is up)."""
+    state = state if state is not None else read_services()
+    token = state.get("ray_auth_token_path")
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token} if token else {}
+
+
+def use_ray_auth() -> None:
+    """Put the embedded cluster's token settings into this process before ray.init. Ray reads
+    them into its config when it is imported, so a process that imported Ray earlier has that
+    config and the token cache refreshed."""
+    env = ray_auth_env()
+    if not env or all(os.environ.get(k) == v for k, v in env.items()):
+        return
+    os.environ.update(env)
+    if "ray._raylet" in sys.modules:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
 def start_ray(root: Path, gcs_port: int, dashboard_port: int, num_cpus: int) -> dict:
     tmp = ray_temp_dir(root)
+    token_file = ray_auth_token_file(root)
     ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
     if not ray:
         raise UserError("the `ray` command is not installed in this environment: run `make install`")
     cmd = [ray, "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dashboard_port}", f"--temp-dir={tmp}", f"--num-cpus={num_cpus}", "--disable-usage-stats"]
     # every Ray process of this cluster inherits the tag, so `indai down` stops exactly these
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", INDAI_RAY_TAG=tmp.name)
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", INDAI_RAY_TAG=tmp.name, RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN_PATH=str(token_file))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     if done.returncode != 0:
         raise UserError(f"`ray start` failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
-    return {"ray_address": f"127.0.0.1:{gcs_port}", "ray_temp_dir": str(tmp),
+    return {"ray_address": f"127.0.0.1:{gcs_port}", "ray_temp_dir": str(tmp), "ray_auth_token_path": str(token_file),
             "ray_dashboard": f"http://127.0.0.1:{dashboard_port}"}
 
 

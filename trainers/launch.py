@@ -120,6 +120,9 @@ def run_workers(cfg: TrainConfig, settings: Settings) -> None:
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
+        from indai.platform.services import use_ray_auth
+
+        use_ray_auth()
         ray.init(address=settings.require_ray(), log_to_driver=True, logging_level="WARNING")
     trainer = TorchTrainer(
         train_loop,

@@ -6,6 +6,9 @@
     python k8s/testenv/cluster.py env     # KUBECONFIG=... PATH=... for the stock kubectl and helm
     python k8s/testenv/cluster.py down
 
+(`k8s/testenv/build.sh`, `up.sh` and `down.sh` run the same commands; the pytest fixture in
+tests/k8s/conftest.py imports this file and calls up() and down() with a private state folder.)
+
 No container engine runs here, so KWOK plays the kubelets: pods scheduled onto its fake
 nodes are marked Running and Ready without running anything. Everything listens on
 127.0.0.1. State (certificates, etcd data, logs, pids, kubeconfig) lives in
@@ -34,6 +37,9 @@ ETCD_MODULE = HERE / "etcd"
 SERVICE_RANGE = "10.96.0.0/16"
 SERVICE_IP = "10.96.0.1"
 
+# bump when the way the tools are built changes (flags, stamping): it is part of the cache key
+BUILD_RECIPE = "2: -trimpath -s -w, CGO off, version-stamped kube binaries and helm"
+
 CPU_NODES = [f"kwok-cpu-{i}" for i in range(2)]
 GPU_NODES = [f"kwok-gpu-{i}" for i in range(2)]
 
@@ -52,6 +58,7 @@ def tools_dir() -> Path:
     h = hashlib.sha256()
     for f in (PINS_FILE, *(m / n for m in (KUBE_MODULE, ETCD_MODULE) for n in ("go.mod", "go.sum", "tools.go"))):
         h.update(f.read_bytes())
+    h.update(BUILD_RECIPE.encode())
     root = Path(os.environ.get("INDAI_TOOLS_CACHE", Path.home() / ".cache" / "indai" / "tools"))
     return root / f"k8s-{h.hexdigest()[:12]}"
 
@@ -76,6 +83,20 @@ def _go(args: list[str], cwd: Path, env: dict) -> None:
         raise SystemExit(f"go {' '.join(args)} failed:\n{done.stderr[-3000:]}")
 
 
+def _ldflags(cmd: str, version: str) -> str:
+    """-s -w, plus the version a release build would stamp (otherwise the API server reports
+    v0.0.0-master, which `kubectl version` cannot parse and helm's kubeVersion checks reject)."""
+    flags = ["-s", "-w"]
+    if cmd.startswith("kube"):
+        major, minor = version.lstrip("v").split(".")[:2]
+        for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+            flags += [f"-X {pkg}.gitVersion={version}", f"-X {pkg}.gitMajor={major}", f"-X {pkg}.gitMinor={minor}",
+                      f"-X {pkg}.gitTreeState=clean"]
+    elif cmd == "helm":
+        flags += [f"-X helm.sh/helm/v3/internal/version.version={version}", "-X helm.sh/helm/v3/internal/version.gitTreeState=clean"]
+    return " ".join(flags)
+
+
 def build() -> Path:
     """Build every pinned tool that is missing; print how long each took."""
     if not shutil.which("go"):
@@ -84,7 +105,6 @@ def build() -> Path:
     out = bin_dir()
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, GOBIN=str(out), CGO_ENABLED="0", GOFLAGS="-trimpath")
-    flags = ["-ldflags=-s -w"]
     started = time.time()
     # modules whose go.mod replaces siblings with local folders cannot be `go install`ed: our own
     # small modules (kube/, etcd/) require them and point the replacements at published versions
@@ -94,7 +114,9 @@ def build() -> Path:
     for cmd, (module, package, version) in local.items():
         if not (out / cmd).exists():
             t = time.time()
-            _go(["build", "-tags", "tools", *flags, "-o", str(out / cmd), package], module, env)
+            tmp = out / f".{cmd}.tmp"  # an interrupted build leaves no half-written tool behind
+            _go(["build", "-tags", "tools", f"-ldflags={_ldflags(cmd, version)}", "-o", str(tmp), package], module, env)
+            tmp.rename(out / cmd)
             log(f"built {cmd} {version} in {time.time() - t:.0f} s")
     remote = {"kwok": f"sigs.k8s.io/kwok/cmd/kwok@{p['KWOK']}",
               "ray-operator": f"github.com/ray-project/kuberay/ray-operator@{p['KUBERAY']}",
@@ -102,7 +124,7 @@ def build() -> Path:
     for name, target in remote.items():
         if not (out / name).exists():
             t = time.time()
-            _go(["install", *flags, target], HERE, env)
+            _go(["install", f"-ldflags={_ldflags(name, target.split('@')[1])}", target], HERE, env)
             installed = out / target.split("@")[0].rsplit("/", 1)[-1]
             if installed != out / name and installed.exists():
                 installed.rename(out / name)
@@ -182,7 +204,11 @@ def start(name: str, args: list[str], root: Path, env: dict | None = None) -> in
     proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                             env=dict(os.environ, **(env or {})))
     (root / "pids" / name).write_text(str(proc.pid))
+    _children[proc.pid] = proc
     return proc.pid
+
+
+_children: dict[int, subprocess.Popen] = {}  # started by this process: reaped by down(), no zombies
 
 
 def _alive(pid: int) -> bool:
@@ -256,6 +282,16 @@ def storage_manifests(count: int = 8) -> dict:
 
 
 def up() -> Path:
+    """Start the cluster (building the tools first if needed); returns the admin kubeconfig.
+    A start that fails part-way stops what it started (logs stay in $INDAI_K8S_HOME/logs)."""
+    try:
+        return _up()
+    except BaseException:
+        down()
+        raise
+
+
+def _up() -> Path:
     t0 = time.time()
     bins = build()
     root = home()
@@ -349,6 +385,15 @@ def _ready_nodes(root: Path) -> int:
     return ready
 
 
+def _is_ours(pid: int, name: str) -> bool:
+    """A pid file can outlive its process (a reboot, a crash); never signal a reused pid."""
+    try:
+        argv0 = Path(f"/proc/{pid}").joinpath("cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return True  # no /proc: trust the pid file
+    return Path(argv0).name == {"kuberay-operator": "ray-operator"}.get(name, name)
+
+
 def down() -> None:
     root = home()
     pids_dir = root / "pids"
@@ -360,7 +405,7 @@ def down() -> None:
         if not f.exists():
             continue
         pid = int(f.read_text())
-        if _alive(pid):
+        if _alive(pid) and _is_ours(pid, name):
             try:
                 os.killpg(pid, signal.SIGTERM)
             except OSError:
@@ -374,6 +419,12 @@ def down() -> None:
                     os.killpg(pid, signal.SIGKILL)
                 except OSError:
                     pass
+        child = _children.pop(pid, None)
+        if child is not None:
+            try:
+                child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
         f.unlink()
     (root / "state.json").unlink(missing_ok=True)
     shutil.rmtree(root / "etcd", ignore_errors=True)  # a fresh cluster every time

@@ -33,7 +33,9 @@ def gateway(services, tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = build_gateway(svc.read_services()["ray_dashboard"], eng, Limits(concurrent_jobs=2, gpus_per_job=1))
+    state = svc.read_services()
+    ray_token = Path(state["ray_auth_token_path"]).read_text().strip()
+    app = build_gateway(state["ray_dashboard"], eng, Limits(concurrent_jobs=2, gpus_per_job=1), ray_token=ray_token)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -167,3 +169,18 @@ def test_every_decision_is_audited(gateway):
     assert ("kim", "submit", 200) in rows and ("park", "submit", 403) in rows
     assert any(r.status == 401 and r.user_id is None for r in rows)
     assert ("kim", "submit", 429) in rows and ("kim", "stop", 200) in rows
+
+
+def test_ray_job_port_itself_refuses_without_ray_token(gateway, services):
+    """Ray runs with token authentication: the gateway is the only way to its job API."""
+    from indai.platform import services as svc
+
+    state = svc.read_services()
+    dashboard = state["ray_dashboard"]
+    assert requests.get(f"{dashboard}/api/jobs/", timeout=30).status_code == 401
+    r = requests.post(f"{dashboard}/api/jobs/", json={"entrypoint": "echo pwned"}, timeout=30)
+    assert r.status_code == 401
+    url, eng, tokens, _ = gateway
+    # a member's indai token is not Ray's token either
+    assert requests.get(f"{dashboard}/api/jobs/", headers=bearer(tokens["root"]), timeout=30).status_code == 403
+    assert requests.get(f"{url}/api/jobs/", headers=bearer(tokens["root"]), timeout=30).status_code == 200
