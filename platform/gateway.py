@@ -43,6 +43,7 @@ FORBIDDEN_ENV = {"LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH", "PIP_INDEX_URL",
 class Limits:
     concurrent_jobs: int = int(os.environ.get("INDAI_QUOTA_CONCURRENT_JOBS", "4"))
     gpus_per_job: float = float(os.environ.get("INDAI_QUOTA_GPUS_PER_JOB", "8"))
+    gpu_hours_per_month: float = float(os.environ.get("INDAI_QUOTA_GPU_HOURS_PER_MONTH", "1000"))
 
 
 class RuntimeEnv(BaseModel):
@@ -164,7 +165,10 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
         if gpus > limits.gpus_per_job:
             audit(p, "submit", "-", 429, f"gpus {gpus}")
             return _error(429, f"quota: at most {limits.gpus_per_job:g} GPUs per job for member {p.member}; this job asks for {gpus:g}")
-        running = running_jobs(p.member)
+        running, used = member_usage(p.member)
+        if gpus > 0 and used >= limits.gpu_hours_per_month:
+            audit(p, "submit", "-", 429, f"{used:.2f} GPU-hours used")
+            return _error(429, f"quota: member {p.member} used {used:.2f} of {limits.gpu_hours_per_month:g} GPU-hours this month: GPU jobs are refused until next month")
         if running >= limits.concurrent_jobs:
             audit(p, "submit", "-", 429, f"{running} running")
             return _error(429, f"quota: member {p.member} already runs {running} jobs (limit {limits.concurrent_jobs} at a time): wait or stop one")
@@ -182,15 +186,26 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
             audit(p, "submit", "-", r.status_code, r.text[:500])
         return JSONResponse(status_code=r.status_code, content=r.json() if r.headers.get("content-type", "").startswith("application/json") else {"detail": r.text})
 
-    def running_jobs(member: str) -> int:
+    def member_usage(member: str) -> tuple[int, float]:
+        """(jobs still running, GPU-hours used this calendar month) for a member, from the jobs
+        it submitted through the gateway and Ray's start/end times of each."""
+        now = utcnow()
+        month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
         with Session(eng) as s:
-            ids = list(s.scalars(select(Job.submission_id).where(Job.member_id == member)))
-        count = 0
-        for sid in ids:
+            rows = list(s.execute(select(Job.submission_id, Job.gpus).where(Job.member_id == member)))
+        running, gpu_hours = 0, 0.0
+        for sid, gpus in rows:
             r = upstream("GET", f"/api/jobs/{sid}")
-            if r.status_code == 200 and r.json().get("status") not in TERMINAL:
-                count += 1
-        return count
+            if r.status_code != 200:
+                continue
+            info = r.json()
+            if info.get("status") not in TERMINAL:
+                running += 1
+            if gpus and info.get("start_time"):
+                start = max(info["start_time"] / 1000, month_start.timestamp())
+                end = (info.get("end_time") or now.timestamp() * 1000) / 1000
+                gpu_hours += gpus * max(0.0, end - start) / 3600
+        return running, gpu_hours
 
     @app.get("/api/jobs/")
     def list_jobs(request: Request):

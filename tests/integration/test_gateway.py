@@ -184,3 +184,28 @@ def test_ray_job_port_itself_refuses_without_ray_token(gateway, services):
     # a member's indai token is not Ray's token either
     assert requests.get(f"{dashboard}/api/jobs/", headers=bearer(tokens["root"]), timeout=30).status_code == 403
     assert requests.get(f"{url}/api/jobs/", headers=bearer(tokens["root"]), timeout=30).status_code == 200
+
+
+def test_gpu_hours_quota(gateway, services):
+    """A member over its monthly GPU-hours is refused GPU jobs (CPU jobs still pass)."""
+    from indai.platform import services as svc
+    from indai.platform.gateway import Limits, build_gateway
+    from fastapi.testclient import TestClient
+
+    url, eng, tokens, _ = gateway
+    state = svc.read_services()
+    tight = build_gateway(state["ray_dashboard"], eng, Limits(concurrent_jobs=10, gpus_per_job=1, gpu_hours_per_month=0.0),
+                          ray_token=Path(state["ray_auth_token_path"]).read_text().strip())
+    from indai.platform.db import Job, utcnow
+    from sqlalchemy.orm import Session
+
+    kim = client(url, tokens["kim"])
+    sid = kim.submit_job(entrypoint="python -c \"print(1)\"")
+    assert wait_done(kim, sid) == "SUCCEEDED"
+    with Session(eng) as s, s.begin():  # count that finished job as a 1-GPU job
+        s.get(Job, sid).gpus = 1.0
+    with TestClient(tight) as tc:
+        r = tc.post("/api/jobs/", json={"entrypoint": "echo", "entrypoint_num_gpus": 1}, headers=bearer(tokens["kim"]))
+        assert r.status_code == 429 and "GPU-hours this month" in r.json()["detail"]
+        ok = tc.post("/api/jobs/", json={"entrypoint": "echo cpu only"}, headers=bearer(tokens["kim"]))
+        assert ok.status_code == 200, ok.text

@@ -68,6 +68,29 @@ seccompProfile:
 {{- define "indai.dbHost" -}}
 {{- if .Values.postgresql.enabled -}}{{ include "indai.fullname" . }}-postgresql{{- else -}}{{ required "externalDatabase.host is required when postgresql.enabled is false" .Values.externalDatabase.host }}{{- end -}}
 {{- end -}}
+{{- define "indai.dbPort" -}}
+{{- if .Values.postgresql.enabled -}}5432{{- else -}}{{ .Values.externalDatabase.port }}{{- end -}}
+{{- end -}}
+{{- define "indai.dbUser" -}}
+{{- if .Values.postgresql.enabled -}}{{ .Values.postgresql.user }}{{- else -}}{{ .Values.externalDatabase.user }}{{- end -}}
+{{- end -}}
+{{/* The platform's database (members, tokens, audit) and MLflow's: two databases, because both
+keep their schema version in an Alembic table of the same name. */}}
+{{- define "indai.dbName" -}}
+{{- if .Values.postgresql.enabled -}}{{ .Values.postgresql.database }}{{- else -}}{{ .Values.externalDatabase.database }}{{- end -}}
+{{- end -}}
+{{- define "indai.mlflowDbName" -}}
+{{- if .Values.postgresql.enabled -}}{{ .Values.postgresql.mlflowDatabase }}{{- else -}}{{ .Values.externalDatabase.mlflowDatabase }}{{- end -}}
+{{- end -}}
+{{/* host:port/ of the database server; DB_PASSWORD must be in the container's env first. */}}
+{{- define "indai.dbServer" -}}
+{{ include "indai.dbUser" . }}:$(DB_PASSWORD)@{{ include "indai.dbHost" . }}:{{ include "indai.dbPort" . }}
+{{- end -}}
+{{- define "indai.dbPasswordEnv" -}}
+- name: DB_PASSWORD
+  valueFrom: {secretKeyRef: {name: {{ include "indai.dbSecret" . }}, key: password}}
+{{- end -}}
+
 {{- define "indai.dbSecret" -}}
 {{- if .Values.postgresql.enabled -}}{{ include "indai.secretName" . }}{{- else -}}{{ required "externalDatabase.existingSecret is required when postgresql.enabled is false" .Values.externalDatabase.existingSecret }}{{- end -}}
 {{- end -}}
@@ -86,10 +109,33 @@ seccompProfile:
   valueFrom: {secretKeyRef: {name: {{ include "indai.s3Secret" . }}, key: secretKey}}
 - name: INDAI_MLFLOW_URI
   value: {{ include "indai.mlflowUri" . | quote }}
+{{- if .Values.serve.enabled }}
+- name: INDAI_SERVE_URL
+  value: http://{{ include "indai.fullname" . }}-ray-serve-svc:8000
+{{- end }}
 {{- if and .Values.mlflow.enabled .Values.mlflow.auth }}
+{{- /* the admin account until `indai member` hands out MLflow users per researcher */}}
 - name: MLFLOW_TRACKING_USERNAME
   value: admin
 - name: MLFLOW_TRACKING_PASSWORD
   valueFrom: {secretKeyRef: {name: {{ include "indai.secretName" . }}, key: mlflowAdminPassword}}
 {{- end }}
+{{- end -}}
+
+
+{{/* Labels of the RayCluster's own pods (head and both worker groups). */}}
+{{- define "indai.rayPeers" -}}
+podSelector:
+  matchLabels: {app.kubernetes.io/instance: {{ .Release.Name }}}
+  matchExpressions:
+    - {key: indai.io/component, operator: In, values: [ray-head, ray-worker-cpu, ray-worker-gpu]}
+{{- end -}}
+
+{{- define "indai.mlflowAllowedHosts" -}}
+{{- $svc := printf "%s-mlflow" (include "indai.fullname" .) -}}
+{{- $hosts := list -}}
+{{- range $name := list $svc (printf "%s.%s" $svc .Release.Namespace) (printf "%s.%s.svc" $svc .Release.Namespace) (printf "%s.%s.svc.cluster.local" $svc .Release.Namespace) "localhost" "127.0.0.1" -}}
+{{- $hosts = append (append $hosts $name) (printf "%s:*" $name) -}}
+{{- end -}}
+{{- join "," (concat $hosts .Values.mlflow.allowedHosts) -}}
 {{- end -}}

@@ -2,7 +2,8 @@
 {{- define "indai.rayPodSpec" -}}
 {{- $ := .root -}}
 serviceAccountName: {{ include "indai.fullname" $ }}-ray
-automountServiceAccountToken: {{ $.Values.ray.autoscaling.enabled }}
+{{- /* only the head runs the autoscaler sidecar, the one container that talks to the API server */}}
+automountServiceAccountToken: {{ and .head $.Values.ray.autoscaling.enabled }}
 securityContext: {{- include "indai.podSecurity" $ | nindent 2 }}
 {{- with $.Values.imagePullSecrets }}
 imagePullSecrets: {{- toYaml . | nindent 2 }}
@@ -14,7 +15,10 @@ containers:
     image: {{ include "indai.image" .image }}
     imagePullPolicy: {{ $.Values.images.pullPolicy }}
     securityContext: {{- include "indai.containerSecurity" $ | nindent 6 }}
-    env: {{- include "indai.platformEnv" $ | nindent 6 }}
+    env:
+      {{- include "indai.platformEnv" $ | nindent 6 }}
+      - name: INDAI_RAY_ADDRESS
+        value: auto
     resources:
       requests: {{- toYaml .group.resources.requests | nindent 8 }}
         {{- if .gpus }}
@@ -45,7 +49,7 @@ headGroupSpec:
     metadata:
       labels: {{- include "indai.selector" . | nindent 8 }}
         indai.io/component: ray-head
-    spec: {{- include "indai.rayPodSpec" (dict "root" . "group" .Values.ray.head "container" "ray-head" "image" .Values.images.platform "gpus" 0 "ports" (list (dict "name" "gcs" "containerPort" 6379) (dict "name" "dashboard" "containerPort" 8265) (dict "name" "client" "containerPort" 10001) (dict "name" "serve" "containerPort" 8000))) | nindent 6 }}
+    spec: {{- include "indai.rayPodSpec" (dict "root" . "head" true "group" .Values.ray.head "container" "ray-head" "image" .Values.images.platform "gpus" 0 "ports" (list (dict "name" "gcs" "containerPort" 6379) (dict "name" "dashboard" "containerPort" 8265) (dict "name" "client" "containerPort" 10001) (dict "name" "serve" "containerPort" 8000))) | nindent 6 }}
 workerGroupSpecs:
 {{- with .Values.ray.cpuWorkers }}
 {{- if .enabled }}
@@ -58,7 +62,7 @@ workerGroupSpecs:
       metadata:
         labels: {{- include "indai.selector" $ | nindent 10 }}
           indai.io/component: ray-worker-cpu
-      spec: {{- include "indai.rayPodSpec" (dict "root" $ "group" . "container" "ray-worker" "image" $.Values.images.platform "gpus" 0) | nindent 8 }}
+      spec: {{- include "indai.rayPodSpec" (dict "root" $ "head" false "group" . "container" "ray-worker" "image" $.Values.images.platform "gpus" 0) | nindent 8 }}
 {{- end }}
 {{- end }}
 {{- with .Values.ray.gpuWorkers }}
@@ -73,7 +77,7 @@ workerGroupSpecs:
       metadata:
         labels: {{- include "indai.selector" $ | nindent 10 }}
           indai.io/component: ray-worker-gpu
-      spec: {{- include "indai.rayPodSpec" (dict "root" $ "group" . "container" "ray-worker" "image" $.Values.images.platformGpu "gpus" .gpusPerWorker) | nindent 8 }}
+      spec: {{- include "indai.rayPodSpec" (dict "root" $ "head" false "group" . "container" "ray-worker" "image" $.Values.images.platformGpu "gpus" .gpusPerWorker) | nindent 8 }}
 {{- end }}
 {{- end }}
 {{- end -}}
