@@ -129,8 +129,11 @@ def start_ray(root: Path, gcs_port: int, dashboard_port: int, num_cpus: int) -> 
     cmd = [ray, "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dashboard_port}", f"--temp-dir={tmp}", f"--num-cpus={num_cpus}", "--disable-usage-stats"]
     # every Ray process of this cluster inherits the tag, so `indai down` stops exactly these
+    # job drivers inherit this environment: they find `indai` (this environment's bin folder first
+    # on PATH), the platform's services (INDAI_HOME) and Ray's token
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", INDAI_RAY_TAG=tmp.name, RAY_AUTH_MODE="token",
-               RAY_AUTH_TOKEN_PATH=str(token_file))
+               RAY_AUTH_TOKEN_PATH=str(token_file), INDAI_HOME=str(root),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     if done.returncode != 0:
         raise UserError(f"`ray start` failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
