@@ -1,7 +1,10 @@
 # The indai platform image: Ray (same version as requirements.lock), DeepSpeed, MLflow client, indai.
 #   GPU nodes: docker build -f docker/platform.Dockerfile -t ghcr.io/indai/platform:0.1.0-gpu .
 #   CPU nodes: docker build -f docker/platform.Dockerfile --build-arg BASE=rayproject/ray:2.60.0-py311-cpu -t ghcr.io/indai/platform:0.1.0-cpu .
-ARG BASE=rayproject/ray:2.60.0-py311-gpu
+# The chart runs the GPU variant on GPU workers (images.platformGpu), the CPU one elsewhere (images.platform).
+# GPU default: CUDA 13, the major version of the torch wheels in requirements.lock (nvidia-*-cu13),
+# so DeepSpeed's JIT-built ops compile against a matching nvcc
+ARG BASE=rayproject/ray:2.60.0-py311-cu130
 FROM ${BASE}
 
 USER root

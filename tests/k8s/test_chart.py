@@ -70,6 +70,14 @@ def test_lint_and_schema_errors_are_readable(k8s_cluster):
     assert latest.returncode != 0 and "/images/mlflow/tag" in latest.stderr
     missing = c.helm("template", "t", CHART, "--set", "minio.enabled=false", check=False)
     assert missing.returncode != 0 and "is required when minio.enabled is false" in missing.stderr
+    perm = c.helm("template", "t", CHART, "--set", "mlflow.defaultPermission=ALL", check=False)
+    assert perm.returncode != 0 and "at '/mlflow/defaultPermission': value must be one of 'READ', 'EDIT', 'MANAGE', 'NO_PERMISSIONS'" in perm.stderr
+    tol = c.helm("template", "t", CHART, "--set", "ray.gpuWorkers.tolerations[0].efect=NoSchedule", check=False)
+    assert tol.returncode != 0 and "additional properties 'efect' not allowed" in tol.stderr
+    op = c.helm("template", "t", CHART, "--set", "kuberay-operator.imag.tag=v1", check=False)
+    assert op.returncode != 0 and "additional properties 'imag' not allowed" in op.stderr
+    sql = c.helm("template", "t", CHART, "--set", "postgresql.mlflowDatabase=x;drop", check=False)
+    assert sql.returncode != 0 and "/postgresql/mlflowDatabase" in sql.stderr
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda p: p.stem)
@@ -85,6 +93,137 @@ def test_every_scenario_passes_server_side_dry_run(k8s_cluster, scenario):
         assert "StatefulSet" not in kinds
     if "gpu-autoscaling" in scenario.stem:
         assert "RayService" in kinds and "RayCluster" not in kinds
+
+
+TOGGLES = {
+    "no-ray": ["ray.enabled=false"],
+    "external-mlflow": ["mlflow.enabled=false", "mlflow.external.uri=http://mlflow.example:5000"],
+    "no-auth-no-policies": ["mlflow.auth=false", "networkPolicy.enabled=false"],
+    "operator-and-serve": ["kuberay-operator.enabled=true", "serve.enabled=true"],
+    "head-only": ["ray.cpuWorkers.enabled=false", "ray.gpuWorkers.enabled=false"],
+    "gateway-pull-secret": ["gateway.enabled=true", "imagePullSecrets[0].name=regcred"],
+}
+
+
+@pytest.mark.parametrize("name", TOGGLES)
+def test_each_part_switches_off_or_on(k8s_cluster, name):
+    """Every switch renders objects the API server accepts, and the switched-off part is gone."""
+    c = k8s_cluster
+    ns = restricted_namespace(c, f"toggle-{name}")
+    rendered = c.helm("template", "indai", CHART, "-n", ns, *[a for kv in TOGGLES[name] for a in ("--set", kv)]).stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    done = c.kubectl("apply", "--dry-run=server", "-n", ns, "-f", "-", input=rendered)
+    assert done.stdout.count("(server dry run)") == len(docs)
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    if name == "no-ray":
+        assert not {k for k, _ in kinds} & {"RayCluster", "RayService"} and ("ServiceAccount", "indai-ray") not in kinds
+    if name == "external-mlflow":
+        assert ("Deployment", "indai-mlflow") not in kinds
+        ray = next(d for d in docs if d["kind"] == "RayCluster")
+        env = {e["name"]: e.get("value") for e in ray["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["INDAI_MLFLOW_URI"] == "http://mlflow.example:5000" and "MLFLOW_TRACKING_PASSWORD" not in env
+    if name == "no-auth-no-policies":
+        assert "NetworkPolicy" not in {k for k, _ in kinds} and ("ConfigMap", "indai-mlflow-auth") not in kinds
+    if name == "operator-and-serve":
+        assert ("Deployment", "indai-kuberay-operator") in kinds and ("RayService", "indai-ray") in kinds
+    if name == "head-only":
+        assert not next(d for d in docs if d["kind"] == "RayCluster")["spec"]["workerGroupSpecs"]
+    if name == "gateway-pull-secret":
+        for d in docs:
+            for where, spec in pod_specs(d):
+                assert spec["imagePullSecrets"] == [{"name": "regcred"}], where
+
+
+def pod_specs(doc: dict) -> list[tuple[str, dict]]:
+    """(where, pod spec) for every pod a rendered object makes, Ray groups included."""
+    kind, name, spec = doc["kind"], doc["metadata"]["name"], doc.get("spec", {})
+    if kind == "Pod":
+        return [(name, spec)]
+    if kind in ("Deployment", "StatefulSet", "Job"):
+        return [(name, spec["template"]["spec"])]
+    ray = spec.get("rayClusterConfig", spec) if kind == "RayService" else spec if kind == "RayCluster" else None
+    if ray is None:
+        return []
+    return [(f"{name}/head", ray["headGroupSpec"]["template"]["spec"])] + [
+        (f"{name}/{g['groupName']}", g["template"]["spec"]) for g in ray["workerGroupSpecs"]]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda p: p.stem)
+def test_every_pod_is_restricted_and_least_privileged(k8s_cluster, scenario):
+    """What Pod Security admission checks, and what it does not: tokens, limits, pinned images,
+    GPU placement, secrets by reference, MLflow and the platform on databases of their own."""
+    docs = [d for d in yaml.safe_load_all(k8s_cluster.helm("template", "indai", CHART, "-f", scenario).stdout) if d]
+    values = yaml.safe_load(scenario.read_text()) or {}
+    autoscaling = values.get("ray", {}).get("autoscaling", {}).get("enabled", False)
+    specs = [x for d in docs for x in pod_specs(d)]
+    assert any(w.endswith("/head") for w, _ in specs) and any("test-" in w for w, _ in specs)
+    for where, spec in specs:
+        sc = spec["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] > 0 and sc["seccompProfile"]["type"] == "RuntimeDefault", where
+        assert spec["automountServiceAccountToken"] is (autoscaling and where.endswith("/head")), where
+        for ctr in spec["containers"]:
+            csc = ctr["securityContext"]
+            assert csc["allowPrivilegeEscalation"] is False and csc["capabilities"]["drop"] == ["ALL"], where
+            assert ctr["resources"]["limits"], where
+            assert ":" in ctr["image"] and not ctr["image"].endswith(":latest"), where
+            for env in ctr.get("env", []):
+                if any(k in env["name"] for k in ("PASSWORD", "SECRET", "ACCESS_KEY")):
+                    assert "secretKeyRef" in env.get("valueFrom", {}), (where, env["name"])
+        if where.endswith("/gpu"):
+            assert spec["nodeSelector"] == {"indai.io/pool": "gpu"}
+            assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in spec["tolerations"])
+            assert int(spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+            assert ":" in spec["containers"][0]["image"] and spec["containers"][0]["image"].endswith("-gpu")
+        elif "/" in where:
+            assert spec["containers"][0]["image"].endswith("-cpu"), where
+    for d in docs:
+        ray = d["spec"].get("rayClusterConfig", d["spec"]) if d["kind"] in ("RayCluster", "RayService") else None
+        if ray is not None:
+            assert ray["enableInTreeAutoscaling"] is autoscaling
+            if autoscaling:
+                csc = ray["autoscalerOptions"]["securityContext"]
+                assert csc["allowPrivilegeEscalation"] is False and csc["capabilities"]["drop"] == ["ALL"]
+        if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-mlflow"):
+            env = {e["name"]: e.get("value") for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+            assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://") and env["MLFLOW_BACKEND_STORE_URI"].endswith("/mlflow")
+            assert env["MLFLOW_ARTIFACTS_DESTINATION"].endswith("/mlflow-artifacts") and env["MLFLOW_APP_NAME"] == "basic-auth"
+            # MLflow's own Host check (its DNS-rebinding guard) lets in-cluster and port-forward clients through
+            from mlflow.server.security_utils import is_allowed_host_header
+            allowed = env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+            for host in ("indai-mlflow:5000", "indai-mlflow.default.svc:5000", "indai-mlflow.default.svc.cluster.local:5000", "127.0.0.1:5000", "localhost:5000"):
+                assert is_allowed_host_header(allowed, host), host
+            assert not is_allowed_host_header(allowed, "evil.example:5000")
+        if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-gateway"):
+            env = {e["name"]: e.get("value") for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+            assert env["INDAI_DB_URL"].startswith("postgresql+psycopg://") and env["INDAI_DB_URL"].endswith("/indai")
+
+
+def test_network_policies_keep_ray_ports_inside_the_release(k8s_cluster):
+    docs = [d for d in yaml.safe_load_all(k8s_cluster.helm("template", "indai", CHART, "--set", "serve.enabled=true").stdout) if d]
+    head = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "indai-ray-head")
+    for rule in head["spec"]["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        peers = rule.get("from")
+        if peers is None:  # open to everyone: Serve only
+            assert ports == {8000}
+            continue
+        for peer in peers:
+            labels = peer["podSelector"].get("matchLabels", {})
+            if "namespaceSelector" in peer:  # the KubeRay operator deploys Serve apps through the dashboard
+                assert labels == {"app.kubernetes.io/name": "kuberay-operator"} and ports == {8265}
+                continue
+            assert labels["app.kubernetes.io/instance"] == "indai"
+            component = labels.get("indai.io/component")
+            if component is None:  # the RayCluster's own pods, on every port
+                assert peer["podSelector"]["matchExpressions"][0]["values"] == ["ray-head", "ray-worker-cpu", "ray-worker-gpu"]
+                assert not ports
+            else:
+                assert (component, ports) == ("gateway", {8265, 6379, 10001})
+    for name, port in (("indai-minio", 9000), ("indai-postgresql", 5432), ("indai-mlflow", 5000)):
+        pol = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == name)
+        (rule,) = pol["spec"]["ingress"]
+        assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "indai", "indai.io/platform": "true"}}}]
+        assert rule["ports"] == [{"port": port, "protocol": "TCP"}]
 
 
 def test_restricted_namespace_rejects_privileged_pod(k8s_cluster):
@@ -179,3 +318,69 @@ def test_rayjob_example_is_reconciled_onto_the_gpu_pool(k8s_cluster):
     worker = wait("GPU worker pod", lambda: [p for p in pods(c, ns, f"ray.io/cluster={cluster},ray.io/group=gpu") if p["spec"].get("nodeName")])
     assert node_pool(c, worker[0]["spec"]["nodeName"]) == "gpu"
     assert worker[0]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_gateway_is_the_only_peer_of_rays_job_port(k8s_cluster):
+    """With the gateway on, the chart deploys it and the head's NetworkPolicy admits to the job
+    (8265), GCS (6379) and client (10001) ports only the gateway and the RayCluster's own pods."""
+    c = k8s_cluster
+    ns = restricted_namespace(c, "gw")
+    rendered = c.helm("template", "indai", CHART, "-n", ns, "--set", "gateway.enabled=true").stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    c.kubectl("apply", "-n", ns, "-f", "-", input=rendered)
+    wait("gateway pod", lambda: [p for p in pods(c, ns, "indai.io/component=gateway") if p["status"].get("phase") == "Running"])
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "indai-ray-head")
+    # the RayCluster's own pods on every port (raylets and object managers need more than the three),
+    # the gateway on the job (8265), GCS (6379) and client (10001) ports, and only Serve open to everyone
+    ray_pods, gateway, open_rule = policy["spec"]["ingress"]
+    assert ray_pods["from"][0]["podSelector"]["matchExpressions"][0]["values"] == ["ray-head", "ray-worker-cpu", "ray-worker-gpu"]
+    assert gateway["from"][0]["podSelector"]["matchLabels"]["indai.io/component"] == "gateway"
+    assert {p["port"] for p in gateway["ports"]} == {8265, 6379, 10001}
+    peers = ray_pods["from"] + gateway["from"]
+    assert len(peers) == 2 and all("namespaceSelector" not in p and "ipBlock" not in p for p in peers)
+    assert open_rule == {"ports": [{"port": 8000, "protocol": "TCP"}]}  # only Serve is open to everyone
+    tests = [d for d in docs if d.get("metadata", {}).get("annotations", {}).get("helm.sh/hook") == "test"]
+    assert "indai-test-gateway" in {t["metadata"]["name"] for t in tests}  # helm test reaches Ray's side through the gateway
+    gw = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "indai-gateway")
+    assert gw["spec"]["template"]["spec"]["containers"][0]["command"][:3] == ["indai", "gateway", "serve"]
+
+
+def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
+    """ci/external-values.yaml + ci/gpu-autoscaling-values.yaml for real: no MinIO or PostgreSQL,
+    the admin's own Secrets, a RayService whose RayCluster gets the autoscaler sidecar (admitted
+    under "restricted"), GPU workers with 2 GPUs on the GPU pool, and the gateway with no API rights."""
+    c = k8s_cluster
+    ns = restricted_namespace(c, "auto")
+    c.kubectl("create", "secret", "generic", "indai-s3", "-n", ns, "--from-literal=accessKey=a", "--from-literal=secretKey=b")
+    c.kubectl("create", "secret", "generic", "indai-db", "-n", ns, "--from-literal=password=c")
+    c.helm("install", "auto", CHART, "-n", ns, "-f", CHART / "ci/external-values.yaml", "-f", CHART / "ci/gpu-autoscaling-values.yaml",
+           "--wait", "--timeout", "180s")
+    assert not json.loads(c.kubectl("get", "statefulsets,pvc", "-n", ns, "-o", "json").stdout)["items"]
+    assert json.loads(c.kubectl("get", "rayservice", "auto-indai-ray", "-n", ns, "-o", "json").stdout)["spec"]["serveConfigV2"]
+
+    mine = "app.kubernetes.io/instance=auto"
+    head = wait("ray head with the autoscaler", lambda: [p for p in pods(c, ns, mine + ",indai.io/component=ray-head")
+                                                         if p["status"].get("phase") == "Running"])[0]
+    names = [ctr["name"] for ctr in head["spec"]["containers"]]
+    assert len(names) == 2 and "autoscaler" in names, names
+    assert node_pool(c, head["spec"]["nodeName"]) == "cpu" and head["spec"]["automountServiceAccountToken"] is True
+    gpu = wait("GPU worker", lambda: [p for p in pods(c, ns, mine + ",indai.io/component=ray-worker-gpu") if p["status"].get("phase") == "Running"])
+    assert len(gpu) == 1  # minReplicas
+    assert node_pool(c, gpu[0]["spec"]["nodeName"]) == "gpu"
+    assert gpu[0]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert gpu[0]["spec"]["automountServiceAccountToken"] is False
+    gateway = wait("gateway", lambda: [p for p in pods(c, ns, mine + ",indai.io/component=gateway") if p["status"].get("phase") == "Running"])
+    env = {e["name"]: e for e in gateway[0]["spec"]["containers"][0]["env"]}
+    assert env["DB_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "indai-db"
+    assert env["INDAI_S3_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "indai-s3"
+
+    # the autoscaler may read pods and scale its RayCluster; nothing else, and nobody else may
+    assert can(c, ns, "auto-indai-ray", "list", "pods") and can(c, ns, "auto-indai-ray", "patch", "rayclusters.ray.io")
+    assert not can(c, ns, "auto-indai-ray", "get", "secrets") and not can(c, ns, "auto-indai-ray", "create", "rayjobs.ray.io")
+    for verb, resource in (("get", "secrets"), ("list", "pods"), ("create", "rayjobs.ray.io"), ("get", "rayclusters.ray.io")):
+        assert not can(c, ns, "auto-indai-gateway", verb, resource), (verb, resource)
+        assert not can(c, ns, "auto-indai-mlflow", verb, resource), (verb, resource)
+
+    c.helm("uninstall", "auto", "-n", ns, "--wait", "--timeout", "180s")
+    left = json.loads(c.kubectl("get", "secret", "-n", ns, "-o", "json").stdout)["items"]
+    assert {s["metadata"]["name"] for s in left} == {"indai-s3", "indai-db", "auto-indai-secrets"}

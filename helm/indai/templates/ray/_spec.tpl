@@ -50,7 +50,11 @@ headGroupSpec:
       labels: {{- include "indai.selector" . | nindent 8 }}
         indai.io/component: ray-head
     spec: {{- include "indai.rayPodSpec" (dict "root" . "head" true "group" .Values.ray.head "container" "ray-head" "image" .Values.images.platform "gpus" 0 "ports" (list (dict "name" "gcs" "containerPort" 6379) (dict "name" "dashboard" "containerPort" 8265) (dict "name" "client" "containerPort" 10001) (dict "name" "serve" "containerPort" 8000))) | nindent 6 }}
+{{- if not (or .Values.ray.cpuWorkers.enabled .Values.ray.gpuWorkers.enabled) }}
+workerGroupSpecs: []
+{{- else }}
 workerGroupSpecs:
+{{- end }}
 {{- with .Values.ray.cpuWorkers }}
 {{- if .enabled }}
   - groupName: cpu
