@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from waiting import wait
 import yaml
 
 pytestmark = pytest.mark.k8s
@@ -34,16 +35,6 @@ def pods(c, ns: str, selector: str) -> list[dict]:
 def node_pool(c, node: str) -> str:
     return json.loads(c.kubectl("get", "node", node, "-o", "json").stdout)["metadata"]["labels"]["indai.io/pool"]
 
-
-def wait(what: str, check, timeout: float = 90):
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 def test_cluster_has_cpu_and_gpu_pools(k8s_cluster):

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+from waiting import wait
 
 pytestmark = pytest.mark.k8s
 
@@ -13,16 +14,6 @@ PINS = Path(__file__).resolve().parents[2] / "k8s" / "testenv" / "pins.env"
 CPU_POOL = {"kwok-cpu-0", "kwok-cpu-1"}
 GPU_POOL = {"kwok-gpu-0", "kwok-gpu-1"}
 
-
-def wait(what: str, check, timeout: float = 60):
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 def get(c, *args) -> dict:
