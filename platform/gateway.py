@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import requests
 from fastapi import FastAPI, Request, WebSocket
@@ -39,11 +39,17 @@ ENV_KEY_RE = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
 FORBIDDEN_ENV = {"LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "RAY_ADDRESS"}
 
 
+def _env(name: str, default: str):
+    return field(default_factory=lambda: float(os.environ.get(name, default)))
+
+
 @dataclass
 class Limits:
-    concurrent_jobs: int = int(os.environ.get("INDAI_QUOTA_CONCURRENT_JOBS", "4"))
-    gpus_per_job: float = float(os.environ.get("INDAI_QUOTA_GPUS_PER_JOB", "8"))
-    gpu_hours_per_month: float = float(os.environ.get("INDAI_QUOTA_GPU_HOURS_PER_MONTH", "1000"))
+    """Per-member quotas; defaults come from the environment when the gateway is built."""
+
+    concurrent_jobs: float = _env("INDAI_QUOTA_CONCURRENT_JOBS", "4")
+    gpus_per_job: float = _env("INDAI_QUOTA_GPUS_PER_JOB", "8")
+    gpu_hours_per_month: float = _env("INDAI_QUOTA_GPU_HOURS_PER_MONTH", "1000")
 
 
 class RuntimeEnv(BaseModel):
@@ -171,7 +177,7 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
             return _error(429, f"quota: member {p.member} used {used:.2f} of {limits.gpu_hours_per_month:g} GPU-hours this month: GPU jobs are refused until next month")
         if running >= limits.concurrent_jobs:
             audit(p, "submit", "-", 429, f"{running} running")
-            return _error(429, f"quota: member {p.member} already runs {running} jobs (limit {limits.concurrent_jobs} at a time): wait or stop one")
+            return _error(429, f"quota: member {p.member} already runs {running} jobs (limit {limits.concurrent_jobs:g} at a time): wait or stop one")
         payload = body.model_dump(exclude_none=True)
         payload["metadata"] = {**(body.metadata or {}), "indai.member": p.member, "indai.user": p.user,
                                "indai.recipe": recipe_of(body.entrypoint)}
@@ -228,36 +234,39 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
         r = upstream("GET", f"/api/jobs/{job_id}/logs")
         return Response(r.content, status_code=r.status_code, media_type="application/json")
 
+    def act_on_owned(p: tenancy.Principal, method: str, job_id: str, suffix: str, action: str) -> Response:
+        """Forward a change to a job the principal may see; audit it either way."""
+        if not owned(p, job_id):
+            audit(p, action, job_id[:128], 404, "not visible")
+            return _error(404, f"job {job_id} does not exist")
+        r = upstream(method, f"/api/jobs/{job_id}{suffix}")
+        audit(p, action, job_id, r.status_code, "")
+        return Response(r.content, status_code=r.status_code, media_type="application/json")
+
     @app.post("/api/jobs/{job_id}/stop")
     def stop(job_id: str, request: Request):
-        p = request.state.principal
-        if not owned(p, job_id):
-            audit(p, "stop", job_id[:128], 404, "not visible")
-            return _error(404, f"job {job_id} does not exist")
-        r = upstream("POST", f"/api/jobs/{job_id}/stop")
-        audit(p, "stop", job_id, r.status_code, "")
-        return Response(r.content, status_code=r.status_code, media_type="application/json")
+        return act_on_owned(request.state.principal, "POST", job_id, "/stop", "stop")
 
     @app.delete("/api/jobs/{job_id}")
     def delete(job_id: str, request: Request):
-        p = request.state.principal
-        if not owned(p, job_id):
-            return _error(404, f"job {job_id} does not exist")
-        r = upstream("DELETE", f"/api/jobs/{job_id}")
-        audit(p, "delete", job_id, r.status_code, "")
-        return Response(r.content, status_code=r.status_code, media_type="application/json")
+        return act_on_owned(request.state.principal, "DELETE", job_id, "", "delete")
+
+    def bad_package(protocol: str, name: str) -> JSONResponse | None:
+        if protocol != "gcs" or not PACKAGE_RE.match(name):
+            return _error(400, "only gcs://_ray_pkg_<hash>.zip working_dir packages are accepted")
+        return None
 
     @app.get("/api/packages/{protocol}/{name}")
     def package_exists(protocol: str, name: str):
-        if protocol != "gcs" or not PACKAGE_RE.match(name):
-            return _error(400, "only gcs://_ray_pkg_<hash>.zip working_dir packages are accepted")
+        if refused := bad_package(protocol, name):
+            return refused
         r = upstream("GET", f"/api/packages/{protocol}/{name}")
         return Response(r.content, status_code=r.status_code)
 
     @app.put("/api/packages/{protocol}/{name}")
     async def package_upload(protocol: str, name: str, request: Request):
-        if protocol != "gcs" or not PACKAGE_RE.match(name):
-            return _error(400, "only gcs://_ray_pkg_<hash>.zip working_dir packages are accepted")
+        if refused := bad_package(protocol, name):
+            return refused
         p = request.state.principal
         try:
             p.require("jobs:submit")

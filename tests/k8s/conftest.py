@@ -47,7 +47,8 @@ class Cluster:
 def k8s_cluster(tmp_path_factory):
     mod = _cluster_module()
     if not (mod.bin_dir() / "kube-apiserver").exists() and not shutil.which("go"):
-        pytest.skip("the local cluster's tools are not built and Go is not installed to build them")
+        pytest.fail("the k8s tier needs the local cluster's tools, which are not built, and Go is not installed "
+                    "to build them: install Go (apt-get install golang) and run `make k8s-up` once")
     home = tmp_path_factory.mktemp("k8s-home")
     old = os.environ.get("INDAI_K8S_HOME")
     os.environ["INDAI_K8S_HOME"] = str(home)
