@@ -64,27 +64,114 @@ def cmd_status(a) -> int:
 
 # ---- data -----------------------------------------------------------------------------------
 
+def _counts(manifest: dict) -> str:
+    split = manifest.get("split", {})
+    unit = "windows" if "windows" in split else "records"
+    return f"{unit} " + ", ".join(f"{k} {v}" for k, v in (split.get(unit) or {}).items())
+
+
 def cmd_data_ingest(a) -> int:
     from indai.platform.ingest import ingest
 
-    name, version, manifest = ingest(a.spec, _store(), progress=not a.quiet)
-    w = manifest["split"]["windows"]
-    print(f"dataset {name}@{version}: {len(manifest['classes'])} classes; windows " + ", ".join(f"{k} {v}" for k, v in w.items()))
+    name, version, manifest = ingest(a.spec, _store(), progress=not a.quiet, root=a.root, restart=a.restart)
+    classes = f"{len(manifest['classes'])} classes; " if manifest.get("classes") else ""
+    print(f"dataset {name}@{version} (raw, member {manifest['member']}): {classes}{_counts(manifest)}")
+    for what, n in (manifest.get("dropped") or {}).items():
+        if n:
+            print(f"  dropped {n} record(s): {what.replace('_', ' ')}")
+    for col, n in (manifest.get("invalid_values") or {}).items():
+        print(f"  column {col}: {n} value(s) did not parse and were kept as missing")
     return 0
+
+
+def _open_readable(store, text: str) -> tuple:
+    """Resolve a version and check that this process may read it (jobs read as their member)."""
+    from indai.platform import datasets
+
+    return datasets.open_for_job(store, datasets.parse_ref(text))
+
+
+def cmd_data_release(a) -> int:
+    from indai.platform import datasets, release
+    from indai.platform.settings import member_secret
+
+    store = _store()
+    ref, manifest = _open_readable(store, a.ref)
+    member = manifest.get("member")
+    job_member, role = datasets.job_identity()
+    if role != "admin" and job_member != member:
+        raise UserError(f"only member {member} (or the admin) may release {ref}")
+    cfg = release.load_deid_config(a.config)
+    name, version, body = release.release(store, ref, member_secret(member), cfg, a.as_name, progress=not a.quiet)
+    print(f"released {ref} as {name}@{version}: {_counts(body)}")
+    found = (body["deidentification"]["report"] or {}).get("counts", {})
+    print("  de-identified: " + (", ".join(f"{k} {v}" for k, v in found.items() if v) or "nothing found"))
+    return 0
+
+
+def cmd_data_share(a) -> int:
+    from indai.platform import datasets, release
+
+    store = _store()
+    if a.sources:
+        refs = [_open_readable(store, r)[0] for r in a.sources]
+    else:  # the newest released version of every dataset of the industry's members
+        members = _industry_members(a.industry)
+        refs = []
+        for name in sorted({n for n, _ in datasets.list_versions(store)}):
+            ref = datasets.resolve(store, datasets.parse_ref(name))
+            m = datasets.read_manifest(store, ref)
+            if datasets.stage_of(m) == "released" and m.get("member") in members:
+                refs.append(ref)
+    name = a.as_name or f"{a.industry}-common"
+    name, version, body = release.share(store, a.industry, name, refs, progress=not a.quiet)
+    print(f"industry-common dataset {name}@{version} from " + ", ".join(i["dataset"] for i in body["inputs"]) + f": {_counts(body)}")
+    return 0
+
+
+def _industry_members(industry: str) -> set[str]:
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from indai.platform import db
+
+    eng = db.engine()
+    db.upgrade(eng)
+    with Session(eng) as s:
+        found = set(s.scalars(select(db.Member.id).where(db.Member.industry == industry, db.Member.disabled.is_(False))))
+    if not found:
+        raise UserError(f"no enabled member of industry {industry!r}: `indai member ls` lists them; or name versions with --from")
+    return found
 
 
 def cmd_data_ls(a) -> int:
     from indai.platform import datasets
 
-    for name, version in datasets.list_versions(_store()):
-        print(f"{name}@{version}")
+    store = _store()
+    member, role = datasets.job_identity()
+    for name, version in datasets.list_versions(store):
+        m = datasets.read_manifest(store, datasets.DatasetRef(name, version))
+        if not datasets.may_read(m, member, role):
+            continue
+        owner = m.get("member") or m.get("industry") or "-"
+        print(f"{name}@{version}  {datasets.stage_of(m):<8}  {owner:<16}  {_counts(m)}")
     return 0
 
 
 def cmd_data_show(a) -> int:
-    from indai.platform import datasets
+    store = _store()
+    _, manifest = _open_readable(store, a.ref)
+    if not a.files:
+        manifest = dict(manifest, files=f"{len(manifest['files'])} arrays (show with --files)")
+    _print_json(manifest)
+    return 0
 
-    _print_json(datasets.read_manifest(_store(), datasets.parse_ref(a.ref)))
+
+def cmd_data_diff(a) -> int:
+    from indai.platform import release
+
+    store = _store()
+    _print_json(release.diff(_open_readable(store, a.a)[1], _open_readable(store, a.b)[1]))
     return 0
 
 
@@ -111,6 +198,9 @@ def cmd_train(a) -> int:
     print(f"run {result.run_id}: dataset {result.dataset}, test accuracy {acc}"
           + (f", registered {result.model_name} version {result.model_version}" if result.model_version else "")
           + (f", alias {result.alias}" if result.alias else ""))
+    # one machine-readable line for `indai train submit`, which follows this job's log
+    print("[indai] result " + json.dumps({"run_id": result.run_id, "dataset": result.dataset, "test_accuracy": result.test_accuracy,
+                                          "model": result.model_name, "version": result.model_version, "alias": result.alias}), flush=True)
     return 0
 
 
@@ -321,7 +411,7 @@ def cmd_gateway_serve(a) -> int:
     print(f"job gateway on http://{a.host}:{a.port} -> {dashboard}", file=sys.stderr)
     token_path = services.ray_auth_env().get("RAY_AUTH_TOKEN_PATH") or os.environ.get("INDAI_RAY_AUTH_TOKEN_PATH")
     token = Path(token_path).read_text().strip() if token_path else None
-    gateway.serve(a.host, a.port, dashboard, _db(), ray_token=token)
+    gateway.serve(a.host, a.port, dashboard, _db(), ray_token=token, store=_store())
     return 0
 
 
@@ -337,17 +427,37 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="stop the embedded services").set_defaults(fn=cmd_down)
     sub.add_parser("status", help="show the embedded services").set_defaults(fn=cmd_status)
 
-    data = sub.add_parser("data", help="datasets: ingest raw files into versions, list, show").add_subparsers(dest="data_cmd", required=True, metavar="ACTION")
+    data = sub.add_parser("data", help="datasets: ingest, release (de-identify), share, list, show, diff").add_subparsers(dest="data_cmd", required=True, metavar="ACTION")
     ing = data.add_parser("ingest", help="ingest the files a dataset spec (YAML) names into a new dataset version")
     ing.add_argument("spec", help="dataset spec YAML, e.g. examples/cwru-0hp/dataset.yaml")
     ing.add_argument("--quiet", action="store_true", help="no progress bar")
+    ing.add_argument("--root", help="folder the spec's source paths are relative to (default: the spec's folder)")
+    ing.add_argument("--restart", action="store_true", help="ignore the journal of an interrupted ingest and start over")
     ing.set_defaults(fn=cmd_data_ingest)
-    data.add_parser("ls", help="list committed dataset versions").set_defaults(fn=cmd_data_ls)
+    rel = data.add_parser("release", help="de-identify a raw version into a shareable version (<name>-released)")
+    rel.add_argument("ref", help="raw version, name@version or name@latest")
+    rel.add_argument("--config", help="de-identification config YAML (member/customer names, serial/part patterns, time shift)")
+    rel.add_argument("--as", dest="as_name", help="name of the released dataset (default <name>-released)")
+    rel.add_argument("--quiet", action="store_true")
+    rel.set_defaults(fn=cmd_data_release)
+    sh = data.add_parser("share", help="build an industry-common dataset from released versions")
+    sh.add_argument("--industry", required=True, help="industry, e.g. steel; members come from `indai member ls`")
+    sh.add_argument("--from", dest="sources", nargs="+", help="released versions to combine (default: the newest of every dataset of the industry's members)")
+    sh.add_argument("--as", dest="as_name", help="name of the common dataset (default <industry>-common)")
+    sh.add_argument("--quiet", action="store_true")
+    sh.set_defaults(fn=cmd_data_share)
+    data.add_parser("ls", help="list committed dataset versions you may read (stage, owner, counts)").set_defaults(fn=cmd_data_ls)
     show = data.add_parser("show", help="print a dataset version's manifest")
     show.add_argument("ref", help="name@version or name@latest")
+    show.add_argument("--files", action="store_true", help="include the list of arrays and their hashes")
     show.set_defaults(fn=cmd_data_show)
+    df = data.add_parser("diff", help="what differs between two dataset versions")
+    df.add_argument("a")
+    df.add_argument("b")
+    df.set_defaults(fn=cmd_data_diff)
 
-    tr = sub.add_parser("train", help="train a recipe with Ray Train + DeepSpeed, log to MLflow, register the model")
+    tr = sub.add_parser("train", help="train a recipe with Ray Train + DeepSpeed, log to MLflow, register the model "
+                                      "(`indai train submit <recipe>`: on the cluster, through the job gateway)")
     tr.add_argument("recipe", help="recipe YAML, e.g. trainers/recipes/cwru_sensor.yaml")
     tr.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.epochs=3 run.workers=1")
     tr.add_argument("--launcher", choices=["ray", "local"], help="ray (default): TorchTrainer workers; local: in this process")
@@ -425,8 +535,50 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def submit_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="indai train submit", description="submit a recipe to the cluster through the job gateway and follow it")
+    p.add_argument("recipe", help="recipe YAML (travels with the job)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    p.add_argument("--gateway", default=os.environ.get("INDAI_GATEWAY"), help="job gateway URL (env INDAI_GATEWAY)")
+    p.add_argument("--token", default=os.environ.get("INDAI_TOKEN"), help="your API token (env INDAI_TOKEN; `indai token create`)")
+    p.add_argument("--member", help="check that the token belongs to this member")
+    p.add_argument("--gpus", type=float, default=0, help="GPUs for the job (checked against the member's quota)")
+    p.add_argument("--cpus", type=float, default=None, help="CPUs for the job's driver")
+    p.add_argument("--no-follow", action="store_true", help="print the job id and return")
+    p.set_defaults(fn=cmd_train_submit)
+    return p
+
+
+def cmd_train_submit(a) -> int:
+    from indai.platform import submit
+
+    if not a.gateway:
+        raise UserError("no job gateway: pass --gateway http://<gateway>:8266 or set INDAI_GATEWAY")
+    if not a.token:
+        raise UserError("no API token: pass --token or set INDAI_TOKEN (an admin creates one with `indai token create`)")
+    sid, me = submit.submit(a.gateway, a.token, a.recipe, list(a.overrides), a.member, a.gpus, a.cpus)
+    print(f"submitted job {sid} as {me['user']} (member {me['member']})", file=sys.stderr, flush=True)
+    if a.no_follow:
+        print(sid)
+        return 0
+    out = submit.follow(a.gateway, a.token, sid)
+    r = out.result
+    if out.status != "SUCCEEDED":
+        print(f"job {sid} ended {out.status}; full log: ray job logs {sid} --address {a.gateway} --headers '{{\"Authorization\": \"Bearer ...\"}}'",
+              file=sys.stderr)
+        return 1
+    acc = f"{r['test_accuracy']:.4f}" if r.get("test_accuracy") is not None else "n/a"
+    print(f"job {sid} SUCCEEDED: MLflow run {r.get('run_id')}, dataset {r.get('dataset')}, test accuracy {acc}"
+          + (f", registered {r['model']} version {r['version']}" if r.get("version") else "")
+          + (f", alias {r['alias']}" if r.get("alias") else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = submit_parser() if argv[:2] == ["train", "submit"] else parser()
+    if argv[:2] == ["train", "submit"]:
+        argv = argv[2:]
     # `key=value` overrides may follow options (`indai train r.yaml --launcher local optim.epochs=3`)
     args, extra = p.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):

@@ -84,9 +84,16 @@ def _error(status: int, detail: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": detail})
 
 
-def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_token: str | None = None) -> FastAPI:
+JOB_IDENTITY_ENV = ("INDAI_JOB_MEMBER", "INDAI_JOB_ROLE", "INDAI_JOB_USER")
+
+
+def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_token: str | None = None,
+                  store=None) -> FastAPI:
     """`ray_token`: Ray's own token (token authentication); the gateway adds it to every call
-    upstream, in Ray's own header, so the member's token never reaches Ray."""
+    upstream, in Ray's own header, so the member's token never reaches Ray. `store`: the
+    object store, to check the dataset versions a job declares (metadata `indai.datasets`)
+    against the reading rule; every job also runs with its member in INDAI_JOB_MEMBER, which
+    indai's dataset reader enforces inside the job."""
     limits = limits or Limits()
     ray_url = ray_url.rstrip("/")
     upstream_headers = {"X-Ray-Authorization": f"Bearer {ray_token}"} if ray_token else {}
@@ -139,6 +146,11 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
     def healthz() -> dict:
         return {"status": "ok"}
 
+    @app.get("/api/indai/whoami")
+    def whoami(request: Request) -> dict:
+        p: tenancy.Principal = request.state.principal
+        return {"user": p.user, "member": p.member, "role": p.role}
+
     @app.get("/api/version")
     def version() -> Response:
         r = upstream("GET", "/api/version")
@@ -163,7 +175,7 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
 
     def _submit(p: tenancy.Principal, body: Submission) -> JSONResponse:
         env = (body.runtime_env.env_vars if body.runtime_env else None) or {}
-        bad_env = [k for k in env if not ENV_KEY_RE.match(k) or k in FORBIDDEN_ENV]
+        bad_env = [k for k in env if not ENV_KEY_RE.match(k) or k in FORBIDDEN_ENV or k.startswith("INDAI_JOB_")]
         if bad_env:
             audit(p, "submit", "-", 400, f"env vars {bad_env}")
             return _error(400, f"submission refused: environment variables {bad_env} may not be set by a job")
@@ -178,9 +190,15 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
         if running >= limits.concurrent_jobs:
             audit(p, "submit", "-", 429, f"{running} running")
             return _error(429, f"quota: member {p.member} already runs {running} jobs (limit {limits.concurrent_jobs:g} at a time): wait or stop one")
+        refused = check_datasets(p, (body.metadata or {}).get("indai.datasets", ""))
+        if refused:
+            audit(p, "submit", "-", 403, refused)
+            return _error(403, f"submission refused: {refused}")
         payload = body.model_dump(exclude_none=True)
         payload["metadata"] = {**(body.metadata or {}), "indai.member": p.member, "indai.user": p.user,
                                "indai.recipe": recipe_of(body.entrypoint)}
+        runtime_env = payload.setdefault("runtime_env", {})
+        runtime_env["env_vars"] = {**env, "INDAI_JOB_MEMBER": p.member, "INDAI_JOB_ROLE": p.role, "INDAI_JOB_USER": p.user}
         r = upstream("POST", "/api/jobs/", json=payload)
         if r.status_code == 200:
             sid = r.json().get("submission_id") or r.json().get("job_id")
@@ -191,6 +209,23 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
         else:
             audit(p, "submit", "-", r.status_code, r.text[:500])
         return JSONResponse(status_code=r.status_code, content=r.json() if r.headers.get("content-type", "").startswith("application/json") else {"detail": r.text})
+
+    def check_datasets(p: tenancy.Principal, declared: str) -> str | None:
+        """Why the principal may not read one of the declared dataset versions, or None."""
+        from indai.platform import datasets
+        from indai.platform.errors import UserError
+
+        refs = [r.strip() for r in declared.split(",") if r.strip()]
+        if not refs:
+            return None
+        if store is None:
+            return "this gateway has no object store configured to check the job's datasets"
+        for text in refs[:32]:
+            try:
+                datasets.check_read(store, datasets.parse_ref(text), p.member, p.role)
+            except UserError as e:
+                return str(e)
+        return None
 
     def member_usage(member: str) -> tuple[int, float]:
         """(jobs still running, GPU-hours used this calendar month) for a member, from the jobs
@@ -304,7 +339,7 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
     return app
 
 
-def serve(host: str, port: int, ray_url: str, eng: Engine, ray_token: str | None = None) -> None:
+def serve(host: str, port: int, ray_url: str, eng: Engine, ray_token: str | None = None, store=None) -> None:
     import uvicorn
 
-    uvicorn.run(build_gateway(ray_url, eng, ray_token=ray_token), host=host, port=port, log_level="warning")
+    uvicorn.run(build_gateway(ray_url, eng, ray_token=ray_token, store=store), host=host, port=port, log_level="warning")

@@ -1,62 +1,178 @@
-"""Ingest a member's raw sensor recordings into a dataset version.
+"""Ingest a member's files into a dataset version: sensor recordings, tables, images, CAD
+drawings and documents, declared by one typed YAML spec.
 
-The dataset spec (YAML) says which files hold which class, at which sampling rate, which
-channels to keep, how to window and how to split. Everything is read and checked before a
-single byte is written, then the version is written with its commit marker last.
+Two layouts come out of it:
+- *recordings* (every source a sensor recording): each recording is resampled to the spec's
+  rate, cut by time into train/val/test parts (or assigned whole by asset or group), and
+  windowed inside each part, so no window crosses a split boundary. CWRU's normal baseline at
+  48 kHz among 12 kHz fault files is the trap this guards against;
+- *records* (tables, files): one record per table row, image, drawing or document chunk, with
+  its keys (event id, asset, time, group), a label or target, and whatever modalities its row
+  names (image, drawing, document, sensor file, text columns). Records are assigned to splits
+  by unit (time cut-offs, assets, groups, or a seeded hash of the event), and a document's
+  overlapping chunks always stay in one split.
 
-Two traps of real vibration data are handled here rather than left to the model:
-- recordings of one dataset can have different sampling rates (CWRU's normal baseline is at
-  48 kHz, its fault files at 12 kHz); every source is resampled to the spec's rate, or a model
-  learns the rate instead of the fault;
-- overlapping windows leak across a shuffled split; the split is by time (first part of each
-  recording train, then validation, last part test) and windows are cut inside each part, so
-  no window crosses a split boundary.
+Everything is checked before work starts, then the sources stream chunk by chunk into shards
+(`datasets.VersionWriter`); memory holds one chunk. A journal in the store records the
+finished chunks, so an interrupted ingest resumes where it stopped and ends with the same
+version as an uninterrupted one. Raw data keeps names and metadata that the member owns; only
+`indai data release` (indai.platform.release) de-identifies it for sharing. Pixels are the
+only thing kept of an image and title blocks are removed from drawings before rendering, so
+metadata never reaches even a raw version.
 """
 from __future__ import annotations
 
-from fractions import Fraction
+import glob as globlib
+import hashlib
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Iterator, Literal, Union
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from indai.platform import datasets
 from indai.platform.config import Strict, load_config
+from indai.platform.connectors.sensors import read_recording, resample  # noqa: F401  (resample is public API)
 from indai.platform.errors import UserError
 from indai.platform.progress import bar
-from indai.platform.storage import ObjectStore
+from indai.platform.storage import ObjectStore, StoreError
 
 SPLITS = ("train", "val", "test")
+NO_TIME = np.iinfo(np.int64).min
+MISSING = {"", "na", "n/a", "nan", "none", "null", "-"}
 
 
-class SensorSource(Strict):
-    path: str = Field(description="file relative to the spec's folder (.npz with one array per channel, or .npy [samples, channels])")
-    label: str = Field(min_length=1, max_length=64, description="class of every window of this recording")
-    sampling_rate_hz: float = Field(gt=0, description="rate the file was recorded at")
-
-    @field_validator("path")
-    @classmethod
-    def _relative(cls, v: str) -> str:
-        p = Path(v)
-        if p.is_absolute() or ".." in p.parts or "\\" in v or v.startswith("~"):
-            raise ValueError(f"source path {v!r} must be relative to the spec's folder and may not contain '..'")
-        return v
+def _relative(v: str) -> str:
+    p = Path(v)
+    if not v or p.is_absolute() or ".." in p.parts or "\\" in v or v.startswith("~") or "://" in v:
+        raise ValueError(f"path {v!r} must be relative to the data folder and may not contain '..', '\\\\' or a scheme")
+    return v
 
 
 class SensorSpec(Strict):
     channels: list[str] = Field(min_length=1, description="channel names to keep, in model order")
     sampling_rate_hz: float = Field(gt=0, description="every source is resampled to this rate")
     window: int = Field(ge=16, le=1_000_000, description="samples per window")
-    hop: int = Field(ge=1, description="step between training windows (overlap allowed inside train)")
+    hop: int = Field(default=0, ge=0, description="step between training windows (overlap allowed inside train); 0 = window")
     eval_hop: int | None = Field(default=None, ge=1, description="step between val/test windows (default: window, no overlap)")
 
 
+class ImageSpec(Strict):
+    size: int = Field(default=128, ge=16, le=1024, description="images are resized to size x size")
+    mode: Literal["RGB", "L"] = Field(default="RGB", description="stored as 3 channels either way; L converts to grey first")
+
+
+class TextSpec(Strict):
+    max_chars: int = Field(default=1000, ge=16, le=100_000, description="longer texts are cut")
+    chunk_chars: int = Field(default=800, ge=64, le=100_000, description="documents are cut into chunks of at most this size")
+    chunk_overlap: int = Field(default=100, ge=0, le=10_000)
+
+
+class CadSpec(Strict):
+    size: int = Field(default=256, ge=64, le=2048, description="drawings are rendered to size x size")
+    title_block_layers: list[str] = Field(default_factory=lambda: ["TITLE", "TITLEBLOCK", "TITLE_BLOCK", "BORDER", "FRAME", "도곽", "표제란"])
+    title_block_blocks: list[str] = Field(default_factory=lambda: ["TITLE", "TITLEBLOCK", "TITLE_BLOCK", "BORDER", "FRAME", "도곽", "표제란"])
+
+
+class LabelSpec(Strict):
+    type: Literal["classification", "regression", "none"] = "classification"
+    classes: list[str] | None = Field(default=None, description="fixed class order (default: order of first appearance)")
+    bins: list[float] | None = Field(default=None, description="turn a numeric label into classes at these edges")
+    bin_names: list[str] | None = None
+    drop_missing: bool = Field(default=True, description="drop records whose label is empty/NA (counted in the manifest)")
+
+    @model_validator(mode="after")
+    def _bins(self):
+        if self.bins is not None:
+            if sorted(self.bins) != self.bins:
+                raise ValueError("labels.bins must be increasing")
+            if not self.bin_names or len(self.bin_names) != len(self.bins) + 1:
+                raise ValueError("labels.bin_names needs one name more than labels.bins has edges")
+        return self
+
+
+class ColumnSpec(Strict):
+    type: Literal["str", "int", "float", "datetime", "category"] = "str"
+    unit: str = Field(default="", max_length=32)
+    tz: str | None = Field(default=None, description="time zone of naive date/times, e.g. Asia/Seoul; stored as UTC")
+    format: str | None = Field(default=None, description="strptime format of a datetime column")
+    invalid: Literal["error", "missing"] = Field(default="error", description="a value that does not parse: stop, or count it and keep it missing")
+
+    @field_validator("tz")
+    @classmethod
+    def _tz(cls, v):
+        if v is not None:
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                ZoneInfo(v)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown time zone {v!r}; use an IANA name such as Asia/Seoul or UTC") from None
+        return v
+
+
+class SensorSource(Strict):
+    kind: Literal["sensor"] = "sensor"
+    path: str = Field(description="recording file relative to the data folder")
+    label: str = Field(default="", max_length=64, description="class of every window of this recording")
+    sampling_rate_hz: float = Field(gt=0, description="rate the file was recorded at (checked against WAV headers and CSV time columns)")
+    format: Literal["auto", "npz", "npy", "wav", "csv_wide", "csv_long"] = "auto"
+    columns: dict[str, int | str] = Field(default_factory=dict, description="channel -> CSV column or WAV channel index")
+    time_column: str | None = Field(default=None, description="CSV time column in seconds (checks the rate)")
+    asset: str = Field(default="", max_length=128)
+    group: str = Field(default="", max_length=128)
+    _path = field_validator("path")(classmethod(lambda cls, v: _relative(v)))
+
+
+class TableSource(Strict):
+    kind: Literal["table"]
+    path: str
+    format: Literal["auto", "csv", "parquet", "json", "jsonl"] = "auto"
+    encoding: Literal["auto", "utf-8", "utf-8-sig", "cp949"] = "auto"
+    delimiter: str = Field(default=",", description="',' ';' '\\t' or 'whitespace'")
+    header: bool = True
+    names: list[str] | None = Field(default=None, description="column names when the file has no header")
+    columns: dict[str, ColumnSpec] = Field(default_factory=dict, description="typed columns (checked, units kept)")
+    event: str | None = Field(default=None, description="column with the event / record id (default: the row number)")
+    asset: str | None = None
+    time: str | None = Field(default=None, description="datetime column: the record's time (split by time uses it)")
+    group: str | None = None
+    text: list[str] = Field(default_factory=list, description="free-text columns, joined with ' | '")
+    label: str | None = None
+    target: str | None = Field(default=None, description="numeric column for regression")
+    image: str | None = Field(default=None, description="column with an image file path")
+    cad: str | None = Field(default=None, description="column with a DXF drawing path")
+    document: str | None = Field(default=None, description="column with a document path (text of the record)")
+    sensor: str | None = Field(default=None, description="column with a sensor file path (one window per record)")
+    sensor_rate_hz: float | None = Field(default=None, gt=0)
+    _path = field_validator("path")(classmethod(lambda cls, v: _relative(v)))
+
+    def used_columns(self) -> list[str]:
+        cols = [self.event, self.asset, self.time, self.group, self.label, self.target, self.image, self.cad,
+                self.document, self.sensor, *self.text, *self.columns]
+        return list(dict.fromkeys(c for c in cols if c))
+
+
+class FilesSource(Strict):
+    kind: Literal["files"]
+    glob: str = Field(description="files relative to the data folder, e.g. images/**/*.png")
+    modality: Literal["image", "cad", "document"]
+    label: str | None = Field(default=None, description="class of every file")
+    label_from: Literal["none", "folder"] = Field(default="none", description="folder: the class is the parent folder's name")
+    group_from: Literal["none", "folder", "file"] = "file"
+    _glob = field_validator("glob")(classmethod(lambda cls, v: _relative(v)))
+
+
+Source = Annotated[Union[SensorSource, TableSource, FilesSource], Field(discriminator="kind")]
+
+
 class SplitSpec(Strict):
-    by: Literal["time"] = Field(default="time", description="split each recording by time: train, then val, then test")
+    by: Literal["time", "asset", "group", "random"] = Field(default="time", description="unit kept whole inside one split")
     train: float = Field(default=0.7, gt=0, lt=1)
     val: float = Field(default=0.1, ge=0, lt=1)
     test: float = Field(default=0.2, gt=0, lt=1)
+    seed: int = 0
 
     @model_validator(mode="after")
     def _sum(self):
@@ -65,15 +181,43 @@ class SplitSpec(Strict):
         return self
 
 
+class DistributionRoot(Strict):
+    """Data shipped inside an installed Python distribution (e.g. nist-nestor); located through
+    the package metadata, so no code of the package runs."""
+
+    distribution: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    path: str = Field(default="", description="folder inside the distribution")
+
+    @field_validator("path")
+    @classmethod
+    def _rel(cls, v: str) -> str:
+        return _relative(v) if v else v
+
+    def locate(self) -> Path:
+        from importlib import metadata
+
+        try:
+            dist = metadata.distribution(self.distribution)
+        except metadata.PackageNotFoundError:
+            raise UserError(f"data_root: distribution {self.distribution!r} is not installed: pip install it first") from None
+        return Path(dist.locate_file(self.path or "")).resolve()
+
+
 class DatasetSpec(Strict):
     name: str = Field(description="dataset name; versions live under datasets/<name>/")
     member: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="member that owns the data")
     description: str = ""
     attribution: str = Field(default="", description="licence and credit that travel with every version")
-    modality: Literal["sensor"] = "sensor"
-    sensor: SensorSpec
-    sources: list[SensorSource] = Field(min_length=1)
+    modality: Literal["sensor", "records"] | None = Field(default=None, description="derived from the sources; kept for old specs")
+    sensor: SensorSpec | None = None
+    image: ImageSpec = ImageSpec()
+    text: TextSpec = TextSpec()
+    cad: CadSpec = CadSpec()
+    labels: LabelSpec = LabelSpec()
+    data_root: DistributionRoot | None = Field(default=None, description="where the sources are (default: the spec's folder)")
+    sources: list[Source] = Field(min_length=1, max_length=10_000)
     split: SplitSpec = SplitSpec()
+    shard_rows: int | None = Field(default=None, ge=1, le=1_000_000, description="records per shard (default by modality)")
 
     @field_validator("name")
     @classmethod
@@ -81,45 +225,128 @@ class DatasetSpec(Strict):
         datasets.check_name(v)
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_kind(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("sources"), list):
+            data = dict(data, sources=[dict(s, kind=s.get("kind", "sensor")) if isinstance(s, dict) else s for s in data["sources"]])
+        return data
 
-def _resolve_source(base: Path, rel: str) -> Path:
+    @model_validator(mode="after")
+    def _consistent(self):
+        kinds = {s.kind for s in self.sources}
+        if "sensor" in kinds and kinds != {"sensor"}:
+            raise ValueError("sensor recordings cannot be mixed with table/files sources; to fuse sensors with other "
+                             "modalities, name one sensor file per record in a table column (sensor:)")
+        needs_sensor = "sensor" in kinds or any(getattr(s, "sensor", None) for s in self.sources)
+        if needs_sensor and self.sensor is None:
+            raise ValueError("sensor sources need a sensor: section (channels, sampling_rate_hz, window)")
+        if kinds == {"sensor"} and self.labels.type == "classification" and any(not s.label for s in self.sources):
+            raise ValueError("every sensor recording needs a label: (or set labels.type: none)")
+        if self.split.by == "time" and "files" in kinds:
+            raise ValueError("files sources carry no time; split by group or random")
+        if self.split.by == "time" and any(s.kind == "table" and not s.time for s in self.sources):
+            raise ValueError("split.by: time needs a time: column in every table source")
+        if self.split.by == "asset" and any(s.kind == "table" and not s.asset for s in self.sources):
+            raise ValueError("split.by: asset needs an asset: column in every table source")
+        if self.split.by == "group" and any(s.kind == "table" and not s.group for s in self.sources):
+            raise ValueError("split.by: group needs a group: column in every table source")
+        for s in self.sources:
+            if s.kind == "table" and s.label and self.labels.type == "none":
+                raise ValueError(f"source {s.path} names a label column but labels.type is none")
+        return self
+
+    @property
+    def layout(self) -> str:
+        return "recordings" if self.sources[0].kind == "sensor" else "records"
+
+
+# ---- shared helpers ----------------------------------------------------------------------------
+
+def resolve_path(base: Path, rel: str) -> Path:
+    _relative(rel)
     path = (base / rel).resolve()
     if not path.is_relative_to(base.resolve()):
-        raise UserError(f"source {rel!r} points outside the spec's folder {base} (symlink?): copy the file into it")
+        raise UserError(f"{rel!r} points outside the data folder {base} (symlink?): copy the file into it")
     if not path.is_file():
-        raise UserError(f"source file {rel!r} does not exist in {base}")
+        raise UserError(f"file {rel!r} does not exist in {base}")
     return path
 
 
-def read_recording(path: Path, channels: list[str]) -> np.ndarray:
-    """float64 [channels, samples] from .npz (one array per channel) or .npy [samples, channels]."""
-    try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                missing = [c for c in channels if c not in z.files]
-                if missing:
-                    raise UserError(f"{path.name} lacks channel(s) {missing}; it has {sorted(z.files)}")
-                cols = [np.asarray(z[c], dtype=np.float64).reshape(-1) for c in channels]
-                if len({c.size for c in cols}) != 1:
-                    raise UserError(f"{path.name}: channels {channels} have different lengths")
-                return np.stack(cols)
-        if path.suffix == ".npy":
-            arr = np.load(path, allow_pickle=False)
-            if arr.ndim != 2 or arr.shape[1] != len(channels):
-                raise UserError(f"{path.name} has shape {list(arr.shape)}; a .npy source must be [samples, {len(channels)}] for channels {channels}")
-            return np.asarray(arr, dtype=np.float64).T.copy()
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path.name} could not be read as a numeric array file ({e}); pickled arrays are never loaded") from None
-    raise UserError(f"{path.name}: unsupported sensor file type {path.suffix!r}; use .npz or .npy")
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-def resample(x: np.ndarray, from_hz: float, to_hz: float) -> np.ndarray:
-    if from_hz == to_hz:
-        return x
-    from scipy.signal import resample_poly
+def _unit_hash(seed: int, unit: str) -> float:
+    d = hashlib.sha256(f"{seed}:{unit}".encode()).digest()
+    return int.from_bytes(d[:8], "big") / 2**64
 
-    ratio = Fraction(to_hz / from_hz).limit_denominator(1000)
-    return resample_poly(x, ratio.numerator, ratio.denominator, axis=-1)
+
+def assign_units(units: dict[str, int], split: SplitSpec) -> dict[str, str]:
+    """Whole units (assets, groups) to splits, in a seeded order, until each split holds about
+    its fraction of the records; every split with a share gets at least one unit."""
+    need = [s for s in SPLITS if getattr(split, s) > 0]
+    if len(units) < len(need):
+        raise UserError(f"split.by: {split.by} needs at least {len(need)} distinct {split.by}s (one per split); the data has {len(units)}: "
+                        "split by time or random instead")
+    order = sorted(units, key=lambda u: _unit_hash(split.seed, u))
+    total = sum(units.values())
+    out, done, i = {}, 0, 0
+    bounds = np.cumsum([getattr(split, s) for s in need]) * total
+    for k, s in enumerate(need):
+        remaining_splits = len(need) - k - 1
+        while i < len(order) - remaining_splits and (done < bounds[k] or not any(v == s for v in out.values())):
+            if k < len(need) - 1 and done >= bounds[k] and any(v == s for v in out.values()):
+                break
+            out[order[i]] = s
+            done += units[order[i]]
+            i += 1
+    return out
+
+
+def split_of_time(t: int, cutoffs: tuple[int, int]) -> str:
+    return "train" if t <= cutoffs[0] else ("val" if t <= cutoffs[1] else "test")
+
+
+class Journal:
+    """Finished chunks of an ingest, kept in the store so a killed ingest resumes."""
+
+    def __init__(self, store: ObjectStore, name: str, key: str, restart: bool):
+        self.store, self.folder = store, f"datasets/{name}/journal/{key}"
+        self.path = f"{self.folder}/state.json"
+        self.chunks: dict[str, dict] = {}
+        if not restart and store.exists(self.path):
+            try:
+                self.chunks = json.loads(store.get_bytes(self.path))["chunks"]
+            except (ValueError, KeyError, StoreError):
+                self.chunks = {}
+        self.resumed = len(self.chunks)
+
+    def done(self, chunk: str, entry: dict) -> None:
+        self.chunks[chunk] = entry
+        self.store.put_bytes(self.path, json.dumps({"chunks": self.chunks}).encode())
+
+    def finish(self) -> None:
+        self.store.delete_prefix(self.folder)
+
+
+def _label_index(spec: DatasetSpec, classes: list[str], raw: str) -> int | None:
+    if spec.labels.bins is not None:
+        try:
+            return int(np.searchsorted(spec.labels.bins, float(raw), side="right"))
+        except ValueError:
+            return None
+    return classes.index(raw) if raw in classes else None
+
+
+# ---- recordings ------------------------------------------------------------------------------------
+
+def window_starts(begin: int, end: int, window: int, hop: int) -> np.ndarray:
+    return np.arange(begin, end - window + 1, hop, dtype=np.int64)
 
 
 def split_bounds(n: int, split: SplitSpec) -> dict[str, tuple[int, int]]:
@@ -128,71 +355,499 @@ def split_bounds(n: int, split: SplitSpec) -> dict[str, tuple[int, int]]:
     return {"train": (0, a), "val": (a, b), "test": (b, n)}
 
 
-def window_starts(begin: int, end: int, window: int, hop: int) -> np.ndarray:
-    return np.arange(begin, end - window + 1, hop, dtype=np.int64)
-
-
-def build_splits(spec: DatasetSpec, recordings: list[np.ndarray]) -> tuple[dict, dict]:
-    """Cut each recording by time, window each part; return (arrays per split, stats)."""
+def _ingest_recordings(spec: DatasetSpec, base: Path, writer: datasets.VersionWriter, journal: Journal, progress: bool) -> dict:
     s = spec.sensor
-    classes = sorted({src.label for src in spec.sources}, key=[src.label for src in spec.sources].index)
-    eval_hop = s.eval_hop or s.window
-    parts: dict[str, list] = {k: [] for k in SPLITS}
-    for src, rec in zip(spec.sources, recordings):
-        for split, (lo, hi) in split_bounds(rec.shape[1], spec.split).items():
-            seg = rec[:, lo:hi]
-            hop = s.hop if split == "train" else eval_hop
-            starts = window_starts(0, seg.shape[1], s.window, hop)
-            if split != "val" and starts.size == 0:
-                raise UserError(f"{src.path}: its {split} part has {seg.shape[1]} samples, fewer than one window of {s.window}: shorten the window or change the split")
-            parts[split].append((seg, starts, classes.index(src.label)))
-    out = {}
-    for split, items in parts.items():
-        offset, signals, starts_all, labels = 0, [], [], []
-        for seg, starts, label in items:
-            signals.append(seg.astype(np.float32))
-            starts_all.append(starts + offset)
-            labels.append(np.full(starts.size, label, dtype=np.int64))
-            offset += seg.shape[1]
-        if sum(a.size for a in labels) == 0:
+    classes = list(dict.fromkeys(src.label for src in spec.sources))
+    paths = [resolve_path(base, src.path) for src in spec.sources]
+    hop, eval_hop = s.hop or s.window, s.eval_hop or s.window
+    whole = None
+    if spec.split.by != "time":
+        units = {}
+        for src in spec.sources:
+            unit = src.asset if spec.split.by == "asset" else (src.group if spec.split.by == "group" else src.path)
+            if not unit:
+                raise UserError(f"split.by: {spec.split.by} needs {spec.split.by}: on every sensor source ({src.path} has none)")
+            units[unit] = units.get(unit, 0) + 1
+        whole = assign_units(units, spec.split)
+    for i, (src, path) in enumerate(bar(list(zip(spec.sources, paths)), desc="recordings", enabled=progress)):
+        chunk = f"r{i:05d}"
+        if chunk in journal.chunks:
+            writer.add_files(journal.chunks[chunk]["files"])
             continue
-        out[split] = {"sensor_signal": np.concatenate(signals, axis=1), "sensor_starts": np.concatenate(starts_all),
-                      "label": np.concatenate(labels)}
-    train_signal = out["train"]["sensor_signal"].astype(np.float64)
-    stats = {"mean": train_signal.mean(axis=1).tolist(), "std": (train_signal.std(axis=1) + 1e-8).tolist()}
-    return out, {"classes": classes, "norm": stats}
-
-
-def ingest(spec_path: str | Path, store: ObjectStore, progress: bool = True) -> tuple[str, str, dict]:
-    """Read, check, resample, split and window the spec's sources; write a dataset version."""
-    import hashlib
-
-    spec = load_config(DatasetSpec, spec_path)
-    base = Path(spec_path).resolve().parent
-    paths = [_resolve_source(base, src.path) for src in spec.sources]  # all checked before any work
-    recordings, sources = [], []
-    for src, path in bar(list(zip(spec.sources, paths)), desc="read + resample", enabled=progress):
-        raw = read_recording(path, spec.sensor.channels)
-        rec = resample(raw, src.sampling_rate_hz, spec.sensor.sampling_rate_hz)
-        recordings.append(rec)
-        sources.append({"path": src.path, "label": src.label, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                        "sampling_rate_hz": src.sampling_rate_hz, "samples": int(raw.shape[1]),
-                        "samples_resampled": int(rec.shape[1]), "seconds": raw.shape[1] / src.sampling_rate_hz})
-    splits, info = build_splits(spec, recordings)
-    s = spec.sensor
-    manifest = {
-        "member": spec.member,
-        "description": spec.description,
-        "attribution": spec.attribution,
-        "spec": spec.model_dump(mode="json"),
-        "classes": info["classes"],
+        raw = read_recording(path, s.channels, src.sampling_rate_hz, src.format, src.columns, src.time_column)
+        rec = resample(raw, src.sampling_rate_hz, s.sampling_rate_hz).astype(np.float32)
+        label = classes.index(src.label)
+        if whole is None:
+            bounds = split_bounds(rec.shape[1], spec.split)
+        else:
+            unit = src.asset if spec.split.by == "asset" else (src.group if spec.split.by == "group" else src.path)
+            target = whole[unit]
+            bounds = {k: ((0, rec.shape[1]) if k == target else (0, 0)) for k in SPLITS}
+        files, windows, stats = {}, {}, None
+        for split, (lo, hi) in bounds.items():
+            seg = rec[:, lo:hi]
+            starts = window_starts(0, seg.shape[1], s.window, hop if split == "train" else eval_hop)
+            if whole is None and split != "val" and starts.size == 0:
+                raise UserError(f"{src.path}: its {split} part has {seg.shape[1]} samples, fewer than one window of {s.window}: shorten the window or change the split")
+            if starts.size == 0:
+                continue
+            if split == "train":
+                x = seg.astype(np.float64)
+                stats = {"n": int(x.shape[1]), "sum": x.sum(axis=1).tolist(), "sumsq": (x * x).sum(axis=1).tolist()}
+            files.update(writer.put_shard(split, chunk, {"sensor_signal": seg, "sensor_starts": starts,
+                                                         "label": np.full(starts.size, label, dtype=np.int64)}))
+            windows[split] = int(starts.size)
+        entry = {"files": files, "windows": windows, "label": label, "stats": stats,
+                 "source": {"path": src.path, "label": src.label, "sha256": sha256_file(path), "sampling_rate_hz": src.sampling_rate_hz,
+                            "samples": int(raw.shape[1]), "samples_resampled": int(rec.shape[1]),
+                            "seconds": raw.shape[1] / src.sampling_rate_hz, "asset": src.asset, "group": src.group}}
+        journal.done(chunk, entry)
+    entries = [journal.chunks[f"r{i:05d}"] for i in range(len(spec.sources))]
+    n = sum(e["stats"]["n"] for e in entries if e["stats"])
+    if n == 0:
+        raise UserError("no recording contributed training windows: check the split and window")
+    total = np.sum([e["stats"]["sum"] for e in entries if e["stats"]], axis=0)
+    sq = np.sum([e["stats"]["sumsq"] for e in entries if e["stats"]], axis=0)
+    mean = total / n
+    std = np.sqrt(np.maximum(sq / n - mean * mean, 0)) + 1e-8
+    windows = {k: sum(e["windows"].get(k, 0) for e in entries) for k in SPLITS}
+    per_class = {k: np.bincount([e["label"] for e in entries for _ in range(e["windows"].get(k, 0))], minlength=len(classes)).tolist()
+                 for k in SPLITS if windows[k]}
+    return {
+        "layout": "recordings",
+        "classes": classes,
         "modalities": {"sensor": {"channels": s.channels, "sampling_rate_hz": s.sampling_rate_hz, "window": s.window,
-                                  "hop": s.hop, "eval_hop": s.eval_hop or s.window, "norm": info["norm"]}},
+                                  "hop": hop, "eval_hop": eval_hop, "norm": {"mean": mean.tolist(), "std": std.tolist()}}},
         "split": {"by": spec.split.by, "fractions": {k: getattr(spec.split, k) for k in SPLITS},
-                  "windows": {k: int(v["label"].size) for k, v in splits.items()},
-                  "per_class": {k: np.bincount(v["label"], minlength=len(info["classes"])).tolist() for k, v in splits.items()}},
-        "sources": sources,
-        "deidentification": {"applied": False, "reason": "numeric sensor recordings carry no names or text"},
+                  "windows": {k: v for k, v in windows.items() if v}, "per_class": per_class},
+        "sources": [e["source"] for e in entries],
+        "deidentification": {"applied": False, "stage": "raw",
+                             "reason": "numeric sensor recordings carry no names or text; file names and assets are pseudonymised at release"},
     }
-    version, manifest = datasets.write_version(store, spec.name, manifest, splits)
+
+
+# ---- records -----------------------------------------------------------------------------------------
+
+def _files_of(base: Path, src: FilesSource) -> list[Path]:
+    found = sorted(Path(p) for p in globlib.glob(str(base / src.glob), recursive=True))
+    files = [p for p in found if p.is_file()]
+    if not files:
+        raise UserError(f"glob {src.glob!r} matches no file in {base}")
+    for p in files:
+        if not p.resolve().is_relative_to(base.resolve()):
+            raise UserError(f"{p} points outside the data folder {base} (symlink?): copy the file into it")
+    return files
+
+
+def _table_chunks(base: Path, src: TableSource, columns: list[str], rows: int):
+    from indai.platform.connectors.tables import iter_table
+
+    path = resolve_path(base, src.path)
+    if src.format in ("csv", "auto") and (src.delimiter != "," or not src.header):
+        yield from _csv_custom(path, src, columns, rows)
+        return
+    yield from iter_table(path, columns, src.format, src.encoding, rows)
+
+
+def _csv_custom(path: Path, src: TableSource, columns: list[str], rows: int):
+    """CSV with another delimiter or no header line (e.g. ELPV's whitespace-separated labels)."""
+    import pandas as pd
+
+    from indai.platform.connectors.tables import detect_encoding
+
+    if not src.header and not src.names:
+        raise UserError(f"{src.path}: header: false needs names: for the columns")
+    kw = {"sep": r"\s+"} if src.delimiter == "whitespace" else {"sep": src.delimiter}
+    if not src.header:
+        kw.update(header=None, names=src.names)
+    try:
+        head = pd.read_csv(path, nrows=1, encoding=detect_encoding(path, src.encoding), **kw)
+        missing = [c for c in columns if c not in head.columns]
+        if missing:
+            raise UserError(f"{path.name}: missing column(s) {missing}; the file has {list(head.columns)[:40]}")
+        row = 0
+        for chunk in pd.read_csv(path, dtype=str, keep_default_na=False, encoding=detect_encoding(path, src.encoding),
+                                 chunksize=rows, usecols=columns, **kw):
+            chunk.index = pd.RangeIndex(row, row + len(chunk))
+            row += len(chunk)
+            yield chunk
+    except (pd.errors.ParserError, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path.name} could not be read as CSV: {str(e).splitlines()[0][:300]}") from None
+
+
+class _Records:
+    """Builds the records of one spec: keys pass, then the streaming pass."""
+
+    def __init__(self, spec: DatasetSpec, base: Path, progress: bool):
+        self.spec, self.base, self.progress = spec, base, progress
+        self.rows = spec.shard_rows or (1024 if self._heavy() else 20_000)
+        self.dropped = {"missing_label": 0, "unknown_label": 0}
+        self.invalid: dict[str, int] = {}
+        self.classes: list[str] = list(spec.labels.classes or spec.labels.bin_names or [])
+        self.metadata_removed: dict[str, int] = {}
+        self.title_blocks: dict[str, int] = {"drawings": 0, "entities": 0}
+
+    def _heavy(self) -> bool:
+        return any(s.kind == "files" and s.modality in ("image", "cad") or s.kind == "table" and (s.image or s.cad or s.sensor)
+                   for s in self.spec.sources)
+
+    def modalities(self) -> set[str]:
+        mods = set()
+        for s in self.spec.sources:
+            if s.kind == "files":
+                mods |= {"image", "text"} if s.modality == "cad" else ({"image"} if s.modality == "image" else {"text"})
+            else:
+                mods |= ({"text"} if s.text or s.document or s.cad else set()) | ({"image"} if s.image or s.cad else set()) | \
+                        ({"sensor"} if s.sensor else set())
+        return mods
+
+    # keys pass: unit of every record, known labels, record counts
+    def keys(self) -> tuple[dict, int]:
+        spec, units, count = self.spec, {}, 0
+        times: list[np.ndarray] = []
+        for i, src in enumerate(spec.sources):
+            if src.kind == "files":
+                for p in _files_of(self.base, src):
+                    unit = self._file_unit(src, p)
+                    units[unit] = units.get(unit, 0) + 1
+                    self._see_label(self._file_label(src, p))
+                    count += 1
+                continue
+            from indai.platform.connectors.tables import typed
+
+            cols = [c for c in (src.event, src.asset, src.time, src.group, src.label) if c]
+            for chunk in bar(_table_chunks(self.base, src, cols or [src.used_columns()[0]] if src.used_columns() else [], self.rows),
+                             desc=f"scan {src.path}", enabled=self.progress):
+                count += len(chunk)
+                if src.label:
+                    for v in chunk[src.label].unique():
+                        self._see_label(v)
+                if spec.split.by == "time":
+                    t = typed(Path(src.path), chunk, src.time, "datetime", self._tz(src, src.time), self._fmt(src, src.time))
+                    if (t == NO_TIME).any():
+                        row = int(np.argmax(t == NO_TIME)) + int(chunk.index[0])
+                        raise UserError(f"{src.path}: row {row + 2} has no time in column {src.time!r}; every record needs one to split by time")
+                    times.append(t)
+                elif spec.split.by in ("asset", "group"):
+                    col = src.asset if spec.split.by == "asset" else src.group
+                    for v, n in chunk[col].value_counts().items():
+                        units[v] = units.get(v, 0) + int(n)
+        if count == 0:
+            raise UserError("the sources hold no records")
+        split = spec.split
+        if split.by == "time":
+            t = np.sort(np.concatenate(times))
+            a = t[min(len(t) - 1, int(len(t) * split.train))]
+            b = t[min(len(t) - 1, int(len(t) * (split.train + split.val)))]
+            return {"cutoffs": (int(a), int(b))}, count
+        if split.by in ("asset", "group") or any(s.kind == "files" for s in spec.sources):
+            if split.by == "random":
+                return {"units": None}, count
+            return {"units": assign_units(units, split)}, count
+        return {"units": None}, count
+
+    def _see_label(self, raw: str) -> None:
+        if self.spec.labels.type != "classification" or self.spec.labels.bins is not None or self.spec.labels.classes:
+            return
+        if raw is not None and str(raw).strip().lower() not in MISSING and raw not in self.classes:
+            self.classes.append(raw)
+
+    def _tz(self, src, col):
+        c = src.columns.get(col)
+        return c.tz if c else None
+
+    def _fmt(self, src, col):
+        c = src.columns.get(col)
+        return c.format if c else None
+
+    def _file_unit(self, src: FilesSource, p: Path) -> str:
+        rel = str(p.relative_to(self.base))
+        if self.spec.split.by == "group" and src.group_from == "folder":
+            return str(Path(rel).parent)
+        return rel
+
+    def _file_label(self, src: FilesSource, p: Path) -> str | None:
+        return p.parent.name if src.label_from == "folder" else src.label
+
+    def split_of(self, plan: dict, unit: str, t: int | None) -> str:
+        if "cutoffs" in plan:
+            return split_of_time(t, plan["cutoffs"])
+        if plan["units"] is not None:
+            return plan["units"][unit]
+        u = _unit_hash(self.spec.split.seed, unit)
+        sp = self.spec.split
+        return "train" if u < sp.train else ("val" if u < sp.train + sp.val else "test")
+
+    # streaming pass: one chunk of records at a time
+    def chunks(self, plan: dict) -> Iterator[tuple[str, list[dict]]]:
+        for i, src in enumerate(self.spec.sources):
+            if src.kind == "files":
+                files = _files_of(self.base, src)
+                for c in range(0, len(files), self.rows):
+                    yield f"{i:03d}-{c // self.rows:05d}", (lambda fs=files[c:c + self.rows], s=src: self._file_records(s, fs, plan))
+            else:
+                for c, chunk in enumerate(_table_chunks(self.base, src, src.used_columns(), self.rows)):
+                    yield f"{i:03d}-{c:05d}", (lambda ch=chunk, s=src: self._table_records(s, ch, plan))
+
+    def _label(self, raw) -> tuple[bool, int | float | None]:
+        lt = self.spec.labels
+        if lt.type == "none":
+            return True, None
+        if raw is None or str(raw).strip().lower() in MISSING:
+            self.dropped["missing_label"] += 1
+            return not lt.drop_missing, -1 if lt.type == "classification" else float("nan")
+        if lt.type == "regression":
+            try:
+                return True, float(raw)
+            except ValueError:
+                raise UserError(f"label {raw!r} is not a number (labels.type: regression)") from None
+        idx = _label_index(self.spec, self.classes, str(raw))
+        if idx is None:
+            self.dropped["unknown_label"] += 1
+            return False, None
+        return True, idx
+
+    def _file_records(self, src: FilesSource, files: list[Path], plan: dict) -> list[dict]:
+        out = []
+        for p in files:
+            ok, label = self._label(self._file_label(src, p))
+            if not ok:
+                continue
+            rel = str(p.relative_to(self.base))
+            split = self.split_of(plan, self._file_unit(src, p), None)
+            base = {"event": rel, "asset": "", "group": self._file_unit(src, p), "time": NO_TIME, "label": label, "split": split}
+            if src.modality == "document":
+                for k, chunk in enumerate(self._document(p)):
+                    out.append(dict(base, event=f"{rel}#{k}", text=chunk))
+            elif src.modality == "image":
+                out.append(dict(base, image=self._image(p)))
+            else:
+                img, text = self._cad(p)
+                out.append(dict(base, image=img, text=text))
+        return out
+
+    def _table_records(self, src: TableSource, chunk, plan: dict) -> list[dict]:
+        from indai.platform.connectors.tables import typed
+
+        path = Path(src.path)
+        times = typed(path, chunk, src.time, "datetime", self._tz(src, src.time), self._fmt(src, src.time)) if src.time else None
+        tab = {c: typed(path, chunk, c, spec.type, spec.tz, spec.format, spec.invalid, self.invalid) for c, spec in src.columns.items()}
+        target = typed(path, chunk, src.target, "float") if src.target else None
+        out = []
+        for j, (idx, row) in enumerate(chunk.iterrows()):
+            ok, label = self._label(row[src.label] if src.label else None)
+            if not ok:
+                continue
+            event = row[src.event] if src.event else f"{src.path}:{idx}"
+            asset = row[src.asset] if src.asset else ""
+            group = row[src.group] if src.group else ""
+            t = int(times[j]) if times is not None else NO_TIME
+            unit = {"time": event, "asset": asset, "group": group, "random": event}[self.spec.split.by]
+            rec = {"event": str(event), "asset": str(asset), "group": str(group), "time": t, "label": label,
+                   "split": self.split_of(plan, unit, t), "tab": {c: v[j] for c, v in tab.items()}}
+            if target is not None:
+                rec["target"] = float(target[j])
+            texts = [str(row[c]) for c in src.text if str(row[c]).strip()]
+            if src.document and row[src.document]:
+                texts.append(" ".join(self._document(resolve_path(self.base, row[src.document]), chunked=False)))
+            if src.image and row[src.image]:
+                rec["image"] = self._image(resolve_path(self.base, row[src.image]))
+            if src.cad and row[src.cad]:
+                rec["image"], cad_text = self._cad(resolve_path(self.base, row[src.cad]))
+                texts.append(cad_text)
+            if src.sensor and row[src.sensor]:
+                rec["sensor"] = self._sensor(resolve_path(self.base, row[src.sensor]), src.sensor_rate_hz)
+            if texts:
+                rec["text"] = " | ".join(texts)
+            out.append(rec)
+        return out
+
+    def _image(self, path: Path) -> np.ndarray:
+        from indai.platform.connectors.images import read_image
+
+        rec = read_image(path, size=self.spec.image.size, mode=self.spec.image.mode)
+        for k in rec.removed_metadata:
+            self.metadata_removed[k] = self.metadata_removed.get(k, 0) + 1
+        px = rec.pixels
+        return np.repeat(px, 3, axis=2) if px.shape[2] == 1 else px
+
+    def _cad(self, path: Path) -> tuple[np.ndarray, str]:
+        from indai.platform.connectors.cad import TitleBlockRule, read_dxf
+
+        c = self.spec.cad
+        rec = read_dxf(path, size=c.size, title_block=TitleBlockRule(layers=c.title_block_layers, blocks=c.title_block_blocks))
+        self.title_blocks["drawings"] += 1
+        self.title_blocks["entities"] += int(rec.removed.get("title_block_entities", 0))
+        img = rec.image
+        if img.shape[0] != self.spec.image.size:
+            from PIL import Image
+
+            img = np.asarray(Image.fromarray(img[..., 0]).resize((self.spec.image.size,) * 2, Image.BILINEAR))[..., None]
+        return np.repeat(img, 3, axis=2), rec.text
+
+    def _document(self, path: Path, chunked: bool = True) -> list[str]:
+        from indai.platform.connectors.documents import chunk_text, read_document
+
+        text = read_document(path)
+        t = self.spec.text
+        return chunk_text(text, t.chunk_chars, t.chunk_overlap) if chunked else [text]
+
+    def _sensor(self, path: Path, rate: float | None) -> np.ndarray:
+        s = self.spec.sensor
+        rate = rate or s.sampling_rate_hz
+        x = resample(read_recording(path, s.channels, rate), rate, s.sampling_rate_hz)
+        if x.shape[1] < s.window:
+            raise UserError(f"{path.name}: {x.shape[1]} samples after resampling, fewer than one window of {s.window}")
+        return x[:, : s.window].astype(np.float32)
+
+    def arrays(self, recs: list[dict], mods: set[str], tab_types: dict[str, str]) -> dict[str, np.ndarray]:
+        n = len(recs)
+        lt = self.spec.labels.type
+        out = {
+            "key_event": np.array([r["event"] for r in recs], dtype=str),
+            "key_asset": np.array([r["asset"] for r in recs], dtype=str),
+            "key_group": np.array([r["group"] for r in recs], dtype=str),
+            "key_time": np.array([r["time"] for r in recs], dtype=np.int64),
+        }
+        if lt == "classification":
+            out["label"] = np.array([r["label"] for r in recs], dtype=np.int64)
+        elif lt == "regression":
+            out["target"] = np.array([r["label"] for r in recs], dtype=np.float32)
+            out["label"] = np.zeros(n, dtype=np.int64)
+        else:
+            out["label"] = np.zeros(n, dtype=np.int64)
+        if any("target" in r for r in recs):
+            out["target"] = np.array([r.get("target", np.nan) for r in recs], dtype=np.float32)
+        mask = np.zeros((n, 3), dtype=np.float32)
+        if "sensor" in mods:
+            s = self.spec.sensor
+            out["sensor"] = np.stack([r.get("sensor", np.zeros((len(s.channels), s.window), np.float32)) for r in recs])
+            mask[:, 0] = [1.0 if "sensor" in r else 0.0 for r in recs]
+        if "image" in mods:
+            size = self.spec.image.size
+            out["image"] = np.stack([r.get("image", np.zeros((size, size, 3), np.uint8)) for r in recs])
+            mask[:, 1] = [1.0 if "image" in r else 0.0 for r in recs]
+        if "text" in mods:
+            out["text"] = np.array([r.get("text", "")[: self.spec.text.max_chars] for r in recs], dtype=str)
+            mask[:, 2] = [1.0 if r.get("text") else 0.0 for r in recs]
+        out["mask"] = mask
+        for c, kind in tab_types.items():
+            vals = [r.get("tab", {}).get(c) for r in recs]
+            out[f"tab_{c}"] = np.array(vals, dtype={"int": np.float64, "float": np.float64, "datetime": np.int64}.get(kind, str))
+        return out
+
+
+def _ingest_records(spec: DatasetSpec, base: Path, writer: datasets.VersionWriter, journal: Journal, progress: bool) -> dict:
+    builder = _Records(spec, base, progress)
+    plan, count = builder.keys()
+    if spec.labels.type == "classification" and not builder.classes:
+        raise UserError("no labels found: name a label column / label, or set labels.type: none")
+    mods = builder.modalities()
+    tab_types = {}
+    for s in spec.sources:
+        if s.kind == "table":
+            tab_types.update({c: t.type for c, t in s.columns.items()})
+    split_counts = {k: 0 for k in SPLITS}
+    per_class = {k: [0] * len(builder.classes) for k in SPLITS}
+    with bar(None, desc="records", total=count, enabled=progress) as pbar:
+        for chunk_id, make in builder.chunks(plan):
+            if chunk_id in journal.chunks:
+                entry = journal.chunks[chunk_id]
+                writer.add_files(entry["files"])
+            else:
+                recs = make()
+                files, counts, classes = {}, {}, {}
+                for split in SPLITS:
+                    part = [r for r in recs if r["split"] == split]
+                    if part:
+                        files.update(writer.put_shard(split, chunk_id, builder.arrays(part, mods, tab_types)))
+                        counts[split] = len(part)
+                        if spec.labels.type == "classification":
+                            classes[split] = np.bincount([r["label"] for r in part if r["label"] >= 0], minlength=len(builder.classes)).tolist()
+                entry = {"files": files, "counts": counts, "classes": classes, "scanned": len(recs),
+                         "dropped": dict(builder.dropped), "invalid": dict(builder.invalid), "metadata_removed": dict(builder.metadata_removed),
+                         "title_blocks": dict(builder.title_blocks)}
+                builder.dropped, builder.invalid = {k: 0 for k in builder.dropped}, {}
+                builder.metadata_removed, builder.title_blocks = {}, {"drawings": 0, "entities": 0}
+                journal.done(chunk_id, entry)
+            for k, v in entry["counts"].items():
+                split_counts[k] += v
+            for k, v in entry["classes"].items():
+                per_class[k] = [a + b for a, b in zip(per_class[k], v)]
+            pbar.update(entry["scanned"] if "scanned" in entry else sum(entry["counts"].values()))
+    if split_counts["train"] == 0 or split_counts["test"] == 0:
+        raise UserError(f"the split leaves {split_counts}: some split is empty; add data or change split fractions/by")
+    entries = list(journal.chunks.values())
+    dropped, meta, title, invalid = {}, {}, {"drawings": 0, "entities": 0}, {}
+    for e in entries:
+        for k, v in e.get("invalid", {}).items():
+            invalid[k] = invalid.get(k, 0) + v
+        for k, v in e.get("dropped", {}).items():
+            dropped[k] = dropped.get(k, 0) + v
+        for k, v in e.get("metadata_removed", {}).items():
+            meta[k] = meta.get(k, 0) + v
+        for k, v in e.get("title_blocks", {}).items():
+            title[k] += v
+    sources = []
+    for src in spec.sources:
+        if src.kind == "table":
+            p = resolve_path(base, src.path)
+            sources.append({"kind": "table", "path": src.path, "sha256": sha256_file(p),
+                            "columns": {c: t.model_dump(exclude_none=True) for c, t in src.columns.items()}})
+        else:
+            files = _files_of(base, src)
+            h = hashlib.sha256()
+            for f in files:
+                h.update(str(f.relative_to(base)).encode() + b"\0" + sha256_file(f).encode())
+            sources.append({"kind": "files", "glob": src.glob, "modality": src.modality, "files": len(files), "sha256": h.hexdigest()})
+    modalities = {}
+    if "sensor" in mods:
+        s = spec.sensor
+        modalities["sensor"] = {"channels": s.channels, "sampling_rate_hz": s.sampling_rate_hz, "window": s.window,
+                                "norm": {"mean": [0.0] * len(s.channels), "std": [1.0] * len(s.channels)}}
+    if "image" in mods:
+        modalities["image"] = {"size": spec.image.size, "mode": spec.image.mode}
+    if "text" in mods:
+        modalities["text"] = {"max_chars": spec.text.max_chars}
+    return {
+        "layout": "records",
+        "classes": builder.classes,
+        "label_type": spec.labels.type,
+        "modalities": modalities,
+        "split": {"by": spec.split.by, "fractions": {k: getattr(spec.split, k) for k in SPLITS},
+                  "records": {k: v for k, v in split_counts.items() if v},
+                  "per_class": {k: v for k, v in per_class.items() if split_counts[k]} if spec.labels.type == "classification" else {}},
+        "dropped": dropped,
+        "invalid_values": invalid,
+        "sources": sources,
+        "deidentification": {"applied": False, "stage": "raw", "image_metadata_removed": meta, "cad_title_blocks_removed": title},
+    }
+
+
+def ingest(spec_path: str | Path, store: ObjectStore, progress: bool = True, root: str | Path | None = None,
+           restart: bool = False) -> tuple[str, str, dict]:
+    """Read, check and stream the spec's sources into a dataset version (see the module doc).
+    `root`: the folder source paths are relative to (default: the spec's folder)."""
+    spec = load_config(DatasetSpec, spec_path)
+    base = Path(root).resolve() if root else (spec.data_root.locate() if spec.data_root else Path(spec_path).resolve().parent)
+    if not base.is_dir():
+        raise UserError(f"data folder {base} does not exist")
+    # everything checked before any work: every named file exists inside the data folder
+    seen = []
+    for src in spec.sources:
+        for p in (_files_of(base, src) if src.kind == "files" else [resolve_path(base, src.path)]):
+            st = p.stat()
+            seen.append([str(p), st.st_size, st.st_mtime_ns])
+    spec_json = spec.model_dump(mode="json")
+    # the journal is only reused for the same spec over the same, unchanged files
+    key = hashlib.sha256(json.dumps({"spec": spec_json, "files": seen}, sort_keys=True).encode()).hexdigest()[:16]
+    writer = datasets.VersionWriter(store, spec.name)
+    journal = Journal(store, spec.name, key, restart)
+    if journal.resumed and progress:
+        print(f"resuming ingest of {spec.name}: {journal.resumed} chunk(s) already written", flush=True)
+    body = (_ingest_recordings if spec.layout == "recordings" else _ingest_records)(spec, base, writer, journal, progress)
+    manifest = {"member": spec.member, "stage": "raw", "description": spec.description, "attribution": spec.attribution,
+                "spec": spec_json, **body}
+    version, manifest = writer.commit(manifest)
+    journal.finish()
     return spec.name, version, manifest

@@ -82,3 +82,24 @@ def as_dict(s: Settings) -> dict:
     d = asdict(s)
     d["home"] = str(s.home)
     return d
+
+
+def member_secret(member: str, create: bool = True) -> bytes:
+    """The member's de-identification key (keyed pseudonyms, time shift). Kept in
+    `INDAI_SECRETS_DIR` (default `$INDAI_HOME/secrets`; a mounted Secret on the cluster),
+    created on first use, readable by the owner only; never written to a dataset."""
+    import re
+    import secrets as _secrets
+
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", member or ""):
+        raise ValueError(f"member id {member!r} is not valid")
+    folder = Path(os.environ.get("INDAI_SECRETS_DIR") or home() / "secrets")
+    path = folder / f"{member}.key"
+    if not path.exists():
+        if not create:
+            raise FileNotFoundError(f"no de-identification key for member {member} in {folder}")
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(_secrets.token_hex(32))
+    return bytes.fromhex(path.read_text().strip())

@@ -51,6 +51,14 @@ class PostgresServer:
                   "-o", f"-p {self.port} -h 127.0.0.1 -k {self.dir}")
         return self
 
+    def stop(self) -> None:
+        """Stop the server (fault tests); `start` brings it back with the same data."""
+        self._run(str(pg_bin() / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")
+
+    def start(self) -> None:
+        self._run(str(pg_bin() / "pg_ctl"), "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w", "-t", "60", "start",
+                  "-o", f"-p {self.port} -h 127.0.0.1 -k {self.dir}")
+
     def __exit__(self, *exc) -> None:
         try:
             self._run(str(pg_bin() / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")

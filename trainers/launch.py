@@ -223,8 +223,7 @@ def train(cfg: TrainConfig, settings: Settings) -> TrainResult:
     import mlflow
 
     store = open_store(settings.store_uri)
-    ref = datasets.resolve(store, datasets.parse_ref(cfg.data.dataset))
-    manifest = datasets.read_manifest(store, ref)
+    ref, manifest = datasets.open_for_job(store, datasets.parse_ref(cfg.data.dataset))
     cfg = complete_from_manifest(cfg, manifest)
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"dataset": str(ref)})})
     tracking = settings.require_mlflow()

@@ -162,6 +162,15 @@ def _loader(ds, sampler, cfg: TrainConfig, cuda: bool) -> DataLoader:
                       pin_memory=cuda, persistent_workers=cfg.data.num_workers > 0, drop_last=False)
 
 
+PROGRESS_PREFIX = "[indai] progress "
+
+
+def progress_event(**fields) -> None:
+    """One machine-readable line on stdout (relayed into the Ray job's log), from which
+    `indai train submit` draws its progress bar."""
+    print(PROGRESS_PREFIX + json.dumps(fields), flush=True)
+
+
 def train_loop(config: dict) -> dict:
     import deepspeed
 
@@ -170,11 +179,11 @@ def train_loop(config: dict) -> dict:
     cuda = d.device.type == "cuda"
     torch.manual_seed(cfg.run.seed)
     store = open_store(cfg.store_uri)
-    ref = datasets.parse_ref(cfg.data.dataset)
-    manifest = datasets.read_manifest(store, ref)
+    ref, manifest = datasets.open_for_job(store, datasets.parse_ref(cfg.data.dataset))
     window = manifest.get("modalities", {}).get("sensor", {}).get("window")
+    present = manifest["split"].get("windows") or manifest["split"].get("records") or {}
     splits = {s: SplitDataset(datasets.load_split(store, ref, s, manifest), window, cfg.model.text.max_len, cfg.model.modalities)
-              for s in ("train", "val", "test") if s in manifest["split"]["windows"]}
+              for s in ("train", "val", "test") if s in present}
     train_sampler = ShardSampler(len(splits["train"]), d.rank, d.world, shuffle=True, seed=cfg.run.seed)
     train_loader = _loader(splits["train"], train_sampler, cfg, cuda)
     eval_loaders = {s: _loader(ds, ShardSampler(len(ds), d.rank, d.world, shuffle=False), cfg, cuda)
@@ -213,6 +222,9 @@ def train_loop(config: dict) -> dict:
             if step % cfg.run.log_every == 0:
                 metrics.add("train_loss", loss.item(), step)
                 metrics.add("lr", sched.get_last_lr()[0], step)
+                if d.rank == 0:
+                    progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step,
+                                   steps=steps_per_epoch * cfg.optim.epochs, loss=round(loss.item(), 5))
         took = time.perf_counter() - t0
         metrics.add("epoch_train_loss", loss_sum / max(1, len(train_loader)), step)
         metrics.add("samples_per_s", seen * d.world / took, step)
@@ -222,6 +234,8 @@ def train_loop(config: dict) -> dict:
             metrics.add("val_accuracy", val["accuracy"], step)
         metrics.flush()
         if d.rank == 0:
+            progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step, steps=steps_per_epoch * cfg.optim.epochs,
+                           loss=round(loss_sum / max(1, len(train_loader)), 5), val_accuracy=val.get("accuracy"))
             print(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {loss_sum / max(1, len(train_loader)):.4f}"
                   + (f", val accuracy {val['accuracy']:.4f}" if val else "") + f" ({took:.1f} s)", file=sys.stderr, flush=True)
         last = epoch + 1 == cfg.optim.epochs

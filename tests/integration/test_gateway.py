@@ -35,7 +35,10 @@ def gateway(services, tmp_path_factory):
         port = s.getsockname()[1]
     state = svc.read_services()
     ray_token = Path(state["ray_auth_token_path"]).read_text().strip()
-    app = build_gateway(state["ray_dashboard"], eng, Limits(concurrent_jobs=2, gpus_per_job=1), ray_token=ray_token)
+    from indai.platform.storage import open_store
+
+    app = build_gateway(state["ray_dashboard"], eng, Limits(concurrent_jobs=2, gpus_per_job=1), ray_token=ray_token,
+                        store=open_store(services.store_uri))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -209,3 +212,76 @@ def test_gpu_hours_quota(gateway, services):
         assert r.status_code == 429 and "GPU-hours this month" in r.json()["detail"]
         ok = tc.post("/api/jobs/", json={"entrypoint": "echo cpu only"}, headers=bearer(tokens["kim"]))
         assert ok.status_code == 200, ok.text
+
+
+@pytest.fixture(scope="module")
+def steel_dataset(services, tmp_path_factory, repo):
+    """Raw data of member steel-a (two CWRU recordings) in the platform's store."""
+    import shutil
+
+    import yaml
+
+    from indai.platform.ingest import ingest
+    from indai.platform.storage import open_store
+
+    folder = tmp_path_factory.mktemp("steel-data")
+    spec = yaml.safe_load((repo / "examples" / "cwru-0hp" / "dataset.yaml").read_text())
+    spec.update(name="steel-bearings", member="steel-a")
+    spec["sources"] = [s for s in spec["sources"] if s["label"] in ("normal", "ir_021")]
+    for s in spec["sources"]:
+        shutil.copy(repo / "examples" / "cwru-0hp" / s["path"], folder / s["path"])
+    (folder / "dataset.yaml").write_text(yaml.safe_dump(spec))
+    return ingest(folder / "dataset.yaml", open_store(services.store_uri), progress=False)
+
+
+def run_indai(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    import os
+
+    exe = Path(sys.executable).parent / "indai"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **env})
+
+
+def test_train_submit_follows_the_job_and_names_the_model(gateway, steel_dataset, repo):
+    url, _, tokens, _ = gateway
+    name, version, _ = steel_dataset
+    done = run_indai(["train", "submit", str(repo / "trainers" / "recipes" / "cwru_sensor.yaml"), "--member", "steel-a",
+                      f"data.dataset={name}@{version}", "optim.epochs=2", "run.workers=1", "run.name=steel-submit",
+                      "run.register_as=steel-bearing", "run.log_every=5"],
+                     {"INDAI_GATEWAY": url, "INDAI_TOKEN": tokens["kim"]})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "submitted job" in done.stderr and "(member steel-a)" in done.stderr
+    assert "training" in done.stderr and "epoch=2/2" in done.stderr  # the bar, fed by the loop's progress lines
+    line = done.stdout.strip().splitlines()[-1]
+    assert "SUCCEEDED: MLflow run" in line and f"dataset {name}@{version}" in line and "registered steel-bearing version 1" in line
+    acc = float(line.split("test accuracy ")[1].split(",")[0])
+    assert acc > 0.9  # normal vs the largest inner-race fault is easy
+
+
+def test_datasets_a_member_may_not_read_are_refused(gateway, steel_dataset, services, repo):
+    """Declared in the submission: refused by the gateway; read anyway inside the job: refused
+    by the reader, which sees the job's member; after a release: readable by everyone."""
+    from indai.platform import datasets, release
+    from indai.platform.settings import member_secret
+    from indai.platform.storage import open_store
+
+    url, _, tokens, _ = gateway
+    name, version, _ = steel_dataset
+    done = run_indai(["train", "submit", str(repo / "trainers" / "recipes" / "cwru_sensor.yaml"), f"data.dataset={name}@{version}"],
+                     {"INDAI_GATEWAY": url, "INDAI_TOKEN": tokens["lee"]}, timeout=120)
+    assert done.returncode == 2 and "raw data of member 'steel-a'" in done.stderr, done.stderr[-2000:]
+    c = client(url, tokens["lee"])
+    with pytest.raises(Exception, match="raw data of member"):
+        c.submit_job(entrypoint="python -c 'print(1)'", metadata={"indai.datasets": f"{name}@{version}"})
+    sneaky = ("python -c \"from indai.platform import datasets, settings, storage; "
+              "s = storage.open_store(settings.load_settings().store_uri); "
+              f"datasets.open_for_job(s, datasets.parse_ref('{name}@{version}')); print('READ' + ' IT')\"")
+    sid = c.submit_job(entrypoint=sneaky)
+    assert wait_done(c, sid) == "FAILED"
+    logs = c.get_job_logs(sid)
+    assert "READ IT" not in logs and "raw data of member 'steel-a'" in logs
+    with pytest.raises(RuntimeError, match="may not be set"):
+        c.submit_job(entrypoint="python -c 'print(1)'", runtime_env={"env_vars": {"INDAI_JOB_MEMBER": "steel-a"}})
+    store = open_store(services.store_uri)
+    rel, rv, _ = release.release(store, datasets.DatasetRef(name, version), member_secret("steel-a"), progress=False)
+    sid = c.submit_job(entrypoint="python -c 'print(1)'", metadata={"indai.datasets": f"{rel}@{rv}"})
+    assert wait_done(c, sid) == "SUCCEEDED"
