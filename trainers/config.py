@@ -21,6 +21,11 @@ MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 class DataConfig(Strict):
     dataset: str = Field(description="dataset reference: name, name@latest or name@<version>")
     num_workers: int = Field(default=0, ge=0, le=16, description="DataLoader worker processes per trainer")
+    loader: Literal["auto", "memory", "stream"] = Field(
+        default="auto", description="stream: the train split through Ray Data from the object store (Ray launcher); "
+                                    "memory: loaded whole; auto: stream when the train split is over stream_above_mb")
+    stream_above_mb: float = Field(default=2048, ge=0, description="auto streams a train split larger than this")
+    shuffle_buffer: int = Field(default=4096, ge=0, description="samples in each worker's local shuffle buffer when streaming")
 
 
 class OptimConfig(Strict):

@@ -71,3 +71,21 @@ class ShardSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.n // self.world if self.shuffle else len(range(self.rank, self.n, self.world))
+
+
+def to_samples(arrays: dict[str, np.ndarray], window: int | None, text_len: int, modalities: list[str] | None) -> dict[str, np.ndarray]:
+    """A shard's arrays as one numpy array per model input, a row per sample (windows cut,
+    text tokenised, images in tensor layout): what a streaming loader hands to the loop."""
+    ds = SplitDataset(arrays, window, text_len, modalities)
+    out = {"label": ds.label.numpy(), "mask": ds.mask.numpy()}
+    if "sensor" in ds.modalities:
+        if ds.signal is not None:
+            idx = np.asarray(ds.starts)[:, None] + np.arange(window)[None, :]
+            out["sensor"] = np.ascontiguousarray(ds.signal.numpy()[:, idx].transpose(1, 0, 2))
+        else:
+            out["sensor"] = ds.sensor.numpy()
+    if "image" in ds.modalities:
+        out["image"] = ds.image.numpy()
+    if "text" in ds.modalities:
+        out["text"] = ds.text.numpy()
+    return out

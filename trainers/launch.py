@@ -89,6 +89,9 @@ def complete_from_manifest(cfg: TrainConfig, manifest: dict) -> TrainConfig:
         m.sensor.channels = len(sensor["channels"])
         m.sensor.length = sensor["window"]
         m.sensor_mean, m.sensor_std = sensor["norm"]["mean"], sensor["norm"]["std"]
+    image = manifest.get("modalities", {}).get("image")
+    if image and "image" in m.modalities:
+        m.image.size = image["size"]
     return cfg.model_copy(update={"model": m})
 
 
@@ -110,7 +113,20 @@ def _open_run(cfg: TrainConfig, store, manifest: dict, ref: datasets.DatasetRef)
     return run, None
 
 
-def run_workers(cfg: TrainConfig, settings: Settings) -> None:
+def choose_loader(cfg: TrainConfig, manifest: dict) -> str:
+    """stream (Ray Data from the object store) or memory; streaming needs the Ray launcher."""
+    from indai.trainers.streaming import train_bytes
+
+    if cfg.run.launcher == "local" or cfg.data.loader == "memory":
+        return "memory"
+    if cfg.data.loader == "stream" or train_bytes(manifest) > cfg.data.stream_above_mb * 2**20:
+        return "stream"
+    return "memory"
+
+
+def run_workers(cfg: TrainConfig, settings: Settings, manifest: dict | None = None) -> None:
+    loader = choose_loader(cfg, manifest) if manifest else "memory"
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"loader": loader})})
     config = cfg.model_dump(mode="json")
     if cfg.run.launcher == "local":
         train_loop(config)
@@ -124,9 +140,19 @@ def run_workers(cfg: TrainConfig, settings: Settings) -> None:
 
         use_ray_auth()
         ray.init(address=settings.require_ray(), log_to_driver=True, logging_level="WARNING")
+    streams = {}
+    if loader == "stream":
+        from indai.trainers.streaming import split_stream
+
+        name = cfg.data.dataset.split("@")[0]
+        window = manifest.get("modalities", {}).get("sensor", {}).get("window")
+        streams["train"] = split_stream(cfg.store_uri, name, manifest, "train", window, cfg.model.text.max_len, cfg.model.modalities)
+        print(f"streaming the train split of {cfg.data.dataset} through Ray Data ({len(datasets.shards(manifest, 'train'))} shards)",
+              file=sys.stderr)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
+        datasets=streams or None,
         scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
         run_config=RunConfig(name=cfg.run.name, storage_path=str(settings.home / "ray_results"),
@@ -234,7 +260,7 @@ def train(cfg: TrainConfig, settings: Settings) -> TrainResult:
         cfg = cfg.model_copy(update={"store_uri": settings.store_uri, "mlflow_uri": tracking, "mlflow_run_id": run_id})
         if resumed:
             print(f"resuming run {cfg.run.name} (MLflow run {run_id}) from checkpoint {resumed}", file=sys.stderr)
-        run_workers(cfg, settings)
+        run_workers(cfg, settings, manifest)
         version, result = log_and_register(cfg, store, manifest, run_id)
         test = result.get("test") or {}
         if test:

@@ -9,6 +9,7 @@ writes the trained weights (safetensors) as the run's `final` checkpoint.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from indai.platform.progress import bar
 from indai.platform.storage import open_store
 from indai.trainers import checkpoint
 from indai.trainers.config import TrainConfig
+from indai.trainers.streaming import split_size
 from indai.trainers.data import ShardSampler, SplitDataset
 from indai.trainers.models import create_model
 
@@ -182,16 +184,35 @@ def train_loop(config: dict) -> dict:
     ref, manifest = datasets.open_for_job(store, datasets.parse_ref(cfg.data.dataset))
     window = manifest.get("modalities", {}).get("sensor", {}).get("window")
     present = manifest["split"].get("windows") or manifest["split"].get("records") or {}
+    streaming = d.under_ray and cfg.data.loader == "stream"
     splits = {s: SplitDataset(datasets.load_split(store, ref, s, manifest), window, cfg.model.text.max_len, cfg.model.modalities)
-              for s in ("train", "val", "test") if s in present}
-    train_sampler = ShardSampler(len(splits["train"]), d.rank, d.world, shuffle=True, seed=cfg.run.seed)
-    train_loader = _loader(splits["train"], train_sampler, cfg, cuda)
+              for s in ("train", "val", "test") if s in present and not (s == "train" and streaming)}
+    if streaming:  # Ray Data streams the train split's shards from the object store (trainers.streaming)
+        import ray.train
+
+        train_stream = ray.train.get_dataset_shard("train")
+        n_batches = max(1, split_size(manifest, "train") // (cfg.optim.batch_size * d.world))
+        train_sampler = None
+
+        def train_batches(epoch: int):
+            it = train_stream.iter_torch_batches(batch_size=cfg.optim.batch_size, drop_last=True,
+                                                 local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+                                                 local_shuffle_seed=cfg.run.seed + epoch if cfg.data.shuffle_buffer else None)
+            return itertools.islice(it, n_batches)  # equal steps on every worker keeps collectives in lockstep
+    else:
+        train_sampler = ShardSampler(len(splits["train"]), d.rank, d.world, shuffle=True, seed=cfg.run.seed)
+        train_loader = _loader(splits["train"], train_sampler, cfg, cuda)
+        n_batches = n_batches
+
+        def train_batches(epoch: int):
+            train_sampler.set_epoch(epoch)
+            return train_loader
     eval_loaders = {s: _loader(ds, ShardSampler(len(ds), d.rank, d.world, shuffle=False), cfg, cuda)
                     for s, ds in splits.items() if s != "train"}
 
     model = create_model(cfg.model).to(d.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=cuda or None)
-    steps_per_epoch = max(1, len(train_loader) // cfg.optim.grad_accum)
+    steps_per_epoch = max(1, n_batches // cfg.optim.grad_accum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps_per_epoch * cfg.optim.epochs, cfg.optim.warmup_frac))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(cfg, cuda), dist_init_required=False)
@@ -208,10 +229,9 @@ def train_loop(config: dict) -> dict:
     num_classes = cfg.model.num_classes
     val: dict = {}
     for epoch in range(start_epoch, cfg.optim.epochs):
-        train_sampler.set_epoch(epoch)
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         show_bar = cfg.run.progress and d.rank == 0 and not d.under_ray  # Ray relays worker output line by line
-        for batch in bar(train_loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", enabled=show_bar):
+        for batch in bar(train_batches(epoch), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", total=n_batches, enabled=show_bar):
             batch = _to(batch, d.device)
             loss = F.cross_entropy(_forward(engine, batch).float(), batch["label"], label_smoothing=cfg.optim.label_smoothing)
             engine.backward(loss)
@@ -226,7 +246,7 @@ def train_loop(config: dict) -> dict:
                     progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step,
                                    steps=steps_per_epoch * cfg.optim.epochs, loss=round(loss.item(), 5))
         took = time.perf_counter() - t0
-        metrics.add("epoch_train_loss", loss_sum / max(1, len(train_loader)), step)
+        metrics.add("epoch_train_loss", loss_sum / max(1, n_batches), step)
         metrics.add("samples_per_s", seen * d.world / took, step)
         if "val" in eval_loaders:
             val = evaluate(engine, eval_loaders["val"], num_classes, d.device)
@@ -235,8 +255,8 @@ def train_loop(config: dict) -> dict:
         metrics.flush()
         if d.rank == 0:
             progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step, steps=steps_per_epoch * cfg.optim.epochs,
-                           loss=round(loss_sum / max(1, len(train_loader)), 5), val_accuracy=val.get("accuracy"))
-            print(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {loss_sum / max(1, len(train_loader)):.4f}"
+                           loss=round(loss_sum / max(1, n_batches), 5), val_accuracy=val.get("accuracy"))
+            print(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {loss_sum / max(1, n_batches):.4f}"
                   + (f", val accuracy {val['accuracy']:.4f}" if val else "") + f" ({took:.1f} s)", file=sys.stderr, flush=True)
         last = epoch + 1 == cfg.optim.epochs
         if (epoch + 1) % cfg.run.checkpoint_every == 0 or last:

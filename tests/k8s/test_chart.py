@@ -7,7 +7,9 @@ it needs and no more, and install / upgrade / rollback / uninstall behave. What 
 prove: that the containers run (KWOK marks pods Running without starting anything) and that
 NetworkPolicies are enforced (no CNI runs here).
 """
+import base64
 import json
+import re
 import time
 from pathlib import Path
 
@@ -90,7 +92,7 @@ TOGGLES = {
     "no-ray": ["ray.enabled=false"],
     "external-mlflow": ["mlflow.enabled=false", "mlflow.external.uri=http://mlflow.example:5000"],
     "no-auth-no-policies": ["mlflow.auth=false", "networkPolicy.enabled=false"],
-    "operator-and-serve": ["kuberay-operator.enabled=true", "serve.enabled=true"],
+    "operator-and-serve": ["kuberay-operator.enabled=true", "serve.enabled=true", "ray.auth.enabled=false"],
     "head-only": ["ray.cpuWorkers.enabled=false", "ray.gpuWorkers.enabled=false"],
     "gateway-pull-secret": ["gateway.enabled=true", "imagePullSecrets[0].name=regcred"],
 }
@@ -190,7 +192,8 @@ def test_every_pod_is_restricted_and_least_privileged(k8s_cluster, scenario):
 
 
 def test_network_policies_keep_ray_ports_inside_the_release(k8s_cluster):
-    docs = [d for d in yaml.safe_load_all(k8s_cluster.helm("template", "indai", CHART, "--set", "serve.enabled=true").stdout) if d]
+    docs = [d for d in yaml.safe_load_all(k8s_cluster.helm("template", "indai", CHART, "--set", "serve.enabled=true",
+                                                                 "--set", "ray.auth.enabled=false").stdout) if d]
     head = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "indai-ray-head")
     for rule in head["spec"]["ingress"]:
         ports = {p["port"] for p in rule.get("ports", [])}
@@ -375,3 +378,155 @@ def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
     c.helm("uninstall", "auto", "-n", ns, "--wait", "--timeout", "180s")
     left = json.loads(c.kubectl("get", "secret", "-n", ns, "-o", "json").stdout)["items"]
     assert {s["metadata"]["name"] for s in left} == {"indai-s3", "indai-db", "auto-indai-secrets"}
+
+
+RAY_TOKEN_DIR = "/var/run/secrets/indai/ray-auth"
+RAY_TOKEN_FILE = f"{RAY_TOKEN_DIR}/token"
+RAY_AUTH_ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": RAY_TOKEN_FILE}
+
+
+def ray_auth_of(spec: dict, container: dict) -> tuple[dict, dict]:
+    """What one container gets of Ray's token: its RAY_AUTH_* (and INDAI_RAY_AUTH_*) variables, and
+    for every mounted Secret volume (secret, [(key, path)], defaultMode, readOnly) by mount path."""
+    env = {e["name"]: e.get("value") for e in container.get("env", []) if "RAY_AUTH" in e["name"]}
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    mounts = {}
+    for m in container.get("volumeMounts", []):
+        secret = volumes.get(m["name"], {}).get("secret")
+        if secret:
+            mounts[m["mountPath"]] = (secret["secretName"], [(i["key"], i["path"]) for i in secret.get("items", [])],
+                                      secret.get("defaultMode"), m.get("readOnly"))
+    return env, mounts
+
+
+def token_mount(secret: str) -> dict:
+    return {RAY_TOKEN_DIR: (secret, [("rayAuthToken", "token")], 0o400, True)}
+
+
+def ray_container(spec: dict) -> dict:
+    return next(ctr for ctr in spec["containers"] if ctr["name"] in ("ray-head", "ray-worker"))
+
+
+def public_ray_paths() -> set[str]:
+    """The HTTP paths Ray 2.60 answers without a token: the dashboard's (a set literal inside its
+    server's start-up code) and the dashboard agent's."""
+    import ast
+    import inspect
+    from ray.dashboard import http_server_agent, http_server_head
+
+    src = inspect.getsource(http_server_head)
+    start = src.index("public_exact_paths = {") + len("public_exact_paths = ")
+    head = ast.literal_eval(src[start:src.index("}", start) + 1])
+    return {p.lstrip("/") for p in (*head, *http_server_agent.PUBLIC_EXACT_PATHS)}
+
+
+def test_ray_auth_token_reaches_every_ray_pod_and_the_gateway_only(k8s_cluster):
+    """Installed with the gateway and the autoscaler: the release secret gets Ray's token once
+    (kept by `helm upgrade`); the head, both worker groups, the autoscaler sidecar, KubeRay's
+    wait-gcs-ready init containers and the gateway get RAY_AUTH_MODE=token and the token file,
+    read-only and mode 0400; no other pod sees it; KubeRay's probes only ask Ray's public paths."""
+    c = k8s_cluster
+    ns = restricted_namespace(c, "rayauth")
+    c.helm("install", "indai", CHART, "-n", ns, "--set", "gateway.enabled=true", "--set", "ray.autoscaling.enabled=true",
+           "--wait", "--timeout", "180s")
+    secret = lambda: json.loads(c.kubectl("get", "secret", "indai-secrets", "-n", ns, "-o", "json").stdout)["data"]
+    token = base64.b64decode(secret()["rayAuthToken"]).decode()
+    assert len(token) == 64 and token.isalnum()
+
+    # the RayCluster as the API server stores it
+    spec = json.loads(c.kubectl("get", "raycluster", "indai-ray", "-n", ns, "-o", "json").stdout)["spec"]
+    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+    assert [name for name, _ in groups] == ["head", "cpu", "gpu"]
+    for name, group in groups:
+        pod = group["template"]["spec"]
+        assert ray_auth_of(pod, ray_container(pod)) == (RAY_AUTH_ENV, token_mount("indai-secrets")), name
+    scaler = spec["autoscalerOptions"]
+    assert {e["name"]: e["value"] for e in scaler["env"]} == RAY_AUTH_ENV
+    assert scaler["volumeMounts"] == [{"name": "ray-auth-token", "mountPath": RAY_TOKEN_DIR, "readOnly": True}]
+
+    # the pods KubeRay made of it: every container that talks to Ray holds the token
+    ray = "ray.io/cluster=indai-ray"
+    head = wait("ray head", lambda: [p for p in pods(c, ns, ray + ",ray.io/node-type=head") if p["status"].get("phase") == "Running"])[0]
+    workers = wait("2 ray workers", lambda: (w := [p for p in pods(c, ns, ray + ",ray.io/node-type=worker")
+                                                 if p["status"].get("phase") == "Running"]) and len(w) == 2 and w)
+    public = public_ray_paths()
+    for p in (head, *workers):
+        where = p["metadata"]["name"]
+        spec = p["spec"]
+        checked = spec["containers"] + spec.get("initContainers", [])
+        names = {ctr["name"] for ctr in checked}
+        assert names == ({"ray-head", "autoscaler"} if p is head else {"ray-worker", "wait-gcs-ready"}), (where, names)
+        for ctr in checked:
+            assert ray_auth_of(spec, ctr) == (RAY_AUTH_ENV, token_mount("indai-secrets")), (where, ctr["name"])
+        ctr = ray_container(spec)
+        for probe in (ctr["readinessProbe"], ctr["livenessProbe"]):
+            paths = set(re.findall(r"http://localhost:\d+/(\S+)", " ".join(probe["exec"]["command"])))
+            assert paths and paths <= public, (where, paths)
+
+    # the gateway forwards with it (`indai gateway serve` reads INDAI_RAY_AUTH_TOKEN_PATH)
+    gw = wait("gateway", lambda: [p for p in pods(c, ns, "indai.io/component=gateway") if p["status"].get("phase") == "Running"])[0]
+    assert ray_auth_of(gw["spec"], gw["spec"]["containers"][0]) == ({"INDAI_RAY_AUTH_TOKEN_PATH": RAY_TOKEN_FILE},
+                                                                  token_mount("indai-secrets"))
+    # and nothing else: no other pod mounts or reads the key
+    for p in pods(c, ns, "app.kubernetes.io/instance=indai"):
+        if "rayAuthToken" in json.dumps(p["spec"]):
+            assert p["metadata"]["labels"].get("indai.io/component") in ("ray-head", "ray-worker-cpu", "ray-worker-gpu", "gateway"), \
+                p["metadata"]["name"]
+
+    # `helm upgrade` keeps the token (lookup), and the RayCluster keeps the wiring
+    c.helm("upgrade", "indai", CHART, "-n", ns, "--reuse-values", "--set", "ray.cpuWorkers.replicas=2", "--wait", "--timeout", "180s")
+    assert base64.b64decode(secret()["rayAuthToken"]).decode() == token
+    spec = json.loads(c.kubectl("get", "raycluster", "indai-ray", "-n", ns, "-o", "json").stdout)["spec"]
+    assert {g["groupName"]: g["replicas"] for g in spec["workerGroupSpecs"]}["cpu"] == 2
+    pod = spec["headGroupSpec"]["template"]["spec"]
+    assert ray_auth_of(pod, ray_container(pod)) == (RAY_AUTH_ENV, token_mount("indai-secrets"))
+    c.helm("uninstall", "indai", "-n", ns, "--wait", "--timeout", "180s")
+
+
+def test_ray_auth_existing_secret_off_switch_and_schema(k8s_cluster):
+    """ray.auth.existingSecret moves every mount to the admin's Secret (and the chart generates no
+    token); ray.auth.enabled=false (or ray.enabled=false) renders none of it; the schema refuses
+    unknown keys and bad Secret names; Serve, which KubeRay v1.5.0 deploys without the token, asks
+    for auth off."""
+    c = k8s_cluster
+    on = ["--set", "gateway.enabled=true", "--set", "ray.autoscaling.enabled=true", "--set", "networkPolicy.enabled=false"]
+    ns = restricted_namespace(c, "rayauth-own")
+    rendered = c.helm("template", "indai", CHART, "-n", ns, *on, "--set", "ray.auth.existingSecret=ray-token").stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    done = c.kubectl("apply", "--dry-run=server", "-n", ns, "-f", "-", input=rendered)
+    assert done.stdout.count("(server dry run)") == len(docs)
+    release_secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "indai-secrets")
+    assert "rayAuthToken" not in release_secret["data"]
+    holders = set()
+    for d in docs:
+        for where, spec in pod_specs(d):
+            for ctr in spec["containers"]:
+                env, mounts = ray_auth_of(spec, ctr)
+                if mounts:
+                    assert mounts == token_mount("ray-token"), where
+                    assert env in (RAY_AUTH_ENV, {"INDAI_RAY_AUTH_TOKEN_PATH": RAY_TOKEN_FILE}), where
+                    holders.add(where)
+    assert holders == {"indai-ray/head", "indai-ray/cpu", "indai-ray/gpu", "indai-gateway"}
+    ray = next(d for d in docs if d["kind"] == "RayCluster")
+    assert {e["name"] for e in ray["spec"]["autoscalerOptions"]["env"]} == set(RAY_AUTH_ENV)
+    # without the NetworkPolicies `helm test` asks the head itself: its health answers, its job API refuses the token-less pod
+    check = next(d for d in docs if d["metadata"]["name"] == "indai-test-ray-head")["spec"]["containers"][0]
+    assert "/api/gcs_healthz" in check["args"][0] and "/api/jobs/)\" = 401" in check["args"][0] and "volumeMounts" not in check
+
+    for off in (["--set", "ray.auth.enabled=false"], ["--set", "ray.enabled=false"]):
+        rendered = c.helm("template", "indai", CHART, *on, *off).stdout
+        for word in ("RAY_AUTH", "rayAuthToken", "ray-auth-token", RAY_TOKEN_DIR):
+            assert word not in rendered, (off, word)
+    off = [d for d in yaml.safe_load_all(c.helm("template", "indai", CHART, *on, "--set", "ray.auth.enabled=false").stdout) if d]
+    check = next(d for d in off if d["metadata"]["name"] == "indai-test-ray-head")["spec"]["containers"][0]
+    assert check["args"][0].endswith(":8265/api/version")
+    assert "autoscalerOptions" in next(d for d in off if d["kind"] == "RayCluster")["spec"]
+
+    typo = c.helm("template", "t", CHART, "--set", "ray.auth.enabeld=true", check=False)
+    assert typo.returncode != 0 and "additional properties 'enabeld' not allowed" in typo.stderr
+    name = c.helm("template", "t", CHART, "--set", "ray.auth.existingSecret=Ray_Token", check=False)
+    assert name.returncode != 0 and "/ray/auth/existingSecret" in name.stderr
+    serve = c.helm("template", "t", CHART, "--set", "serve.enabled=true", check=False)
+    assert serve.returncode != 0 and "serve.enabled=true needs ray.auth.enabled=false" in serve.stderr
+    served = c.helm("template", "t", CHART, "--set", "serve.enabled=true", "--set", "ray.auth.enabled=false").stdout
+    assert "kind: RayService" in served and "RAY_AUTH" not in served

@@ -139,3 +139,30 @@ podSelector:
 {{- end -}}
 {{- join "," (concat $hosts .Values.mlflow.allowedHosts) -}}
 {{- end -}}
+
+{{/* Ray's token authentication (RAY_AUTH_MODE=token; Ray reads the token from the file that
+RAY_AUTH_TOKEN_PATH names). One Secret key, mounted read-only into the RayCluster's pods and the
+job gateway and into nothing else. The file is root's with mode 0400; the pods' fsGroup makes the
+kubelet give their group read access to it, which the non-root Ray and gateway processes need.
+"true" when on, "" when off. */}}
+{{- define "indai.rayAuth" -}}
+{{- if and .Values.ray.enabled .Values.ray.auth.enabled -}}true{{- end -}}
+{{- end -}}
+{{- define "indai.rayAuthSecret" -}}
+{{- .Values.ray.auth.existingSecret | default (include "indai.secretName" .) -}}
+{{- end -}}
+{{- define "indai.rayAuthDir" -}}/var/run/secrets/indai/ray-auth{{- end -}}
+{{- define "indai.rayAuthVolume" -}}
+- name: ray-auth-token
+  secret:
+    secretName: {{ include "indai.rayAuthSecret" . }}
+    items: [{key: rayAuthToken, path: token}]
+    defaultMode: 0400
+{{- end -}}
+{{- define "indai.rayAuthMount" -}}
+- {name: ray-auth-token, mountPath: {{ include "indai.rayAuthDir" . }}, readOnly: true}
+{{- end -}}
+{{- define "indai.rayAuthEnv" -}}
+- {name: RAY_AUTH_MODE, value: token}
+- {name: RAY_AUTH_TOKEN_PATH, value: {{ include "indai.rayAuthDir" . }}/token}
+{{- end -}}

@@ -10,6 +10,9 @@ imagePullSecrets: {{- toYaml . | nindent 2 }}
 {{- end }}
 nodeSelector: {{- toYaml .group.nodeSelector | nindent 2 }}
 tolerations: {{- toYaml .group.tolerations | nindent 2 }}
+{{- if include "indai.rayAuth" $ }}
+volumes: {{- include "indai.rayAuthVolume" $ | nindent 2 }}
+{{- end }}
 containers:
   - name: {{ .container }}
     image: {{ include "indai.image" .image }}
@@ -19,6 +22,12 @@ containers:
       {{- include "indai.platformEnv" $ | nindent 6 }}
       - name: INDAI_RAY_ADDRESS
         value: auto
+      {{- if include "indai.rayAuth" $ }}
+      {{- /* KubeRay copies env and mounts into the workers' wait-gcs-ready init container, whose
+      `ray health-check` needs the token too */}}
+      {{- include "indai.rayAuthEnv" $ | nindent 6 }}
+    volumeMounts: {{- include "indai.rayAuthMount" $ | nindent 6 }}
+      {{- end }}
     resources:
       requests: {{- toYaml .group.resources.requests | nindent 8 }}
         {{- if .gpus }}
@@ -40,6 +49,11 @@ enableInTreeAutoscaling: {{ .Values.ray.autoscaling.enabled }}
 autoscalerOptions:
   idleTimeoutSeconds: {{ .Values.ray.autoscaling.idleTimeoutSeconds }}
   securityContext: {{- include "indai.containerSecurity" . | nindent 4 }}
+  {{- if include "indai.rayAuth" . }}
+  {{- /* the sidecar talks to the GCS: the head pod's token volume, and Ray's settings */}}
+  env: {{- include "indai.rayAuthEnv" . | nindent 4 }}
+  volumeMounts: {{- include "indai.rayAuthMount" . | nindent 4 }}
+  {{- end }}
 {{- end }}
 headGroupSpec:
   rayStartParams:
