@@ -104,7 +104,7 @@ def cmd_data_release(a) -> int:
     cfg = release.load_deid_config(a.config)
     name, version, body = release.release(store, ref, member_secret(member), cfg, a.as_name, progress=not a.quiet)
     print(f"released {ref} as {name}@{version}: {_counts(body)}")
-    found = (body["deidentification"]["report"] or {}).get("counts", {})
+    found = (body["deidentification"]["report"] or {}).get("by_kind", {})
     print("  de-identified: " + (", ".join(f"{k} {v}" for k, v in found.items() if v) or "nothing found"))
     return 0
 

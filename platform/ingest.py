@@ -308,10 +308,6 @@ def assign_units(units: dict[str, int], split: SplitSpec) -> dict[str, str]:
     return out
 
 
-def split_of_time(t: int, cutoffs: tuple[int, int]) -> str:
-    return "train" if t <= cutoffs[0] else ("val" if t <= cutoffs[1] else "test")
-
-
 class Journal:
     """Finished chunks of an ingest, kept in the store so a killed ingest resumes."""
 
@@ -332,15 +328,6 @@ class Journal:
 
     def finish(self) -> None:
         self.store.delete_prefix(self.folder)
-
-
-def _label_index(spec: DatasetSpec, classes: list[str], raw: str) -> int | None:
-    if spec.labels.bins is not None:
-        try:
-            return int(np.searchsorted(spec.labels.bins, float(raw), side="right"))
-        except ValueError:
-            return None
-    return classes.index(raw) if raw in classes else None
 
 
 # ---- recordings ------------------------------------------------------------------------------------
@@ -569,15 +556,6 @@ class _Records:
     def _file_label(self, src: FilesSource, p: Path) -> str | None:
         return p.parent.name if src.label_from == "folder" else src.label
 
-    def split_of(self, plan: dict, unit: str, t: int | None) -> str:
-        if "cutoffs" in plan:
-            return split_of_time(t, plan["cutoffs"])
-        if plan["units"] is not None:
-            return plan["units"][unit]
-        u = _unit_hash(self.spec.split.seed, unit)
-        sp = self.spec.split
-        return "train" if u < sp.train else ("val" if u < sp.train + sp.val else "test")
-
     # streaming pass: one chunk of records at a time
     def chunks(self, plan: dict) -> Iterator[tuple[str, list[dict]]]:
         for i, src in enumerate(self.spec.sources):
@@ -589,78 +567,101 @@ class _Records:
                 for c, chunk in enumerate(_table_chunks(self.base, src, src.used_columns(), self.rows)):
                     yield f"{i:03d}-{c:05d}", (lambda ch=chunk, s=src: self._table_records(s, ch, plan))
 
-    def _label(self, raw) -> tuple[bool, int | float | None]:
+    def _labels(self, raw: list | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(keep mask, label array) for raw label values; missing and unknown ones are counted."""
         lt = self.spec.labels
+        raw = np.asarray(["" if v is None else str(v) for v in raw], dtype=str)
+        n = raw.size
         if lt.type == "none":
-            return True, None
-        if raw is None or str(raw).strip().lower() in MISSING:
-            self.dropped["missing_label"] += 1
-            return not lt.drop_missing, -1 if lt.type == "classification" else float("nan")
-        if lt.type == "regression":
-            try:
-                return True, float(raw)
-            except ValueError:
-                raise UserError(f"label {raw!r} is not a number (labels.type: regression)") from None
-        idx = _label_index(self.spec, self.classes, str(raw))
-        if idx is None:
-            self.dropped["unknown_label"] += 1
-            return False, None
-        return True, idx
+            return np.ones(n, bool), np.zeros(n, np.int64)
+        missing = np.isin(np.char.lower(np.char.strip(raw)), list(MISSING))
+        self.dropped["missing_label"] += int(missing.sum())
+        keep = ~missing if lt.drop_missing else np.ones(n, bool)
+        if lt.type == "regression" or lt.bins is not None:
+            values = np.full(n, np.nan)
+            for i in np.flatnonzero(~missing):
+                try:
+                    values[i] = float(raw[i])
+                except ValueError:
+                    raise UserError(f"label {raw[i]!r} is not a number (labels.type: regression, or labels.bins)") from None
+            if lt.type == "regression":
+                return keep, values.astype(np.float32)
+            idx = np.searchsorted(np.asarray(lt.bins), values, side="right").astype(np.int64)
+            return keep, np.where(missing, -1, idx)
+        lookup = {c: i for i, c in enumerate(self.classes)}
+        idx = np.array([lookup.get(v, -2) for v in raw], dtype=np.int64)
+        unknown = (idx == -2) & ~missing
+        self.dropped["unknown_label"] += int(unknown.sum())
+        return keep & ~unknown, np.where(missing, -1, idx)
 
-    def _file_records(self, src: FilesSource, files: list[Path], plan: dict) -> list[dict]:
-        out = []
-        for p in files:
-            ok, label = self._label(self._file_label(src, p))
-            if not ok:
-                continue
+    def _splits(self, plan: dict, units: np.ndarray, times: np.ndarray | None) -> np.ndarray:
+        if "cutoffs" in plan:
+            a, b = plan["cutoffs"]
+            return np.where(times <= a, "train", np.where(times <= b, "val", "test"))
+        if plan["units"] is not None:
+            return np.array([plan["units"][u] for u in units], dtype=str)
+        sp = self.spec.split
+        u = np.array([_unit_hash(sp.seed, str(x)) for x in units])
+        return np.where(u < sp.train, "train", np.where(u < sp.train + sp.val, "val", "test"))
+
+    def _file_records(self, src: FilesSource, files: list[Path], plan: dict) -> dict:
+        keep, labels = self._labels([self._file_label(src, p) for p in files])
+        rows: list[dict] = []
+        for p, label in zip([f for f, k in zip(files, keep) if k], labels[keep]):
             rel = str(p.relative_to(self.base))
-            split = self.split_of(plan, self._file_unit(src, p), None)
-            base = {"event": rel, "asset": "", "group": self._file_unit(src, p), "time": NO_TIME, "label": label, "split": split}
+            base = {"event": rel, "group": self._file_unit(src, p), "label": label}
             if src.modality == "document":
-                for k, chunk in enumerate(self._document(p)):
-                    out.append(dict(base, event=f"{rel}#{k}", text=chunk))
+                rows += [dict(base, event=f"{rel}#{k}", text=chunk) for k, chunk in enumerate(self._document(p))]
             elif src.modality == "image":
-                out.append(dict(base, image=self._image(p)))
+                rows.append(dict(base, image=self._image(p)))
             else:
                 img, text = self._cad(p)
-                out.append(dict(base, image=img, text=text))
-        return out
+                rows.append(dict(base, image=img, text=text))
+        n = len(rows)
+        groups = np.array([r["group"] for r in rows], dtype=str)
+        return {"n": n, "scanned": len(files), "event": np.array([r["event"] for r in rows], dtype=str), "asset": np.full(n, "", dtype=str),
+                "group": groups, "time": np.full(n, NO_TIME, np.int64),
+                "label": np.array([r["label"] for r in rows], dtype=labels.dtype) if n else labels[:0],
+                "split": self._splits(plan, groups, None) if n else np.array([], dtype=str),
+                "text": [r.get("text") for r in rows], "image": [r.get("image") for r in rows], "sensor": [None] * n, "tab": {}}
 
-    def _table_records(self, src: TableSource, chunk, plan: dict) -> list[dict]:
+    def _table_records(self, src: TableSource, chunk, plan: dict) -> dict:
         from indai.platform.connectors.tables import typed
 
         path = Path(src.path)
-        times = typed(path, chunk, src.time, "datetime", self._tz(src, src.time), self._fmt(src, src.time)) if src.time else None
-        tab = {c: typed(path, chunk, c, spec.type, spec.tz, spec.format, spec.invalid, self.invalid) for c, spec in src.columns.items()}
-        target = typed(path, chunk, src.target, "float") if src.target else None
-        out = []
-        for j, (idx, row) in enumerate(chunk.iterrows()):
-            ok, label = self._label(row[src.label] if src.label else None)
-            if not ok:
-                continue
-            event = row[src.event] if src.event else f"{src.path}:{idx}"
-            asset = row[src.asset] if src.asset else ""
-            group = row[src.group] if src.group else ""
-            t = int(times[j]) if times is not None else NO_TIME
-            unit = {"time": event, "asset": asset, "group": group, "random": event}[self.spec.split.by]
-            rec = {"event": str(event), "asset": str(asset), "group": str(group), "time": t, "label": label,
-                   "split": self.split_of(plan, unit, t), "tab": {c: v[j] for c, v in tab.items()}}
-            if target is not None:
-                rec["target"] = float(target[j])
-            texts = [str(row[c]) for c in src.text if str(row[c]).strip()]
-            if src.document and row[src.document]:
-                texts.append(" ".join(self._document(resolve_path(self.base, row[src.document]), chunked=False)))
-            if src.image and row[src.image]:
-                rec["image"] = self._image(resolve_path(self.base, row[src.image]))
-            if src.cad and row[src.cad]:
-                rec["image"], cad_text = self._cad(resolve_path(self.base, row[src.cad]))
-                texts.append(cad_text)
-            if src.sensor and row[src.sensor]:
-                rec["sensor"] = self._sensor(resolve_path(self.base, row[src.sensor]), src.sensor_rate_hz)
-            if texts:
-                rec["text"] = " | ".join(texts)
-            out.append(rec)
-        return out
+        scanned = len(chunk)
+        keep, labels = self._labels(chunk[src.label].to_numpy() if src.label else [None] * len(chunk))
+        chunk, labels = chunk[keep], labels[keep]
+        n = len(chunk)
+        col = lambda c: chunk[c].to_numpy(dtype=str) if c else np.full(n, "", dtype=str)  # noqa: E731
+        times = typed(path, chunk, src.time, "datetime", self._tz(src, src.time), self._fmt(src, src.time)) if src.time else np.full(n, NO_TIME, np.int64)
+        events = col(src.event) if src.event else np.array([f"{src.path}:{i}" for i in chunk.index], dtype=str)
+        assets, groups = col(src.asset), col(src.group)
+        units = {"time": events, "asset": assets, "group": groups, "random": events}[self.spec.split.by]
+        batch = {"n": n, "scanned": scanned, "event": events, "asset": assets, "group": groups, "time": times, "label": labels,
+                 "split": self._splits(plan, units, times) if n else np.array([], dtype=str),
+                 "tab": {c: typed(path, chunk, c, t.type, t.tz, t.format, t.invalid, self.invalid) for c, t in src.columns.items()},
+                 "text": [None] * n, "image": [None] * n, "sensor": [None] * n}
+        if src.target:
+            batch["target"] = typed(path, chunk, src.target, "float").astype(np.float32)
+        if src.text:
+            parts = [col(c) for c in src.text]
+            batch["text"] = [" | ".join(t for t in ts if t.strip()) or None for ts in zip(*parts)]
+        if src.document or src.image or src.cad or src.sensor:
+            for j, row in enumerate(chunk.itertuples(index=False)):
+                row = row._asdict() if hasattr(row, "_asdict") else dict(zip(chunk.columns, row))
+                texts = [batch["text"][j]] if batch["text"][j] else []
+                if src.document and row.get(src.document):
+                    texts.append(" ".join(self._document(resolve_path(self.base, row[src.document]), chunked=False)))
+                if src.image and row.get(src.image):
+                    batch["image"][j] = self._image(resolve_path(self.base, row[src.image]))
+                if src.cad and row.get(src.cad):
+                    batch["image"][j], cad_text = self._cad(resolve_path(self.base, row[src.cad]))
+                    texts.append(cad_text)
+                if src.sensor and row.get(src.sensor):
+                    batch["sensor"][j] = self._sensor(resolve_path(self.base, row[src.sensor]), src.sensor_rate_hz)
+                batch["text"][j] = " | ".join(texts) or None
+        return batch
 
     def _image(self, path: Path) -> np.ndarray:
         from indai.platform.connectors.images import read_image
@@ -700,40 +701,43 @@ class _Records:
             raise UserError(f"{path.name}: {x.shape[1]} samples after resampling, fewer than one window of {s.window}")
         return x[:, : s.window].astype(np.float32)
 
-    def arrays(self, recs: list[dict], mods: set[str], tab_types: dict[str, str]) -> dict[str, np.ndarray]:
-        n = len(recs)
+    def arrays(self, b: dict, rows: np.ndarray, mods: set[str], tab_types: dict[str, str]) -> dict[str, np.ndarray]:
+        """The arrays of one shard: the batch's `rows`, every modality present with a mask."""
+        n = rows.size
         lt = self.spec.labels.type
-        out = {
-            "key_event": np.array([r["event"] for r in recs], dtype=str),
-            "key_asset": np.array([r["asset"] for r in recs], dtype=str),
-            "key_group": np.array([r["group"] for r in recs], dtype=str),
-            "key_time": np.array([r["time"] for r in recs], dtype=np.int64),
-        }
-        if lt == "classification":
-            out["label"] = np.array([r["label"] for r in recs], dtype=np.int64)
-        elif lt == "regression":
-            out["target"] = np.array([r["label"] for r in recs], dtype=np.float32)
+        out = {"key_event": b["event"][rows], "key_asset": b["asset"][rows], "key_group": b["group"][rows], "key_time": b["time"][rows]}
+        if lt == "regression":
+            out["target"] = b["label"][rows].astype(np.float32)
             out["label"] = np.zeros(n, dtype=np.int64)
         else:
-            out["label"] = np.zeros(n, dtype=np.int64)
-        if any("target" in r for r in recs):
-            out["target"] = np.array([r.get("target", np.nan) for r in recs], dtype=np.float32)
+            out["label"] = b["label"][rows].astype(np.int64)
+        if "target" in b:
+            out["target"] = b["target"][rows]
         mask = np.zeros((n, 3), dtype=np.float32)
+        pick = lambda key: [b[key][i] for i in rows]  # noqa: E731
         if "sensor" in mods:
             s = self.spec.sensor
-            out["sensor"] = np.stack([r.get("sensor", np.zeros((len(s.channels), s.window), np.float32)) for r in recs])
-            mask[:, 0] = [1.0 if "sensor" in r else 0.0 for r in recs]
+            vals = pick("sensor")
+            out["sensor"] = np.stack([v if v is not None else np.zeros((len(s.channels), s.window), np.float32) for v in vals]) \
+                if n else np.zeros((0, len(s.channels), s.window), np.float32)
+            mask[:, 0] = [v is not None for v in vals]
         if "image" in mods:
             size = self.spec.image.size
-            out["image"] = np.stack([r.get("image", np.zeros((size, size, 3), np.uint8)) for r in recs])
-            mask[:, 1] = [1.0 if "image" in r else 0.0 for r in recs]
+            vals = pick("image")
+            out["image"] = np.stack([v if v is not None else np.zeros((size, size, 3), np.uint8) for v in vals]) \
+                if n else np.zeros((0, size, size, 3), np.uint8)
+            mask[:, 1] = [v is not None for v in vals]
         if "text" in mods:
-            out["text"] = np.array([r.get("text", "")[: self.spec.text.max_chars] for r in recs], dtype=str)
-            mask[:, 2] = [1.0 if r.get("text") else 0.0 for r in recs]
+            vals = pick("text")
+            out["text"] = np.array([(v or "")[: self.spec.text.max_chars] for v in vals], dtype=str)
+            mask[:, 2] = [bool(v) for v in vals]
         out["mask"] = mask
         for c, kind in tab_types.items():
-            vals = [r.get("tab", {}).get(c) for r in recs]
-            out[f"tab_{c}"] = np.array(vals, dtype={"int": np.float64, "float": np.float64, "datetime": np.int64}.get(kind, str))
+            if c in b["tab"]:
+                out[f"tab_{c}"] = b["tab"][c][rows]
+            else:  # a column of another source: missing here
+                out[f"tab_{c}"] = np.full(n, np.nan if kind in ("int", "float") else (NO_TIME if kind == "datetime" else ""),
+                                          dtype={"int": np.float64, "float": np.float64, "datetime": np.int64}.get(kind, str))
         return out
 
 
@@ -755,16 +759,17 @@ def _ingest_records(spec: DatasetSpec, base: Path, writer: datasets.VersionWrite
                 entry = journal.chunks[chunk_id]
                 writer.add_files(entry["files"])
             else:
-                recs = make()
+                b = make()
                 files, counts, classes = {}, {}, {}
                 for split in SPLITS:
-                    part = [r for r in recs if r["split"] == split]
-                    if part:
-                        files.update(writer.put_shard(split, chunk_id, builder.arrays(part, mods, tab_types)))
-                        counts[split] = len(part)
+                    rows = np.flatnonzero(b["split"] == split)
+                    if rows.size:
+                        files.update(writer.put_shard(split, chunk_id, builder.arrays(b, rows, mods, tab_types)))
+                        counts[split] = int(rows.size)
                         if spec.labels.type == "classification":
-                            classes[split] = np.bincount([r["label"] for r in part if r["label"] >= 0], minlength=len(builder.classes)).tolist()
-                entry = {"files": files, "counts": counts, "classes": classes, "scanned": len(recs),
+                            lab = b["label"][rows]
+                            classes[split] = np.bincount(lab[lab >= 0], minlength=len(builder.classes)).tolist()
+                entry = {"files": files, "counts": counts, "classes": classes, "scanned": b["scanned"],
                          "dropped": dict(builder.dropped), "invalid": dict(builder.invalid), "metadata_removed": dict(builder.metadata_removed),
                          "title_blocks": dict(builder.title_blocks)}
                 builder.dropped, builder.invalid = {k: 0 for k in builder.dropped}, {}

@@ -51,7 +51,7 @@ def _missing(path: Path, wanted: list[str], have: list[str]) -> None:
 
 
 def iter_table(path: Path, columns: list[str], fmt: str = "auto", encoding: str = "auto",
-               chunk_rows: int = 50_000) -> Iterator["pd.DataFrame"]:
+               chunk_rows: int = 50_000) -> Iterator:
     """Chunks of the named columns, all as strings (typing is the spec's job, see `typed`)."""
     import pandas as pd
 
