@@ -71,8 +71,9 @@ class TextSpec(Strict):
 
 class CadSpec(Strict):
     size: int = Field(default=256, ge=64, le=2048, description="drawings are rendered to size x size")
-    title_block_layers: list[str] = Field(default_factory=lambda: ["TITLE", "TITLEBLOCK", "TITLE_BLOCK", "BORDER", "FRAME", "도곽", "표제란"])
-    title_block_blocks: list[str] = Field(default_factory=lambda: ["TITLE", "TITLEBLOCK", "TITLE_BLOCK", "BORDER", "FRAME", "도곽", "표제란"])
+    title_block_layers: list[str] | None = Field(default=None, description="layer-name regexes of the title block (default: TITLE, BORDER, 도곽, 표제란, ...)")
+    title_block_blocks: list[str] | None = Field(default=None, description="block-name regexes of the title block (same default)")
+    title_block_region: tuple[float, float, float, float] | None = Field(default=None, description="x0, y0, x1, y1 in drawing units")
 
 
 class LabelSpec(Strict):
@@ -676,9 +677,14 @@ class _Records:
         from indai.platform.connectors.cad import TitleBlockRule, read_dxf
 
         c = self.spec.cad
-        rec = read_dxf(path, size=c.size, title_block=TitleBlockRule(layers=c.title_block_layers, blocks=c.title_block_blocks))
+        given = {"layers": c.title_block_layers, "blocks": c.title_block_blocks, "region": c.title_block_region}
+        rec = read_dxf(path, size=c.size, title_block=TitleBlockRule(**{k: v for k, v in given.items() if v is not None}))
         self.title_blocks["drawings"] += 1
-        self.title_blocks["entities"] += int(rec.removed.get("title_block_entities", 0))
+        self.title_blocks["entities"] += int(rec.removed.get("title_block_entities", 0)) + int(rec.removed.get("title_block_region_entities", 0))
+        for key in ("header_variables", "custom_properties", "document_properties"):
+            for field_name in rec.removed.get(key) or []:
+                k = f"DXF:{field_name}"
+                self.metadata_removed[k] = self.metadata_removed.get(k, 0) + 1
         img = rec.image
         if img.shape[0] != self.spec.image.size:
             from PIL import Image
@@ -825,7 +831,7 @@ def _ingest_records(spec: DatasetSpec, base: Path, writer: datasets.VersionWrite
         "dropped": dropped,
         "invalid_values": invalid,
         "sources": sources,
-        "deidentification": {"applied": False, "stage": "raw", "image_metadata_removed": meta, "cad_title_blocks_removed": title},
+        "deidentification": {"applied": False, "stage": "raw", "metadata_removed": meta, "cad_title_blocks_removed": title},
     }
 
 
