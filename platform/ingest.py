@@ -68,6 +68,12 @@ class TextSpec(Strict):
     chunk_chars: int = Field(default=800, ge=64, le=100_000, description="documents are cut into chunks of at most this size")
     chunk_overlap: int = Field(default=100, ge=0, le=10_000)
 
+    @model_validator(mode="after")
+    def _overlap(self):
+        if self.chunk_overlap >= self.chunk_chars:
+            raise ValueError("text.chunk_overlap must be smaller than text.chunk_chars")
+        return self
+
 
 class CadSpec(Strict):
     size: int = Field(default=256, ge=64, le=2048, description="drawings are rendered to size x size")
@@ -309,6 +315,36 @@ def assign_units(units: dict[str, int], split: SplitSpec) -> dict[str, str]:
     return out
 
 
+class TimeSample:
+    """A bounded, deterministic sample of record times for the time split's cut-offs: every
+    row gets a pseudo-random key from its position (splitmix64), and the rows with the
+    smallest keys are kept. Exact below `size` rows; above it, the cut-offs are quantiles of
+    a uniform sample of `size` rows, whatever the chunking, so memory stays bounded."""
+
+    def __init__(self, size: int = 1_000_000):
+        self.size = size
+        self.keys = np.empty(0, np.uint64)
+        self.times = np.empty(0, np.int64)
+
+    @staticmethod
+    def _keys(first: int, n: int) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            z = np.arange(first, first + n, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            return z ^ (z >> np.uint64(31))
+
+    def add(self, times: np.ndarray, first_row: int) -> None:
+        self.keys = np.concatenate([self.keys, self._keys(first_row, len(times))])
+        self.times = np.concatenate([self.times, times])
+        if self.keys.size > self.size:
+            keep = np.argpartition(self.keys, self.size)[: self.size]
+            self.keys, self.times = self.keys[keep], self.times[keep]
+
+    def sorted(self) -> np.ndarray:
+        return np.sort(self.times)
+
+
 class Journal:
     """Finished chunks of an ingest, kept in the store so a killed ingest resumes."""
 
@@ -492,7 +528,7 @@ class _Records:
     # keys pass: unit of every record, known labels, record counts
     def keys(self) -> tuple[dict, int]:
         spec, units, count = self.spec, {}, 0
-        times: list[np.ndarray] = []
+        times = TimeSample()
         for i, src in enumerate(spec.sources):
             if src.kind == "files":
                 for p in _files_of(self.base, src):
@@ -515,7 +551,7 @@ class _Records:
                     if (t == NO_TIME).any():
                         row = int(np.argmax(t == NO_TIME)) + int(chunk.index[0])
                         raise UserError(f"{src.path}: row {row + 2} has no time in column {src.time!r}; every record needs one to split by time")
-                    times.append(t)
+                    times.add(t, count - len(chunk))
                 elif spec.split.by in ("asset", "group"):
                     col = src.asset if spec.split.by == "asset" else src.group
                     for v, n in chunk[col].value_counts().items():
@@ -524,7 +560,7 @@ class _Records:
             raise UserError("the sources hold no records")
         split = spec.split
         if split.by == "time":
-            t = np.sort(np.concatenate(times))
+            t = times.sorted()
             a = t[min(len(t) - 1, int(len(t) * split.train))]
             b = t[min(len(t) - 1, int(len(t) * (split.train + split.val)))]
             return {"cutoffs": (int(a), int(b))}, count
