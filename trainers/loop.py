@@ -201,7 +201,7 @@ def train_loop(config: dict) -> dict:
     else:
         train_sampler = ShardSampler(len(splits["train"]), d.rank, d.world, shuffle=True, seed=cfg.run.seed)
         train_loader = _loader(splits["train"], train_sampler, cfg, cuda)
-        n_batches = n_batches
+        n_batches = len(train_loader)
 
         def train_batches(epoch: int):
             train_sampler.set_epoch(epoch)
