@@ -145,11 +145,15 @@ _BRN_LABEL = re.compile(r"(?:사업자\s?(?:등록)?\s?번호|(?i:BRN|business\s
 _KO_LEGAL = r"(?:주식회사|유한회사|\(주\)|\(유\)|㈜)"
 _KO_WORD = rf"[{_H}A-Za-z0-9&·]"
 _EN_LEGAL = (r"(?:Co\.?,?\s?Ltd\.?|Company\s+Limited|Company|Co\.|Ltd\.?|Limited|Inc\.?|Incorporated|Corp\.?|Corporation|"
-             r"GmbH(?:\s?&\s?Co\.?\s?KG)?|AG|KG|LLC|L\.L\.C\.|PLC|plc|S\.A\.|S\.p\.A\.|B\.V\.|N\.V\.|"
+             r"GmbH(?:\s?&\s?Co\.?\s?KG)?|LLC|L\.L\.C\.|plc|S\.A\.|S\.p\.A\.|B\.V\.|N\.V\.|"
              r"Pte\.?\s?Ltd\.?|Pvt\.?\s?Ltd\.?|K\.K\.|Sdn\.?\s?Bhd\.?|Industries)")
 _EN_CAPW = r"[A-Z][A-Za-z0-9&'\-]*"
+# PLC, AG and KG are also a programmable logic controller, an agitator and kilograms in shop-floor
+# text ("REPLACE PLC CARD"): as legal forms they count only after a name written in mixed case.
+_EN_MIXW = r"[A-Z][a-z][A-Za-z0-9&'\-]*"
 _COMPANY_RULES = [
     rf"(?<![A-Za-z0-9&'\-]){_EN_CAPW}(?:\s+{_EN_CAPW}){{0,3}},?\s+{_EN_LEGAL}(?![A-Za-z])",
+    rf"(?<![A-Za-z0-9&'\-]){_EN_MIXW}(?:\s+{_EN_CAPW}){{0,3}},?\s+(?:PLC|AG|KG)(?![A-Za-z])",
 ]
 _KO_SECTOR = ("정밀|산업|금속|전자|화학|테크|텍|중공업|기공|엔지니어링|소재|케미칼|철강|제강|제철|물산|기계|시스템|솔루션|"
               "모터스|오토|메탈|공업|산전|전기|정공|하이텍|플라스틱|실업|통상|상사|건설|조선|해운|물류|반도체|"
