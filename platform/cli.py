@@ -441,7 +441,9 @@ def parser() -> argparse.ArgumentParser:
     rel.add_argument("--quiet", action="store_true")
     rel.set_defaults(fn=cmd_data_release)
     sh = data.add_parser("share", help="build an industry-common dataset from released versions")
-    sh.add_argument("--industry", required=True, help="industry, e.g. steel; members come from `indai member ls`")
+    from indai.platform.tenancy import INDUSTRIES
+
+    sh.add_argument("--industry", required=True, choices=INDUSTRIES, help="industry; its members come from `indai member ls`")
     sh.add_argument("--from", dest="sources", nargs="+", help="released versions to combine (default: the newest of every dataset of the industry's members)")
     sh.add_argument("--as", dest="as_name", help="name of the common dataset (default <industry>-common)")
     sh.add_argument("--quiet", action="store_true")
