@@ -77,7 +77,9 @@ def cmd_data_ingest(a) -> int:
     classes = f"{len(manifest['classes'])} classes; " if manifest.get("classes") else ""
     print(f"dataset {name}@{version} (raw, member {manifest['member']}): {classes}{_counts(manifest)}")
     for what, n in (manifest.get("dropped") or {}).items():
-        if n:
+        if n and what == "unaligned_sensor":
+            print(f"  {n} record(s) kept without a sensor window: their time is outside their asset's log")
+        elif n:
             print(f"  dropped {n} record(s): {what.replace('_', ' ')}")
     for col, n in (manifest.get("invalid_values") or {}).items():
         print(f"  column {col}: {n} value(s) did not parse and were kept as missing")

@@ -23,6 +23,7 @@ metadata never reaches even a raw version.
 from __future__ import annotations
 
 import glob as globlib
+from collections import OrderedDict
 import hashlib
 import json
 from pathlib import Path
@@ -40,6 +41,7 @@ from indai.platform.storage import ObjectStore, StoreError
 
 SPLITS = ("train", "val", "test")
 NO_TIME = np.iinfo(np.int64).min
+LOG_CACHE = 8  # asset logs held in memory while aligning records
 MISSING = {"", "na", "n/a", "nan", "none", "null", "-"}
 
 
@@ -132,6 +134,26 @@ class SensorSource(Strict):
     _path = field_validator("path")(classmethod(lambda cls, v: _relative(v)))
 
 
+class SensorAlign(Strict):
+    """Records keyed by asset + time take their sensor window from the asset's continuous log
+    (a QA event and the vibration around it): the window starts `before_s` before the
+    record's time; a record whose window is not inside the log gets no sensor (mask 0) and is
+    counted as unaligned."""
+
+    path: str = Field(description="the asset's log relative to the data folder; {asset} is replaced, e.g. logs/{asset}.csv")
+    time_column: str = Field(description="CSV wide: a column per channel and this date/time column")
+    tz: str | None = Field(default=None, description="time zone of naive times in the log")
+    sampling_rate_hz: float = Field(gt=0, description="rate of the log (checked against its time column)")
+    before_s: float = Field(default=0.0, ge=0, le=86_400)
+
+    @field_validator("path")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        if "{asset}" not in v:
+            raise ValueError("sensor_align.path must contain {asset}")
+        return _relative(v.replace("{asset}", "x")) and v
+
+
 class TableSource(Strict):
     kind: Literal["table"]
     path: str
@@ -153,6 +175,7 @@ class TableSource(Strict):
     document: str | None = Field(default=None, description="column with a document path (text of the record)")
     sensor: str | None = Field(default=None, description="column with a sensor file path (one window per record)")
     sensor_rate_hz: float | None = Field(default=None, gt=0)
+    sensor_align: "SensorAlign | None" = Field(default=None, description="cut each record's sensor window from its asset's log at its time")
     _path = field_validator("path")(classmethod(lambda cls, v: _relative(v)))
 
     def used_columns(self) -> list[str]:
@@ -245,7 +268,10 @@ class DatasetSpec(Strict):
         if "sensor" in kinds and kinds != {"sensor"}:
             raise ValueError("sensor recordings cannot be mixed with table/files sources; to fuse sensors with other "
                              "modalities, name one sensor file per record in a table column (sensor:)")
-        needs_sensor = "sensor" in kinds or any(getattr(s, "sensor", None) for s in self.sources)
+        needs_sensor = "sensor" in kinds or any(getattr(s, "sensor", None) or getattr(s, "sensor_align", None) for s in self.sources)
+        for s in self.sources:
+            if s.kind == "table" and s.sensor_align and not (s.asset and s.time):
+                raise ValueError(f"source {s.path}: sensor_align needs the asset: and time: columns that key each record")
         if needs_sensor and self.sensor is None:
             raise ValueError("sensor sources need a sensor: section (channels, sampling_rate_hz, window)")
         if kinds == {"sensor"} and self.labels.type == "classification" and any(not s.label for s in self.sources):
@@ -505,14 +531,15 @@ class _Records:
     def __init__(self, spec: DatasetSpec, base: Path, progress: bool):
         self.spec, self.base, self.progress = spec, base, progress
         self.rows = spec.shard_rows or (1024 if self._heavy() else 20_000)
-        self.dropped = {"missing_label": 0, "unknown_label": 0}
+        self.dropped = {"missing_label": 0, "unknown_label": 0, "unaligned_sensor": 0}
         self.invalid: dict[str, int] = {}
+        self._logs: OrderedDict = OrderedDict()  # the asset logs read last (least recently used dropped first)
         self.classes: list[str] = list(spec.labels.classes or spec.labels.bin_names or [])
         self.metadata_removed: dict[str, int] = {}
         self.title_blocks: dict[str, int] = {"drawings": 0, "entities": 0}
 
     def _heavy(self) -> bool:
-        return any(s.kind == "files" and s.modality in ("image", "cad") or s.kind == "table" and (s.image or s.cad or s.sensor)
+        return any(s.kind == "files" and s.modality in ("image", "cad") or s.kind == "table" and (s.image or s.cad or s.sensor or s.sensor_align)
                    for s in self.spec.sources)
 
     def modalities(self) -> set[str]:
@@ -522,7 +549,7 @@ class _Records:
                 mods |= {"image", "text"} if s.modality == "cad" else ({"image"} if s.modality == "image" else {"text"})
             else:
                 mods |= ({"text"} if s.text or s.document or s.cad else set()) | ({"image"} if s.image or s.cad else set()) | \
-                        ({"sensor"} if s.sensor else set())
+                        ({"sensor"} if s.sensor or s.sensor_align else set())
         return mods
 
     # keys pass: unit of every record, known labels, record counts
@@ -684,9 +711,12 @@ class _Records:
         if src.text:
             parts = [col(c) for c in src.text]
             batch["text"] = [" | ".join(t for t in ts if t.strip()) or None for ts in zip(*parts)]
+        if src.sensor_align:
+            for j in range(n):
+                batch["sensor"][j] = self._aligned(src.sensor_align, str(assets[j]), int(times[j]))
         if src.document or src.image or src.cad or src.sensor:
             for j, row in enumerate(chunk.itertuples(index=False)):
-                row = row._asdict() if hasattr(row, "_asdict") else dict(zip(chunk.columns, row))
+                row = dict(zip(chunk.columns, row))
                 texts = [batch["text"][j]] if batch["text"][j] else []
                 if src.document and row.get(src.document):
                     texts.append(" ".join(self._document(resolve_path(self.base, row[src.document]), chunked=False)))
@@ -699,6 +729,32 @@ class _Records:
                     batch["sensor"][j] = self._sensor(resolve_path(self.base, row[src.sensor]), src.sensor_rate_hz)
                 batch["text"][j] = " | ".join(texts) or None
         return batch
+
+    def _aligned(self, align: "SensorAlign", asset: str, t: int) -> np.ndarray | None:
+        """The window of `asset`'s log that starts `before_s` before time `t` (ns, UTC)."""
+        s = self.spec.sensor
+        key = (align.path, asset)
+        if key in self._logs:
+            self._logs.move_to_end(key)
+        else:
+            from indai.platform.connectors.sensors import check_rate
+            from indai.platform.connectors.tables import read_csv_frame, typed
+
+            path = resolve_path(self.base, align.path.replace("{asset}", asset))
+            frame = read_csv_frame(path, [*s.channels, align.time_column], s.channels)
+            ts = typed(path, frame, align.time_column, "datetime", align.tz)
+            if ts.size > 2:
+                check_rate(path.name, align.sampling_rate_hz, 1e9 / float(np.median(np.diff(ts))), f"time column {align.time_column!r}")
+            data = resample(frame[s.channels].to_numpy(dtype=np.float64).T, align.sampling_rate_hz, s.sampling_rate_hz)
+            self._logs[key] = (int(ts[0]), data.astype(np.float32))
+            while len(self._logs) > LOG_CACHE:
+                self._logs.popitem(last=False)
+        t0, data = self._logs[key]
+        start = int(round((t - align.before_s * 1e9 - t0) / 1e9 * s.sampling_rate_hz))
+        if t == NO_TIME or start < 0 or start + s.window > data.shape[1]:
+            self.dropped["unaligned_sensor"] = self.dropped.get("unaligned_sensor", 0) + 1
+            return None
+        return data[:, start: start + s.window].copy()
 
     def _image(self, path: Path) -> np.ndarray:
         from indai.platform.connectors.images import read_image

@@ -275,3 +275,38 @@ def test_killed_ingest_resumes_to_the_same_version(tmp_path):
     assert ingest(sp, open_store(tmp_path / "clean"), progress=False)[1] == version
     assert not journal.exists()  # a finished ingest leaves no journal
     assert sum(m["split"]["records"].values()) == n
+
+
+def test_events_take_their_window_from_the_assets_log(tmp_path):
+    """QA events (asset + time) aligned with each asset's continuous vibration log: the window
+    starts before_s before the event; events outside the log keep no sensor and are counted."""
+    rate = 1000
+    (tmp_path / "logs").mkdir()
+    start = np.datetime64("2024-05-02T08:00:00")
+    for a, freq in (("P1", 30.0), ("P2", 90.0)):
+        k = np.arange(20 * rate)
+        stamps = start + (k * 1_000_000).astype("timedelta64[ns]")
+        value = np.sin(2 * np.pi * freq * k / rate) + k / 1e6
+        lines = ["ts,vib"] + [f"{str(t)},{v:.6f}" for t, v in zip(stamps, value)]
+        (tmp_path / "logs" / f"{a}.csv").write_text("\n".join(lines))
+    events = ["id,pump,at,result"]
+    for i in range(40):
+        events.append(f"q{i},{'P1' if i % 2 else 'P2'},2024-05-02 08:00:{1 + i // 3:02d},{'ok' if i % 2 else 'bad'}")
+    events.append("late,P1,2024-05-02 09:00:00,ok")  # an hour after the log ends
+    (tmp_path / "qa.csv").write_text("\n".join(events))
+    src = {"kind": "table", "path": "qa.csv", "event": "id", "asset": "pump", "time": "at", "label": "result",
+           "sensor_align": {"path": "logs/{asset}.csv", "time_column": "ts", "sampling_rate_hz": rate, "before_s": 0.5}}
+    body = {"sensor": {"channels": ["vib"], "sampling_rate_hz": rate, "window": 256}, "split": {"by": "time"}, "sources": [src]}
+    store = open_store(tmp_path / "store")
+    name, version, m = ingest(spec(tmp_path, body), store, progress=False)
+    assert m["dropped"]["unaligned_sensor"] == 1 and m["modalities"]["sensor"]["window"] == 256
+    arrays = all_split(store, name, version)
+    got = {e: (x, mk) for a in arrays.values() for e, x, mk in zip(a["key_event"], a["sensor"], a["mask"][:, 0])}
+    assert got["late"][1] == 0 and not got["late"][0].any()
+    x, present = got["q7"]  # P1 at 08:00:03 -> the log from 2.5 s on, i.e. sample 2500
+    k = np.arange(2500, 2756)
+    assert present == 1 and np.allclose(x[0], np.sin(2 * np.pi * 30.0 * k / rate) + k / 1e6, atol=1e-4)
+    bad = json.loads(json.dumps(body))
+    bad["sources"][0]["sensor_align"]["sampling_rate_hz"] = 2000
+    with pytest.raises(UserError, match=r"P[12].csv: mismatched sampling rate"):
+        ingest(spec(tmp_path, bad), open_store(tmp_path / "s2"), progress=False)
