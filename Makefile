@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # the embedded default keeps its state (object store folder, MLflow database, logs) here
 export INDAI_HOME ?= $(CURDIR)/.indai
 
-.PHONY: install demo test test-unit test-integration test-k8s up down clean k8s-up k8s-down
+.PHONY: install demo test test-unit test-integration test-k8s up down clean k8s-up k8s-down bench-data
 
 install: $(VENV)/.installed
 
@@ -50,3 +50,10 @@ k8s-down:
 
 test-k8s: install
 	$(BIN)/python -m pytest tests/k8s
+
+## bench-data: the data pipeline's numbers in one command: de-identification precision/recall,
+## peak memory of a streaming ingest of a 1.9 GB table, Ray Data throughput (results in bench/results/)
+bench-data: install
+	$(BIN)/python bench/deid_eval.py
+	$(BIN)/python bench/ingest_memory.py --rows 20000000
+	$(BIN)/python bench/stream_throughput.py

@@ -228,15 +228,17 @@ def cmd_model_promote(a) -> int:
 
 # ---- serving --------------------------------------------------------------------------------
 
-def serve_model(model: str, replicas: int = 1) -> str:
+def serve_model(model: str | None, replicas: int = 1) -> str:
     import ray
     from ray import serve
 
     from indai.platform import services
     from indai.serving.app import ServeArgs, build_app
 
+    from indai.platform import db
+
     s = _settings()
-    args = ServeArgs(model=model, mlflow_uri=s.require_mlflow(), num_replicas=replicas)
+    args = ServeArgs(model=model, mlflow_uri=s.require_mlflow(), db_url=db.database_url(), num_replicas=replicas)
     app = build_app(args)
     if not ray.is_initialized():
         services.use_ray_auth()
@@ -246,6 +248,17 @@ def serve_model(model: str, replicas: int = 1) -> str:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app, name=args.name, route_prefix=args.route_prefix)
     return s.serve_url or f"http://127.0.0.1:{port}"
+
+
+def cmd_model_share(a) -> int:
+    from indai.platform import tenancy
+
+    shared = [m.strip() for m in (a.shared_with or "").split(",") if m.strip()]
+    visibility = "consortium" if a.consortium else ("shared" if shared else "private")
+    tenancy.set_model_access(_db(), a.model, a.owner, visibility, shared, a.process)
+    print(f"model {a.model}: owner {a.owner}, {visibility}" + (f" with {', '.join(shared)}" if shared else "")
+          + (f", process {a.process}" if a.process else ""))
+    return 0
 
 
 def cmd_serve(a) -> int:
@@ -279,7 +292,7 @@ def cmd_predict(a) -> int:
         store = _store()
         ref = datasets.resolve(store, datasets.parse_ref(a.dataset))
         instances, labels = split_instances(store, ref, a.split, a.limit)
-        ev = evaluate_split(url, instances, labels, concurrency=a.concurrency)
+        ev = evaluate_split(url, instances, labels, concurrency=a.concurrency, token=a.token, model=a.model)
         print(f"{ref} {a.split}: {ev.summary()}")
         return 0
     if not a.input:
@@ -294,11 +307,30 @@ def cmd_predict(a) -> int:
     instances = body.get("instances") if isinstance(body, dict) else None
     if not isinstance(instances, list) or not instances:
         raise UserError(f"input file {a.input!r} must hold an object with a non-empty \"instances\" list")
-    _print_json(post_predict(url, instances))
+    _print_json(post_predict(url, instances, token=a.token, model=a.model or body.get("model")))
     return 0
 
 
 # ---- the whole main job -----------------------------------------------------------------------
+
+def demo_member_token(model_name: str) -> str:
+    """The demo's consortium member, a researcher of it and a fresh token (written to
+    $INDAI_HOME/demo.token, owner-only); the demo model is owned by it and shared
+    consortium-wide, for the bearing-monitoring process."""
+    from indai.platform import tenancy
+    from indai.platform.settings import home
+
+    eng = _db()
+    if "demo" not in {m["id"] for m in tenancy.list_members(eng)}:
+        tenancy.add_member(eng, "demo", "indai demo", "other", "research")
+        tenancy.add_user(eng, "demo", "demo", "researcher")
+    _, token = tenancy.create_token(eng, "demo")
+    tenancy.set_model_access(eng, model_name, owner="demo", visibility="consortium", process="bearing-monitoring")
+    path = home() / "demo.token"
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+    return token
+
 
 def cmd_demo(a) -> int:
     from indai.platform import datasets, registry, services
@@ -322,12 +354,13 @@ def cmd_demo(a) -> int:
     with stages.stage("promote: point the 'champion' alias at the new version"):
         registry.promote(s.require_mlflow(), result.model_name, result.model_version, "champion")
     model = f"{result.model_name}@champion"
-    with stages.stage(f"serve {model} with Ray Serve"):
+    with stages.stage(f"serve {model} with Ray Serve (members call it with an API token)"):
         url = serve_model(model)
+        token = demo_member_token(result.model_name)
     with stages.stage("predict the held-out test windows over HTTP"):
         ref = datasets.DatasetRef(name, version)
         instances, labels = split_instances(store, ref, "test")
-        ev = evaluate_split(url, instances, labels, concurrency=4)
+        ev = evaluate_split(url, instances, labels, concurrency=4, token=token, model=model)
     print(stages.summary())
     print(f"held-out test windows ({ev.n}, split by time): {ev.summary()}")
     print(f"MLflow UI {state['mlflow_uri']} (experiment {cfg.run.experiment}, model {result.model_name}); "
@@ -417,6 +450,48 @@ def cmd_gateway_serve(a) -> int:
     return 0
 
 
+# ---- KPIs -----------------------------------------------------------------------------------
+
+def cmd_kpi_hours(a) -> int:
+    from indai.platform import kpi
+
+    days = kpi.set_hours(_db(), a.member, a.process, kpi.parse_day(a.start, "--from"), kpi.parse_day(a.end, "--to"), a.hours_per_day)
+    print(f"declared {a.hours_per_day:g} h/day for {a.member} / {a.process} on {days} day(s), {a.start}..{a.end}")
+    return 0
+
+
+def cmd_kpi_import_hours(a) -> int:
+    from indai.platform import kpi
+
+    rows = kpi.import_hours(_db(), a.csv)
+    print(f"declared operating hours for {rows} member/process/day row(s) from {a.csv}")
+    return 0
+
+
+def cmd_kpi_outcome(a) -> int:
+    from indai.platform import kpi
+
+    kpi.record_outcome(_db(), a.member, a.process, a.indicator, a.phase, a.value, a.unit)
+    print(f"recorded {a.indicator} {a.phase} = {a.value:g}{(' ' + a.unit) if a.unit else ''} for {a.member} / {a.process}")
+    return 0
+
+
+def cmd_kpi_report(a) -> int:
+    from indai.platform import kpi
+
+    s = _settings()
+    period, targets = kpi.parse_period(a.period), kpi.load_targets(a.targets)
+    try:
+        mlflow_uri = s.require_mlflow()
+    except UserError:
+        mlflow_uri = None  # the report says that the registry was not asked
+    report = kpi.compute(_db(), a.industry, period, member=a.member, targets=targets, mlflow_uri=mlflow_uri, store=_store())
+    html_path, json_path = kpi.render(report, a.out or s.home / "reports")
+    print(html_path)
+    print(json_path)
+    return 0
+
+
 # ---- parser ---------------------------------------------------------------------------------
 
 def parser() -> argparse.ArgumentParser:
@@ -473,6 +548,14 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("model", help="name/version, e.g. cwru-bearing/3")
     pr.add_argument("--alias", default="champion", help="alias to move (default champion)")
     pr.set_defaults(fn=cmd_model_promote)
+    ms = model.add_parser("share", help="who may call a model: its owner, named members, or the whole consortium")
+    ms.add_argument("model", help="registered model name")
+    ms.add_argument("--owner", required=True, help="member that owns the model")
+    vis = ms.add_mutually_exclusive_group()
+    vis.add_argument("--with", dest="shared_with", help="comma-separated members that may call it besides the owner")
+    vis.add_argument("--consortium", action="store_true", help="every member may call it")
+    ms.add_argument("--process", default="", help="the member's process the model serves (for the KPI report)")
+    ms.set_defaults(fn=cmd_model_share)
 
     sv = sub.add_parser("serve", help="serve a registered model with Ray Serve (HTTP, OpenAPI at /openapi.json)")
     sv.add_argument("--model", help="name@alias or name/version")
@@ -487,6 +570,8 @@ def parser() -> argparse.ArgumentParser:
     pd.add_argument("--limit", type=int, default=None, help="at most this many windows")
     pd.add_argument("--concurrency", type=int, default=4)
     pd.add_argument("--url", help="Serve base URL (default: the embedded one)")
+    pd.add_argument("--model", help="name@alias or name/version (default: the service's default model)")
+    pd.add_argument("--token", default=os.environ.get("INDAI_TOKEN"), help="your API token (env INDAI_TOKEN)")
     pd.set_defaults(fn=cmd_predict)
 
     from indai.platform.tenancy import INDUSTRIES, MEMBER_ROLES, SCOPES, USER_ROLES
@@ -528,6 +613,35 @@ def parser() -> argparse.ArgumentParser:
     gs.add_argument("--port", type=int, default=8266)
     gs.add_argument("--ray-dashboard", help="Ray job server URL (default: the embedded one)")
     gs.set_defaults(fn=cmd_gateway_serve)
+
+    from indai.platform.kpi import INDICATORS, PHASES
+
+    kp = sub.add_parser("kpi", help="consortium KPIs: declare operating hours, record outcomes, write the report").add_subparsers(dest="kpi_cmd", required=True, metavar="ACTION")
+    kh = kp.add_parser("hours", help="declare a process's operating hours for every day of a range (replaces what was declared)")
+    kh.add_argument("--member", required=True)
+    kh.add_argument("--process", required=True, help="the process, as named in the model access rules, e.g. hot-rolling")
+    kh.add_argument("--from", dest="start", required=True, help="first day, YYYY-MM-DD")
+    kh.add_argument("--to", dest="end", required=True, help="last day (included), YYYY-MM-DD")
+    kh.add_argument("--hours-per-day", type=float, required=True, help="hours the process ran each day, 0-24")
+    kh.set_defaults(fn=cmd_kpi_hours)
+    ki = kp.add_parser("import-hours", help="declare operating hours from a CSV (member,process,day,hours); one bad row refuses the file")
+    ki.add_argument("csv", help="CSV file with the header member,process,day,hours")
+    ki.set_defaults(fn=cmd_kpi_import_hours)
+    ko = kp.add_parser("outcome", help="record an outcome indicator of a process, before or after the AI")
+    ko.add_argument("--member", required=True)
+    ko.add_argument("--process", required=True)
+    ko.add_argument("--indicator", required=True, choices=list(INDICATORS))
+    ko.add_argument("--phase", required=True, choices=PHASES)
+    ko.add_argument("--value", type=float, required=True)
+    ko.add_argument("--unit", default="", help="e.g. %%, h/month, KRW/month")
+    ko.set_defaults(fn=cmd_kpi_outcome)
+    kr = kp.add_parser("report", help="write the KPI report of an industry (HTML and JSON) and print both paths")
+    kr.add_argument("--industry", required=True, choices=INDUSTRIES)
+    kr.add_argument("--member", help="only this member of the industry")
+    kr.add_argument("--period", required=True, help="<from>..<to>, both days included (UTC), e.g. 2026-11-01..2026-11-30")
+    kr.add_argument("--out", help="folder for the report (default $INDAI_HOME/reports)")
+    kr.add_argument("--targets", help="targets YAML (models_in_production, ai_time_share, satisfaction, common_datasets)")
+    kr.set_defaults(fn=cmd_kpi_report)
 
     dm = sub.add_parser("demo", help="the main job end to end on the embedded default")
     dm.add_argument("--spec", default="examples/cwru-0hp/dataset.yaml")

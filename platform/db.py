@@ -7,10 +7,10 @@ by Alembic migrations in `platform/migrations/`, applied by `upgrade()` before u
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Integer, String, Text, create_engine
+from sqlalchemy import Boolean, Date, DateTime, Float, ForeignKey, Integer, String, Text, create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -113,3 +113,68 @@ def upgrade(eng: Engine) -> None:
     with eng.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+class ModelAccess(Base):
+    """Who may call a registered model: its owner always; `shared` adds the named members;
+    `consortium` opens it to every member. The process it serves feeds the KPI report."""
+
+    __tablename__ = "model_access"
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    owner_member_id: Mapped[str] = mapped_column(String(64), index=True)
+    visibility: Mapped[str] = mapped_column(String(16))
+    shared_with: Mapped[str] = mapped_column(Text, default="")
+    process: Mapped[str] = mapped_column(String(64), default="")
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Call(Base):
+    """One metered inference request (written in batches by the serving ingress)."""
+
+    __tablename__ = "calls"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(64), unique=True)
+    member_id: Mapped[str] = mapped_column(String(64), index=True)
+    model: Mapped[str] = mapped_column(String(128), index=True)
+    model_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    process: Mapped[str] = mapped_column(String(64), default="")
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    status: Mapped[int] = mapped_column(Integer)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    instances: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class Feedback(Base):
+    __tablename__ = "feedback"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    member_id: Mapped[str] = mapped_column(String(64), index=True)
+    rating: Mapped[int] = mapped_column(Integer)
+    true_label: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class OperatingHours(Base):
+    """Hours a member's process ran on a day (declared by the member)."""
+
+    __tablename__ = "operating_hours"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    member_id: Mapped[str] = mapped_column(String(64), index=True)
+    process: Mapped[str] = mapped_column(String(64))
+    day: Mapped[date] = mapped_column(Date)
+    hours: Mapped[float] = mapped_column(Float)
+
+
+class Outcome(Base):
+    """An outcome indicator a member records for a process, before or after the AI."""
+
+    __tablename__ = "outcomes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    member_id: Mapped[str] = mapped_column(String(64), index=True)
+    process: Mapped[str] = mapped_column(String(64))
+    indicator: Mapped[str] = mapped_column(String(32))
+    phase: Mapped[str] = mapped_column(String(8))
+    value: Mapped[float] = mapped_column(Float)
+    unit: Mapped[str] = mapped_column(String(32), default="")
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

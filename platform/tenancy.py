@@ -166,3 +166,90 @@ def verify(eng: Engine, token: str | None) -> Principal:
         if u.disabled or mem.disabled:
             raise AuthError(f"{'member ' + mem.id if mem.disabled else 'user ' + u.id} is disabled")
         return Principal(user=u.id, member=mem.id, role=u.role, scopes=frozenset(t.scopes.split()), token_id=t.id)
+
+
+class TokenCache:
+    """Token verification for hot paths (the serving ingress): the slow hash is computed once
+    per token, and the cheap status check (revoked, expired, disabled) is repeated at most
+    every `recheck_s` seconds, so a revocation takes effect within that time. While the
+    database is unreachable a token verified less than `grace_s` ago keeps working, so the
+    shop floor is not cut off by a database restart; an unknown token then gets DatabaseDown."""
+
+    def __init__(self, eng: Engine, recheck_s: float = 2.0, grace_s: float = 300.0, size: int = 10_000):
+        self.eng, self.recheck_s, self.grace_s, self.size = eng, recheck_s, grace_s, size
+        self._seen: dict[str, tuple[Principal, float]] = {}
+
+    def verify(self, token: str | None) -> Principal:
+        import time
+
+        from sqlalchemy.exc import SQLAlchemyError
+
+        key = hashlib.sha256((token or "").encode()).hexdigest()
+        now = time.monotonic()
+        hit = self._seen.get(key)
+        if hit and now - hit[1] < self.recheck_s:
+            return hit[0]
+        try:
+            p = _status(self.eng, hit[0]) if hit else verify(self.eng, token)
+        except AuthError:
+            self._seen.pop(key, None)
+            raise
+        except SQLAlchemyError:
+            if hit and now - hit[1] < self.grace_s:
+                return hit[0]
+            raise DatabaseDown("the platform database is unavailable: retry later") from None
+        if len(self._seen) >= self.size:
+            self._seen.clear()
+        self._seen[key] = (p, now)
+        return p
+
+
+class DatabaseDown(Exception):
+    pass
+
+
+def _status(eng: Engine, p: Principal) -> Principal:
+    """Re-check a token already verified by hash: still valid, user and member enabled."""
+    with Session(eng) as s:
+        row = s.execute(select(Token, User, Member).join(User, Token.user_id == User.id)
+                        .join(Member, User.member_id == Member.id).where(Token.id == p.token_id)).first()
+    if row is None:
+        raise AuthError("unknown token")
+    t, u, mem = row
+    if t.revoked_at is not None:
+        raise AuthError(f"token {t.id} was revoked")
+    if _aware(t.expires_at) <= utcnow():
+        raise AuthError(f"token {t.id} expired on {_aware(t.expires_at):%Y-%m-%d}")
+    if u.disabled or mem.disabled:
+        raise AuthError(f"{'member ' + mem.id if mem.disabled else 'user ' + u.id} is disabled")
+    return Principal(user=u.id, member=mem.id, role=u.role, scopes=frozenset(t.scopes.split()), token_id=t.id)
+
+
+VISIBILITIES = ("private", "shared", "consortium")
+
+
+def set_model_access(eng: Engine, model: str, owner: str, visibility: str = "private", shared_with: list[str] | None = None,
+                     process: str = "") -> None:
+    """Who may call a registered model (see serving's ingress): its owner always, the named
+    members when shared, every member when consortium-wide."""
+    from indai.platform.db import ModelAccess
+    from indai.platform.registry import check_model_name
+
+    check_model_name(model)
+    _choice("visibility", visibility, VISIBILITIES)
+    shared = sorted(set(shared_with or []))
+    if visibility == "shared" and not shared:
+        raise UserError("a shared model needs the members it is shared with: --with member-a,member-b")
+    if process and not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", process):
+        raise UserError(f"process {process!r} is not valid: lower-case letters, digits, '-' and '_'")
+    with Session(eng) as s, s.begin():
+        known = set(s.scalars(select(Member.id)))
+        missing = [m for m in [owner, *shared] if m not in known]
+        if missing:
+            raise UserError(f"member(s) {missing} do not exist: `indai member ls` lists them")
+        row = s.get(ModelAccess, model)
+        if row is None:
+            row = ModelAccess(model=model)
+            s.add(row)
+        row.owner_member_id, row.visibility, row.shared_with = owner, visibility, ",".join(shared)
+        row.process, row.updated_at = process, utcnow()

@@ -1,14 +1,23 @@
-"""The Ray Serve application: a model deployment behind a FastAPI ingress.
+"""The consortium's shared inference service on Ray Serve.
 
-`build_app(args)` builds it from typed arguments. The deployment resolves `name@alias` (or a
-pinned `name/version`) in the MLflow registry, downloads the model and runs the exported
-program; requests are validated one by one (a bad sample gets a 4xx and never reaches the
-batch), then batched with `@serve.batch`. This module never imports training code: it runs
-what the registry holds.
+Two deployments:
+- `Ingress` (FastAPI): authenticates the member's API token, checks that the member may call
+  the model (private to its owner, shared with named members, or consortium-wide), applies a
+  per-member rate limit, resolves `name@alias` to a registered version (re-resolved every few
+  seconds, so moving an alias moves traffic without a restart; `name/version` stays pinned),
+  and meters every call in batches (serving never waits on the database). `POST /v1/feedback`
+  stores a member's rating of a prediction by its request id.
+- `ModelPool`: loads registered models by resolved version, several per replica
+  (`serve.multiplexed`, least recently used dropped), validates each instance against the
+  model's card (a bad instance is a 400, never a crash), and batches instances across
+  requests (`serve.batch`), grouped by model.
+This module never imports training code: it runs what the registry holds.
 """
 
 import asyncio
+import os
 import tempfile
+import time
 import uuid
 
 from fastapi import FastAPI, Request
@@ -18,26 +27,39 @@ from ray import serve
 
 from indai.platform.config import Strict
 from indai.platform.errors import UserError
-from indai.platform.model_format import IndaiModel
-from indai.platform.registry import download, parse_model_ref, resolve_version
-from indai.serving.schemas import ErrorResponse, ModelInfo, PredictRequest, PredictResponse
+from indai.serving.schemas import (ErrorResponse, FeedbackRequest, FeedbackResponse, ModelInfo, ModelListing, PredictRequest,
+                                   PredictResponse)
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
+# models held per pool replica; set by build_app through the replica's environment, because
+# serve.multiplexed takes its bound when the class is defined
+MAX_MODELS = int(os.environ.get("INDAI_SERVE_MAX_MODELS", "4"))
 
 
 class ServeArgs(Strict):
-    model: str = Field(description="registered model to serve: name@alias or name/version")
+    model: str | None = Field(default=None, description="default model of requests that name none: name@alias or name/version")
     mlflow_uri: str = Field(description="MLflow tracking/registry server")
+    db_url: str = Field(description="platform database (tokens, model access, metering)")
     name: str = Field(default="indai", description="Serve application name")
     route_prefix: str = Field(default="/", pattern=r"^/[A-Za-z0-9/_-]*$")
-    num_replicas: int = Field(default=1, ge=1, le=64)
-    num_cpus: float = Field(default=0.5, gt=0, description="CPUs per replica")
+    ingress_replicas: int = Field(default=1, ge=1, le=64)
+    num_replicas: int = Field(default=1, ge=1, le=64, description="model pool replicas (without autoscaling)")
+    autoscaling: dict | None = Field(default=None, description="Ray Serve autoscaling_config of the model pool, e.g. "
+                                                               "{min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}")
+    num_cpus: float = Field(default=0.5, gt=0, description="CPUs per model pool replica")
+    max_models_per_replica: int = Field(default=4, ge=1, le=64)
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(default=0.005, ge=0, le=1)
+    rate_per_s: float = Field(default=200, ge=0, description="calls per second per member on each ingress replica (0: no limit)")
+    burst: float = Field(default=400, ge=1)
+    resolve_ttl_s: float = Field(default=2.0, ge=0, le=300, description="how long an alias resolution and an access rule are reused")
+    token_recheck_s: float = Field(default=2.0, ge=0, le=300, description="a revoked token is refused within this time")
+    meter_flush_s: float = Field(default=1.0, gt=0, le=60)
 
 
-api = FastAPI(title="indai inference", version="1",
-              description="Predictions from models registered in the indai registry (sensor, image and text inputs).")
+api = FastAPI(title="indai inference", version="2",
+              description="Predictions from models registered in the indai registry (sensor, image and text inputs), "
+                          "for consortium members with an API token (`Authorization: Bearer <token>`).")
 
 
 @api.middleware("http")
@@ -49,46 +71,265 @@ async def limit_body(request: Request, call_next):
     return await call_next(request)
 
 
+class Refused(Exception):
+    def __init__(self, status: int, detail: str):
+        self.status, self.detail = status, detail
+
+
 @serve.deployment
-@serve.ingress(api)
-class ModelServer:
+class ModelPool:
     def __init__(self, args: dict):
         self.args = ServeArgs.model_validate(args)
-        self.ref = parse_model_ref(self.args.model)
         self._tmp = tempfile.TemporaryDirectory(prefix="indai-serve-")
-        folder, self.version = download(self.args.mlflow_uri, self.ref, self._tmp.name)
-        self.model = IndaiModel.load(folder / "artifacts" / "indai_model")
-        self.predict_batch.set_max_batch_size(self.args.max_batch_size)
-        self.predict_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self.run_batch.set_max_batch_size(self.args.max_batch_size)
+        self.run_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+
+    @serve.multiplexed(max_num_models_per_replica=MAX_MODELS)
+    async def get_model(self, model_id: str):
+        from indai.platform.model_format import IndaiModel
+        from indai.platform.registry import download, parse_model_ref
+
+        folder, _ = await asyncio.to_thread(download, self.args.mlflow_uri, parse_model_ref(model_id),
+                                            tempfile.mkdtemp(dir=self._tmp.name))
+        return await asyncio.to_thread(IndaiModel.load, folder / "artifacts" / "indai_model")
+
+    async def card(self) -> dict:
+        return (await self.get_model(serve.get_multiplexed_model_id())).card
+
+    async def predict(self, instances: list[dict]) -> dict:
+        """{"predictions": [...]} or {"error": "..."} (a bad instance fails the request, 400)."""
+        model_id = serve.get_multiplexed_model_id()
+        model = await self.get_model(model_id)
+        try:
+            prepared = [model.prepare(i) for i in instances]
+        except UserError as e:
+            return {"error": str(e)}
+        return {"predictions": list(await asyncio.gather(*(self.run_batch(model_id, p) for p in prepared)))}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def predict_batch(self, prepared: list[dict]) -> list[dict]:
-        return await asyncio.to_thread(self.model.run, prepared)
+    async def run_batch(self, model_ids: list[str], prepared: list[dict]) -> list[dict]:
+        out: list[dict | None] = [None] * len(prepared)
+        for mid in dict.fromkeys(model_ids):  # one forward per model in the batch
+            idx = [i for i, m in enumerate(model_ids) if m == mid]
+            model = await self.get_model(mid)
+            for i, r in zip(idx, await asyncio.to_thread(model.run, [prepared[i] for i in idx])):
+                out[i] = r
+        return out
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, pool, args: dict):
+        from indai.platform import db, tenancy
+        from indai.serving.metering import Meter, RateLimiter
+
+        self.pool = pool
+        self.args = ServeArgs.model_validate(args)
+        self.eng = db.engine(self.args.db_url)
+        self.tokens = tenancy.TokenCache(self.eng, recheck_s=self.args.token_recheck_s)
+        self.meter = Meter(self.eng, flush_s=self.args.meter_flush_s)
+        self.limits = RateLimiter(self.args.rate_per_s, self.args.burst)
+        self._versions: dict[str, tuple[int, float]] = {}
+        self._access: dict[str, tuple[dict | None, float]] = {}
+
+    # -- who is asking, may they, which version -----------------------------------------
+
+    def _principal(self, request: Request, scope: str):
+        from indai.platform import tenancy
+
+        auth = request.headers.get("authorization", "")
+        token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+        try:
+            p = self.tokens.verify(token)
+            p.require(scope)
+            return p
+        except tenancy.DatabaseDown as e:
+            raise Refused(503, str(e)) from None
+        except tenancy.AuthError as e:
+            raise Refused(401 if "scope" not in str(e) else 403, str(e)) from None
+
+    def _rule(self, name: str) -> dict | None:
+        """The model's access rule: the platform database's, else its registry tags (owner
+        from `indai.member`, private); None if the model is not registered at all."""
+        hit = self._access.get(name)
+        if hit and time.monotonic() - hit[1] < self.args.resolve_ttl_s:
+            return hit[0]
+        from sqlalchemy.orm import Session
+
+        from indai.platform.db import ModelAccess
+        from indai.platform.registry import client
+
+        with Session(self.eng) as s:
+            row = s.get(ModelAccess, name)
+        if row:
+            rule = {"owner": row.owner_member_id, "visibility": row.visibility, "process": row.process,
+                    "shared_with": {m for m in row.shared_with.split(",") if m}}
+        else:
+            try:
+                tags = client(self.args.mlflow_uri).get_registered_model(name).tags or {}
+                rule = {"owner": tags.get("indai.member", ""), "visibility": "private", "process": tags.get("indai.process", ""),
+                        "shared_with": set()}
+            except Exception:
+                rule = None
+        self._access[name] = (rule, time.monotonic())
+        return rule
+
+    def _check_access(self, p, name: str) -> dict:
+        rule = self._rule(name)
+        if rule is None:
+            raise Refused(404, f"model {name!r} is not registered: GET /v1/models lists the models you may call")
+        if p.role == "admin" or rule["visibility"] == "consortium" or p.member == rule["owner"] or \
+                (rule["visibility"] == "shared" and p.member in rule["shared_with"]):
+            return rule
+        raise Refused(403, f"model {name!r} belongs to another member and is not shared with {p.member}: ask its owner to share it")
+
+    def _version(self, text: str) -> tuple[str, int]:
+        from indai.platform.registry import parse_model_ref, resolve_version
+
+        try:
+            ref = parse_model_ref(text)
+        except UserError as e:
+            raise Refused(400, str(e)) from None
+        if ref.version is not None:
+            return ref.name, ref.version
+        hit = self._versions.get(text)
+        if hit and time.monotonic() - hit[1] < self.args.resolve_ttl_s:
+            return ref.name, hit[0]
+        try:
+            version = int(resolve_version(self.args.mlflow_uri, ref).version)
+        except UserError as e:
+            raise Refused(404, str(e)) from None
+        self._versions[text] = (version, time.monotonic())
+        return ref.name, version
+
+    def _model_ref(self, given: str | None) -> str:
+        ref = given or self.args.model
+        if not ref:
+            raise Refused(400, "name the model: {\"model\": \"name@alias\", \"instances\": [...]} (GET /v1/models lists them)")
+        return ref
+
+    def _error(self, e: Refused, request_id: str) -> JSONResponse:
+        headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+        return JSONResponse(status_code=e.status, content={"detail": e.detail, "request_id": request_id}, headers=headers)
+
+    # -- endpoints ------------------------------------------------------------------------
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "model": str(self.ref), "model_version": self.version}
+        return {"status": "ok", "metering": self.meter.stats()}
 
-    @api.get("/v1/model", response_model=ModelInfo)
-    async def info(self) -> ModelInfo:
-        c = self.model.card
-        return ModelInfo(model=str(self.ref), model_version=self.version, modalities=c["modalities"],
-                         classes=c["classes"], inputs=c["inputs"], dataset=c.get("dataset"))
+    @api.get("/v1/models", response_model=ModelListing, responses={401: {"model": ErrorResponse}})
+    async def models(self, request: Request):
+        from indai.platform.registry import client
+
+        try:
+            p = await asyncio.to_thread(self._principal, request, "models:predict")
+        except Refused as e:
+            return self._error(e, "")
+        names = await asyncio.to_thread(lambda: [m.name for m in client(self.args.mlflow_uri).search_registered_models()])
+        visible = []
+        for name in sorted(names):
+            try:
+                rule = await asyncio.to_thread(self._check_access, p, name)
+                visible.append({"model": name, "owner": rule["owner"], "visibility": rule["visibility"], "process": rule["process"]})
+            except Refused:
+                continue
+        return ModelListing(models=visible)
+
+    @api.get("/v1/model", response_model=ModelInfo, responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}})
+    async def info(self, request: Request, model: str | None = None):
+        try:
+            p = await asyncio.to_thread(self._principal, request, "models:predict")
+            ref = self._model_ref(model)
+            name, version = await asyncio.to_thread(self._version, ref)
+            await asyncio.to_thread(self._check_access, p, name)
+        except Refused as e:
+            return self._error(e, "")
+        c = await self.pool.options(multiplexed_model_id=f"{name}/{version}").card.remote()
+        return ModelInfo(model=ref, model_version=version, modalities=c["modalities"], classes=c["classes"],
+                         inputs=c["inputs"], dataset=c.get("dataset"))
 
     @api.post("/v1/predict", response_model=PredictResponse,
-              responses={400: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}})
+              responses={s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 413, 422, 429, 503)})
     async def predict(self, body: PredictRequest, request: Request):
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        from indai.serving.metering import CallRecord, now_utc
+
+        t0 = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        p, name, version, process, status = None, "", None, "", 200
         try:
-            prepared = [self.model.prepare(inst.model_dump(exclude_none=True)) for inst in body.instances]
-        except UserError as e:
-            return JSONResponse(status_code=400, content={"detail": str(e), "request_id": request_id})
-        results = await asyncio.gather(*(self.predict_batch(p) for p in prepared))
-        return PredictResponse(request_id=request_id, model=str(self.ref), model_version=self.version, predictions=results)
+            p = await asyncio.to_thread(self._principal, request, "models:predict")
+            if not self.limits.allow(p.member):
+                raise Refused(429, f"rate limit: member {p.member} may send {self.args.rate_per_s:g} requests per second "
+                                   f"(bursts of {self.args.burst:g}); slow down and retry")
+            ref = self._model_ref(body.model)
+            name = ref.split("@")[0].split("/")[0]
+            rule = await asyncio.to_thread(self._check_access, p, name)
+            process = rule["process"]
+            name, version = await asyncio.to_thread(self._version, ref)
+            out = await self.pool.options(multiplexed_model_id=f"{name}/{version}").predict.remote(
+                [i.model_dump(exclude_none=True) for i in body.instances])
+            if "error" in out:
+                raise Refused(400, out["error"])
+            return PredictResponse(request_id=request_id, model=ref, model_version=version, predictions=out["predictions"])
+        except Refused as e:
+            status = e.status
+            return self._error(e, request_id)
+        except Exception:
+            status = 500
+            raise
+        finally:
+            if p is not None:
+                self.meter.record(CallRecord(request_id=request_id, member_id=p.member, model=name or "-", model_version=version,
+                                             process=process, at=now_utc(), status=status,
+                                             latency_ms=(time.perf_counter() - t0) * 1000, instances=len(body.instances)))
+
+    @api.post("/v1/feedback", response_model=FeedbackResponse, responses={s: {"model": ErrorResponse} for s in (401, 404, 422)})
+    async def feedback(self, body: FeedbackRequest, request: Request):
+        from indai.platform.db import Call, Feedback
+
+        try:
+            p = await asyncio.to_thread(self._principal, request, "feedback:write")
+        except Refused as e:
+            return self._error(e, body.request_id)
+
+        def store() -> bool:
+            from sqlalchemy import select
+            from sqlalchemy.orm import Session
+
+            pending = self.meter.pending(body.request_id)
+            with Session(self.eng) as s, s.begin():
+                owner = pending.member_id if pending else s.scalar(select(Call.member_id).where(Call.request_id == body.request_id))
+                if owner != p.member:
+                    return False
+                s.add(Feedback(request_id=body.request_id, member_id=p.member, rating=body.rating, true_label=body.true_label,
+                               comment=body.comment))
+            return True
+
+        try:
+            ok = await asyncio.to_thread(store)
+        except Exception:
+            return JSONResponse(status_code=503, content={"detail": "the platform database is unavailable: retry later",
+                                                          "request_id": body.request_id})
+        if not ok:
+            return JSONResponse(status_code=404, content={"detail": f"no prediction {body.request_id} of member {p.member}",
+                                                          "request_id": body.request_id})
+        return FeedbackResponse(request_id=body.request_id, stored=True)
 
 
 def build_app(args: dict | ServeArgs) -> serve.Application:
-    """Ray Serve app builder (usable from `serve run indai.serving.app:build_app model=...`)."""
+    """Ray Serve app builder (usable from `serve run indai.serving.app:build_app mlflow_uri=... db_url=...`)."""
+    from indai.platform import db
+
     a = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
-    resolve_version(a.mlflow_uri, parse_model_ref(a.model))  # fail here, not in a replica loop
-    return ModelServer.options(num_replicas=a.num_replicas, ray_actor_options={"num_cpus": a.num_cpus}).bind(a.model_dump())
+    if a.model:  # fail here, not in a replica loop
+        from indai.platform.registry import parse_model_ref, resolve_version
+
+        resolve_version(a.mlflow_uri, parse_model_ref(a.model))
+    db.upgrade(db.engine(a.db_url))
+    pool_opts = {"ray_actor_options": {"num_cpus": a.num_cpus,
+                                       "runtime_env": {"env_vars": {"INDAI_SERVE_MAX_MODELS": str(a.max_models_per_replica)}}}}
+    pool_opts.update({"autoscaling_config": a.autoscaling} if a.autoscaling else {"num_replicas": a.num_replicas})
+    pool = ModelPool.options(**pool_opts).bind(a.model_dump())
+    return Ingress.options(num_replicas=a.ingress_replicas, ray_actor_options={"num_cpus": 0.25}).bind(pool, a.model_dump())

@@ -36,12 +36,22 @@ class Evaluation:
                 f"p99 {self.percentile(99):.1f} ms; {self.n / self.seconds:.1f} requests/s; model version {self.model_version}")
 
 
-def post_predict(base_url: str, instances: list[dict], timeout: float = 30.0, session: requests.Session | None = None) -> dict:
+RETRIES = 5
+
+
+def post_predict(base_url: str, instances: list[dict], token: str | None = None, model: str | None = None, timeout: float = 30.0,
+                 session: requests.Session | None = None) -> dict:
     http = session or requests
-    try:
-        r = http.post(f"{base_url.rstrip('/')}/v1/predict", json={"instances": instances}, timeout=timeout)
-    except requests.RequestException as e:
-        raise UserError(f"the model server at {base_url} did not answer ({type(e).__name__}): is `indai serve` running?") from None
+    body = {"instances": instances, **({"model": model} if model else {})}
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    for attempt in range(RETRIES + 1):  # 429 and 503 say when to come back (Retry-After); other answers are final
+        try:
+            r = http.post(f"{base_url.rstrip('/')}/v1/predict", json=body, headers=headers, timeout=timeout)
+        except requests.RequestException as e:
+            raise UserError(f"the model server at {base_url} did not answer ({type(e).__name__}): is `indai serve` running?") from None
+        if r.status_code not in (429, 503) or attempt == RETRIES:
+            break
+        time.sleep(min(10.0, float(r.headers.get("Retry-After", "1") or 1)))
     if r.status_code != 200:
         try:
             detail = r.json().get("detail")
@@ -66,14 +76,14 @@ def split_instances(store, ref: datasets.DatasetRef, split: str, limit: int | No
 
 
 def evaluate_split(base_url: str, instances: list[dict], labels: list[str], concurrency: int = 4,
-                   progress: bool = True) -> Evaluation:
+                   progress: bool = True, token: str | None = None, model: str | None = None) -> Evaluation:
     session = requests.Session()
     adapter = requests.adapters.HTTPAdapter(pool_maxsize=concurrency)
     session.mount("http://", adapter)
 
     def one(inst: dict) -> tuple[str, float, int]:
         t0 = time.perf_counter()
-        out = post_predict(base_url, [inst], session=session)
+        out = post_predict(base_url, [inst], token=token, model=model, session=session)
         return out["predictions"][0]["label"], (time.perf_counter() - t0) * 1000, out["model_version"]
 
     start = time.perf_counter()

@@ -20,7 +20,9 @@ class Instance(BaseModel):
 
 
 class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: str | None = Field(default=None, max_length=200, description="registered model: name@alias (follows the alias) or "
+                                                                         "name/version (pinned); default: the service's default model")
     instances: list[Instance] = Field(min_length=1, max_length=MAX_INSTANCES)
 
 
@@ -47,3 +49,21 @@ class ModelInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
+    request_id: str | None = None
+
+
+class ModelListing(BaseModel):
+    models: list[dict] = Field(description="models the caller may call: model, owner, visibility, process")
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(pattern=r"^[0-9a-f]{32}$", description="request_id of the prediction being rated")
+    rating: int = Field(ge=0, le=100, description="how useful the prediction was, 0-100")
+    true_label: str | None = Field(default=None, max_length=128, description="the right answer, if known")
+    comment: str | None = Field(default=None, max_length=2000)
+
+
+class FeedbackResponse(BaseModel):
+    request_id: str
+    stored: bool

@@ -50,6 +50,7 @@ class RunConfig(Strict):
     register_as: str | None = Field(default=None, description="registered model name (None: do not register)")
     alias: str | None = Field(default=None, description="alias to point at the new version, e.g. champion (or use `indai model promote`)")
     launcher: Literal["ray", "local"] = Field(default="ray", description="ray: Ray Train TorchTrainer; local: this process (or torchrun)")
+    process: str = Field(default="", pattern=r"^([a-z0-9][a-z0-9_-]{0,63})?$", description="the member's process the model serves (KPI report)")
     workers: int = Field(default=2, ge=1, le=1024, description="Ray Train workers")
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1, gt=0)

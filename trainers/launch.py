@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -217,6 +218,13 @@ def log_and_register(cfg: TrainConfig, store, manifest: dict, run_id: str) -> tu
             for k, v in {"indai.dataset": card["dataset"], "indai.recipe": cfg.recipe, "indai.run": cfg.run.name,
                          "indai.step": str(result["step"])}.items():
                 c.set_model_version_tag(name, str(version), k, v)
+            # the owner of a model trained in a member's job, and the process it serves: the serving
+            # ingress makes it private to that member until an admin shares it (`indai model share`)
+            owner = os.environ.get("INDAI_JOB_MEMBER") or manifest.get("member")
+            if owner:
+                c.set_registered_model_tag(name, "indai.member", owner)
+            if cfg.run.process:
+                c.set_registered_model_tag(name, "indai.process", cfg.run.process)
     return version, result
 
 
