@@ -313,6 +313,31 @@ def cmd_predict(a) -> int:
 
 # ---- the whole main job -----------------------------------------------------------------------
 
+def demo_kpi(url: str, token: str, model: str, instances: list[dict]) -> tuple:
+    """The demo member declares today's operating hours of its process, rates a few
+    predictions, and the KPI report of its industry is written for today."""
+    import time as _time
+    from datetime import datetime, timezone
+
+    import requests
+
+    from indai.platform import kpi
+    from indai.serving.client import post_predict
+
+    eng = _db()
+    today = datetime.now(timezone.utc).date()
+    kpi.set_hours(eng, "demo", "bearing-monitoring", today, today, 8)
+    for i, inst in enumerate(instances):
+        out = post_predict(url, [inst], token=token, model=model)
+        requests.post(f"{url}/v1/feedback", json={"request_id": out["request_id"], "rating": 90 - 5 * i},
+                      headers={"Authorization": f"Bearer {token}"}, timeout=30).raise_for_status()
+    _time.sleep(1.5)  # metering is written in batches, about once a second
+    s = _settings()
+    period = kpi.parse_period(f"{today}..{today}")
+    report = kpi.compute(eng, "other", period, member="demo", mlflow_uri=s.require_mlflow(), store=_store())
+    return kpi.render(report, s.home / "reports")
+
+
 def demo_member_token(model_name: str) -> str:
     """The demo's consortium member, a researcher of it and a fresh token (written to
     $INDAI_HOME/demo.token, owner-only); the demo model is owned by it and shared
@@ -361,8 +386,11 @@ def cmd_demo(a) -> int:
         ref = datasets.DatasetRef(name, version)
         instances, labels = split_instances(store, ref, "test")
         ev = evaluate_split(url, instances, labels, concurrency=4, token=token, model=model)
+    with stages.stage("KPI report: operating hours, feedback, AI time share and satisfaction"):
+        report_paths = demo_kpi(url, token, model, instances[:3])
     print(stages.summary())
     print(f"held-out test windows ({ev.n}, split by time): {ev.summary()}")
+    print(f"KPI report {report_paths[0]} (JSON {report_paths[1]})")
     print(f"MLflow UI {state['mlflow_uri']} (experiment {cfg.run.experiment}, model {result.model_name}); "
           f"object store {state['store_uri']}; Serve {url}/v1/predict, OpenAPI {url}/openapi.json")
     print("stop the services with `indai down`")
