@@ -247,6 +247,12 @@ def serve_model(model: str | None, replicas: int = 1) -> str:
     port = int(state.get("serve_port") or 8000)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app, name=args.name, route_prefix=args.route_prefix)
+    if model:  # load the default model into the pool now, so the first member's call does not wait for it
+        from indai.platform.registry import parse_model_ref, resolve_version
+
+        ref = parse_model_ref(model)
+        version = int(resolve_version(args.mlflow_uri, ref).version)
+        serve.get_deployment_handle("ModelPool", args.name).options(multiplexed_model_id=f"{ref.name}/{version}").card.remote().result()
     return s.serve_url or f"http://127.0.0.1:{port}"
 
 
@@ -520,6 +526,19 @@ def cmd_kpi_report(a) -> int:
     return 0
 
 
+def cmd_kpi_usage(a) -> int:
+    from indai.platform import kpi
+
+    rows = kpi.usage(_db(), kpi.parse_period(a.period), a.member)
+    if a.json:
+        _print_json(rows)
+        return 0
+    print(f"{'member':<16}{'model':<24}{'hour (UTC)':<18}{'calls':>7}{'errors':>8}{'inst.':>7}{'p50 ms':>9}{'p99 ms':>9}")
+    for r in rows:
+        print(f"{r['member']:<16}{r['model']:<24}{r['hour']:<18}{r['calls']:>7}{r['errors']:>8}{r['instances']:>7}{r['p50_ms']:>9}{r['p99_ms']:>9}")
+    return 0
+
+
 # ---- parser ---------------------------------------------------------------------------------
 
 def parser() -> argparse.ArgumentParser:
@@ -670,6 +689,12 @@ def parser() -> argparse.ArgumentParser:
     kr.add_argument("--out", help="folder for the report (default $INDAI_HOME/reports)")
     kr.add_argument("--targets", help="targets YAML (models_in_production, ai_time_share, satisfaction, common_datasets)")
     kr.set_defaults(fn=cmd_kpi_report)
+
+    ku = kp.add_parser("usage", help="metered calls per member, model and hour: calls, errors, latency p50/p99")
+    ku.add_argument("--period", required=True, help="FROM..TO, e.g. 2026-11-01..2026-11-30 (UTC days)")
+    ku.add_argument("--member", help="only this member")
+    ku.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ku.set_defaults(fn=cmd_kpi_usage)
 
     dm = sub.add_parser("demo", help="the main job end to end on the embedded default")
     dm.add_argument("--spec", default="examples/cwru-0hp/dataset.yaml")

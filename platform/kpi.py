@@ -596,3 +596,30 @@ def render(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
     _write(html_path, render_html(report))
     _write(json_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return html_path, json_path
+
+
+def usage(eng: Engine, period: Period, member: str | None = None, max_rows: int = 100_000) -> list[dict]:
+    """Metering per member, model and UTC hour: calls, errors (status >= 400), instances and
+    latency percentiles, from the calls the serving ingress recorded."""
+    import numpy as np
+
+    from indai.platform.db import Call
+
+    lo, hi = period.bounds()
+    q = select(Call.member_id, Call.model, Call.at, Call.status, Call.latency_ms, Call.instances) \
+        .where(Call.at >= lo, Call.at < hi).order_by(Call.at).limit(max_rows)
+    if member:
+        q = q.where(Call.member_id == member)
+    groups: dict[tuple, list] = {}
+    with Session(eng) as s:
+        for m, model, at, status, latency, n in s.execute(q):
+            at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+            hour = at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:00")
+            groups.setdefault((m, model, hour), []).append((status, latency, n))
+    out = []
+    for (m, model, hour), rows in sorted(groups.items()):
+        lat = np.array([r[1] for r in rows])
+        out.append({"member": m, "model": model, "hour": hour, "calls": len(rows), "errors": sum(r[0] >= 400 for r in rows),
+                    "instances": sum(r[2] for r in rows), "p50_ms": round(float(np.percentile(lat, 50)), 1),
+                    "p99_ms": round(float(np.percentile(lat, 99)), 1)})
+    return out

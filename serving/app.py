@@ -39,7 +39,8 @@ MAX_MODELS = int(os.environ.get("INDAI_SERVE_MAX_MODELS", "4"))
 class ServeArgs(Strict):
     model: str | None = Field(default=None, description="default model of requests that name none: name@alias or name/version")
     mlflow_uri: str = Field(description="MLflow tracking/registry server")
-    db_url: str = Field(description="platform database (tokens, model access, metering)")
+    db_url: str | None = Field(default=None, description="platform database (tokens, model access, metering); "
+                                                         "default INDAI_DB_URL, else the embedded default's SQLite file")
     name: str = Field(default="indai", description="Serve application name")
     route_prefix: str = Field(default="/", pattern=r"^/[A-Za-z0-9/_-]*$")
     ingress_replicas: int = Field(default=1, ge=1, le=64)
@@ -126,7 +127,7 @@ class Ingress:
 
         self.pool = pool
         self.args = ServeArgs.model_validate(args)
-        self.eng = db.engine(self.args.db_url)
+        self.eng = db.engine(self.args.db_url or db.database_url())
         self.tokens = tenancy.TokenCache(self.eng, recheck_s=self.args.token_recheck_s)
         self.meter = Meter(self.eng, flush_s=self.args.meter_flush_s)
         self.limits = RateLimiter(self.args.rate_per_s, self.args.burst)
@@ -327,6 +328,7 @@ def build_app(args: dict | ServeArgs) -> serve.Application:
         from indai.platform.registry import parse_model_ref, resolve_version
 
         resolve_version(a.mlflow_uri, parse_model_ref(a.model))
+    a = a.model_copy(update={"db_url": a.db_url or db.database_url()})
     db.upgrade(db.engine(a.db_url))
     pool_opts = {"ray_actor_options": {"num_cpus": a.num_cpus,
                                        "runtime_env": {"env_vars": {"INDAI_SERVE_MAX_MODELS": str(a.max_models_per_replica)}}}}

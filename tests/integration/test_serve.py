@@ -176,6 +176,14 @@ def test_metering_adds_up_and_feedback_is_stored(served, test_windows, members):
         assert rows == {200: 10, 400: 3} and n2 == 19, rows
         return rows
     eventually(counted)
+    from datetime import datetime, timedelta, timezone
+
+    from indai.platform import kpi
+
+    today = datetime.now(timezone.utc).date()
+    hourly = kpi.usage(eng, kpi.parse_period(f"{today - timedelta(days=1)}..{today}"), "elec-d")
+    assert sum(r["calls"] for r in hourly) == 13 and sum(r["errors"] for r in hourly) == 3
+    assert sum(r["instances"] for r in hourly) == 22 and all(r["p99_ms"] >= r["p50_ms"] > 0 for r in hourly)
     with Session(eng) as s:
         row = s.scalar(select(Call).where(Call.request_id == ids[0]))
         assert row.model == "it-cwru" and row.model_version == 1 and row.process == "bearing-line-2" and row.latency_ms > 0
