@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 from dataclasses import dataclass, field
 
 import requests
@@ -200,6 +201,11 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
         runtime_env = payload.setdefault("runtime_env", {})
         runtime_env["env_vars"] = {**env, "INDAI_JOB_MEMBER": p.member, "INDAI_JOB_ROLE": p.role, "INDAI_JOB_USER": p.user}
         r = upstream("POST", "/api/jobs/", json=payload)
+        for wait in (0.5, 1, 2, 4, 8, 15):  # Ray answers 500 until a node's job agent has registered (start-up, load)
+            if r.status_code != 500 or "No available agent" not in r.text:
+                break
+            time.sleep(wait)
+            r = upstream("POST", "/api/jobs/", json=payload)
         if r.status_code == 200:
             sid = r.json().get("submission_id") or r.json().get("job_id")
             with Session(eng) as s, s.begin():

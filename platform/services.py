@@ -180,9 +180,12 @@ def _ray_pids(state: dict) -> list[int]:
                 continue
             if any(tmp in part for part in (p.info["cmdline"] or [])) or p.environ().get("INDAI_RAY_TAG") == tag:
                 pids.append(p.info["pid"])
+                # Ray's agents overwrite their argv and environment with a process title, so
+                # neither the temp dir nor the tag finds them: take the children of what matched
+                pids += [c.pid for c in p.children(recursive=True)]
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-    return pids
+    return sorted(set(pids))
 
 
 def _stop_pids(pids: list[int], grace: float = 10.0) -> None:

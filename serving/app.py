@@ -51,6 +51,11 @@ class ServeArgs(Strict):
     max_models_per_replica: int = Field(default=4, ge=1, le=64)
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(default=0.005, ge=0, le=1)
+    pool_max_ongoing: int = Field(default=64, ge=1, le=10_000, description="requests a pool replica takes at once "
+                                                                          "(at least max_batch_size, or batches never fill)")
+    ingress_max_ongoing: int = Field(default=256, ge=1, le=10_000)
+    max_queued_requests: int = Field(default=1000, ge=-1, description="requests waiting for a replica before new ones get 503 "
+                                                                    "(backpressure instead of collapse; -1: unbounded)")
     rate_per_s: float = Field(default=200, ge=0, description="calls per second per member on each ingress replica (0: no limit)")
     burst: float = Field(default=400, ge=1)
     resolve_ttl_s: float = Field(default=2.0, ge=0, le=300, description="how long an alias resolution and an access rule are reused")
@@ -330,8 +335,10 @@ def build_app(args: dict | ServeArgs) -> serve.Application:
         resolve_version(a.mlflow_uri, parse_model_ref(a.model))
     a = a.model_copy(update={"db_url": a.db_url or db.database_url()})
     db.upgrade(db.engine(a.db_url))
-    pool_opts = {"ray_actor_options": {"num_cpus": a.num_cpus,
+    pool_opts = {"max_ongoing_requests": max(a.pool_max_ongoing, a.max_batch_size), "max_queued_requests": a.max_queued_requests,
+                 "ray_actor_options": {"num_cpus": a.num_cpus,
                                        "runtime_env": {"env_vars": {"INDAI_SERVE_MAX_MODELS": str(a.max_models_per_replica)}}}}
     pool_opts.update({"autoscaling_config": a.autoscaling} if a.autoscaling else {"num_replicas": a.num_replicas})
     pool = ModelPool.options(**pool_opts).bind(a.model_dump())
-    return Ingress.options(num_replicas=a.ingress_replicas, ray_actor_options={"num_cpus": 0.25}).bind(pool, a.model_dump())
+    return Ingress.options(num_replicas=a.ingress_replicas, max_ongoing_requests=a.ingress_max_ongoing,
+                           max_queued_requests=a.max_queued_requests, ray_actor_options={"num_cpus": 0.25}).bind(pool, a.model_dump())
