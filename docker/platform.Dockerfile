@@ -8,6 +8,8 @@ ARG BASE=rayproject/ray:2.60.0-py311-cu130
 FROM ${BASE}
 
 USER root
+# Korean glyphs for drawings rendered at ingest (Hangul notes would otherwise be drawn as boxes)
+RUN apt-get update && apt-get install -y --no-install-recommends fonts-nanum && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/indai
 COPY pyproject.toml requirements.lock README.md ./
 COPY platform ./platform

@@ -56,8 +56,13 @@ def decode_image(b64: str, size: int) -> np.ndarray:
                 raise UserError(f"image format {img.format} is not accepted: send PNG or JPEG")
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 raise UserError(f"image of {img.width}x{img.height} pixels is too large: at most {MAX_IMAGE_PIXELS} pixels")
-            return image_to_array(img, size)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise UserError("image could not be decoded: send a PNG or JPEG file, base64-encoded") from None
+    from indai.platform.connectors.images import decode_image_bytes
+
+    try:  # the ingest's decoding (orientation, 16-bit), so serving sees what training saw
+        return decode_image_bytes(raw, "image", size, "RGB").pixels
+    except UserError:
         raise UserError("image could not be decoded: send a PNG or JPEG file, base64-encoded") from None
 
 

@@ -85,11 +85,18 @@ def read_image(path: Path, size: int | tuple[int, int] | None = None, mode: Lite
     shape; None keeps the file's size. `mode` "L" gives [H, W, 1], "RGB" gives [H, W, 3].
     """
     path = Path(path)
+    return decode_image_bytes(_read_bytes(path), path.name, size, mode)
+
+
+def decode_image_bytes(data: bytes, name: str, size: int | tuple[int, int] | None = None,
+                       mode: Literal["L", "RGB"] = "RGB") -> ImageRecord:
+    """The same decoding for bytes from anywhere (a file at ingest, a request at serving), so a
+    served image gets the numbers its training copy got: EXIF orientation applied, 16-bit
+    scaled by the full range, metadata dropped. `name` only labels errors."""
     if mode not in ("L", "RGB"):
-        raise UserError(f"{path.name}: image mode {mode!r} is not supported: use 'L' (grey) or 'RGB'")
-    hw = _check_size(path.name, size)
-    data = _read_bytes(path)
-    dec = _decode(data, path.name, keep_16bit=False)
+        raise UserError(f"{name}: image mode {mode!r} is not supported: use 'L' (grey) or 'RGB'")
+    hw = _check_size(name, size)
+    dec = _decode(data, name, keep_16bit=False)
     from PIL import Image
 
     img = dec.image
@@ -99,7 +106,7 @@ def read_image(path: Path, size: int | tuple[int, int] | None = None, mode: Lite
             img = img.resize((hw[1], hw[0]), Image.BILINEAR)
         px = np.asarray(img, dtype=np.uint8)
     except Exception as e:  # a decoder error that surfaced only on conversion
-        raise UserError(f"{path.name}: the image data could not be decoded ({_why(e)}): export the image again as PNG") from None
+        raise UserError(f"{name}: the image data could not be decoded ({_why(e)}): export the image again as PNG") from None
     if px.ndim == 2:
         px = px[..., None]
     return ImageRecord(pixels=np.ascontiguousarray(px), removed_metadata=dec.removed,

@@ -491,3 +491,28 @@ def test_chunk_spans_are_slices_with_bounded_overlap():
         assert 0 < e0 - s1 <= 60  # overlaps by at most `overlap` characters, and does overlap
         assert text[s1 - 1] == " "  # at a word start
     assert spans[0][0] == 0 and spans[-1][1] == len(text)
+
+
+def test_serving_decodes_an_image_as_ingest_does(tmp_path):
+    """A phone photo with an EXIF orientation tag: the request decoder (serving) and the file
+    reader (ingest) give the same pixels, rotated upright."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from indai.platform.connectors.images import read_image
+    from indai.platform.modalities import decode_image
+
+    a = np.zeros((40, 80, 3), np.uint8)
+    a[:, :20] = 255  # a white band on the left of a landscape picture
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG", exif=exif.tobytes())
+    (tmp_path / "photo.png").write_bytes(buf.getvalue())
+    served = decode_image(base64.b64encode(buf.getvalue()).decode(), 32)
+    ingested = read_image(tmp_path / "photo.png", size=32, mode="RGB").pixels
+    assert served.shape == ingested.shape == (32, 32, 3) and np.array_equal(served, ingested)
+    assert served[:4].mean() > 200 and served[-4:].mean() < 50  # upright: the band is now at the top
