@@ -153,19 +153,28 @@ def verify(eng: Engine, token: str | None) -> Principal:
     if not m:
         raise AuthError("missing or malformed token: send `Authorization: Bearer indai_<id>_<secret>`")
     token_id, secret = m.groups()
+    row = _token_row(eng, token_id)
+    if row is None or not hmac.compare_digest(_hash(secret, row[0].salt), row[0].hash):
+        raise AuthError("unknown token")
+    return _principal_of(row)
+
+
+def _token_row(eng: Engine, token_id: str):
     with Session(eng) as s:
-        row = s.execute(select(Token, User, Member).join(User, Token.user_id == User.id)
-                        .join(Member, User.member_id == Member.id).where(Token.id == token_id)).first()
-        if row is None or not hmac.compare_digest(_hash(secret, row[0].salt), row[0].hash):
-            raise AuthError("unknown token")
-        t, u, mem = row
-        if t.revoked_at is not None:
-            raise AuthError(f"token {token_id} was revoked")
-        if _aware(t.expires_at) <= utcnow():
-            raise AuthError(f"token {token_id} expired on {_aware(t.expires_at):%Y-%m-%d}")
-        if u.disabled or mem.disabled:
-            raise AuthError(f"{'member ' + mem.id if mem.disabled else 'user ' + u.id} is disabled")
-        return Principal(user=u.id, member=mem.id, role=u.role, scopes=frozenset(t.scopes.split()), token_id=t.id)
+        return s.execute(select(Token, User, Member).join(User, Token.user_id == User.id)
+                         .join(Member, User.member_id == Member.id).where(Token.id == token_id)).first()
+
+
+def _principal_of(row) -> Principal:
+    """The principal of a token row whose secret matched: refused if revoked, expired or disabled."""
+    t, u, mem = row
+    if t.revoked_at is not None:
+        raise AuthError(f"token {t.id} was revoked")
+    if _aware(t.expires_at) <= utcnow():
+        raise AuthError(f"token {t.id} expired on {_aware(t.expires_at):%Y-%m-%d}")
+    if u.disabled or mem.disabled:
+        raise AuthError(f"{'member ' + mem.id if mem.disabled else 'user ' + u.id} is disabled")
+    return Principal(user=u.id, member=mem.id, role=u.role, scopes=frozenset(t.scopes.split()), token_id=t.id)
 
 
 class TokenCache:
@@ -210,19 +219,10 @@ class DatabaseDown(Exception):
 
 def _status(eng: Engine, p: Principal) -> Principal:
     """Re-check a token already verified by hash: still valid, user and member enabled."""
-    with Session(eng) as s:
-        row = s.execute(select(Token, User, Member).join(User, Token.user_id == User.id)
-                        .join(Member, User.member_id == Member.id).where(Token.id == p.token_id)).first()
+    row = _token_row(eng, p.token_id)
     if row is None:
         raise AuthError("unknown token")
-    t, u, mem = row
-    if t.revoked_at is not None:
-        raise AuthError(f"token {t.id} was revoked")
-    if _aware(t.expires_at) <= utcnow():
-        raise AuthError(f"token {t.id} expired on {_aware(t.expires_at):%Y-%m-%d}")
-    if u.disabled or mem.disabled:
-        raise AuthError(f"{'member ' + mem.id if mem.disabled else 'user ' + u.id} is disabled")
-    return Principal(user=u.id, member=mem.id, role=u.role, scopes=frozenset(t.scopes.split()), token_id=t.id)
+    return _principal_of(row)
 
 
 VISIBILITIES = ("private", "shared", "consortium")

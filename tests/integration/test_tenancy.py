@@ -151,3 +151,33 @@ def test_gateway_answers_503_while_the_database_is_down_and_recovers(postgres):
     finally:
         server.should_exit = True
         e.dispose()
+
+
+def test_token_cache_rechecks_and_rides_out_a_database_restart(postgres):
+    """The serving ingress's verifier: a revocation is seen at the next re-check; while the
+    database is down a recently verified token keeps working and an unseen one is refused
+    with DatabaseDown (503), not with 'unknown token'."""
+    import time
+
+    with db.engine(postgres.url).connect() as c:
+        c.execution_options(isolation_level="AUTOCOMMIT").execute(text("CREATE DATABASE t_cache"))
+    e = db.engine(postgres.url.rsplit("/", 1)[0] + "/t_cache")
+    db.upgrade(e)
+    seed(e)
+    tid, token = tenancy.create_token(e, "kim")
+    _, other = tenancy.create_token(e, "lee")
+    cache = tenancy.TokenCache(e, recheck_s=0.2, grace_s=60)
+    assert cache.verify(token).member == "steel-a"
+    postgres.stop()
+    try:
+        time.sleep(0.3)
+        assert cache.verify(token).user == "kim"  # within the grace period
+        with pytest.raises(tenancy.DatabaseDown):
+            cache.verify(other)
+    finally:
+        postgres.start()
+    tenancy.revoke_token(e, tid)
+    time.sleep(0.3)
+    with pytest.raises(AuthError, match="revoked"):
+        cache.verify(token)
+    e.dispose()
