@@ -254,8 +254,6 @@ def log_confusion(result: dict, classes: list[str]) -> None:
 
 
 def train(cfg: TrainConfig, settings: Settings) -> TrainResult:
-    import mlflow
-
     store = open_store(settings.store_uri)
     ref, manifest = datasets.open_for_job(store, datasets.parse_ref(cfg.data.dataset))
     cfg = complete_from_manifest(cfg, manifest)
