@@ -202,7 +202,7 @@ def load_split(store: ObjectStore, ref: DatasetRef, split: str, manifest: dict |
 
 
 def list_versions(store: ObjectStore) -> list[tuple[str, str]]:
-    names = sorted({k.split("/")[1] for k in store.list("datasets/") if k.count("/") >= 2})
+    names = store.children("datasets")  # one listing level, not every blob
     return [(n, v) for n in names for v in store.committed_children(f"datasets/{n}")]
 
 

@@ -348,6 +348,11 @@ class ObjectStore(abc.ABC):
                              "being written, or its writer failed)")
         return record
 
+    def children(self, prefix: str = "") -> list[str]:
+        """Names of the direct child folders of ``prefix``, committed or not (one listing
+        level: on S3 a delimiter listing, not every key below)."""
+        return [n for n in self._child_folders(_validate_prefix(prefix, allow_root=True)) if _is_valid_key(n)]
+
     def committed_children(self, prefix: str = "") -> list[str]:
         """Names of the direct child folders of ``prefix`` that are committed.
 
@@ -507,6 +512,14 @@ class LocalStore(ObjectStore):
             return []
         return sorted(entry.name for entry in folder.iterdir()
                       if entry.is_dir() and not entry.is_symlink())
+
+
+def _is_valid_key(name: str) -> bool:
+    try:
+        validate_key(name)
+        return True
+    except StoreError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------

@@ -142,6 +142,8 @@ def check_commit_protocol(store: ObjectStore, tmp: Path) -> None:
     # The marker is an ordinary key at <prefix>/_COMMITTED.
     assert "datasets/cwru/v1/_COMMITTED" in store.list("datasets/cwru/v1")
     assert store.committed_children("datasets") == []  # only direct children count
+    assert store.children("datasets") == ["cwru"] and store.children("datasets/cwru") == ["v1", "v2", "v3"]
+    assert store.children("no/such/folder") == []
     assert store.committed_children() == []
     store.commit("toplevel", {})
     assert store.committed_children() == ["toplevel"]
