@@ -2,10 +2,8 @@
 JobSubmissionClient work through it with a bearer token; members are isolated; quotas,
 revocation and hostile bodies are refused; everything is audited."""
 import json
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def gateway(services, tmp_path_factory):
-    import uvicorn
+    from servers import app_server
 
     from indai.platform import db, services as svc, tenancy
     from indai.platform.gateway import Limits, build_gateway
@@ -30,28 +28,14 @@ def gateway(services, tmp_path_factory):
                                ("park", "steel-a", "consumer"), ("root", "steel-a", "admin")):
         tenancy.add_user(eng, user, member, role)
     tokens = {u: tenancy.create_token(eng, u) for u in ("kim", "lee", "park", "root")}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     state = svc.read_services()
     ray_token = Path(state["ray_auth_token_path"]).read_text().strip()
     from indai.platform.storage import open_store
 
     app = build_gateway(state["ray_dashboard"], eng, Limits(concurrent_jobs=2, gpus_per_job=1), ray_token=ray_token,
                         store=open_store(services.store_uri))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            requests.get(f"{url}/healthz", timeout=1)
-            break
-        except requests.RequestException:
-            time.sleep(0.1)
-    yield url, eng, {u: t for u, (_, t) in tokens.items()}, {u: i for u, (i, _) in tokens.items()}
-    server.should_exit = True
-    thread.join(10)
+    with app_server(app) as url:
+        yield url, eng, {u: t for u, (_, t) in tokens.items()}, {u: i for u, (i, _) in tokens.items()}
 
 
 def bearer(token: str) -> dict:

@@ -3,10 +3,10 @@ private/shared/consortium models (403, never 500), alias moves without restart w
 pinned version stays, metering that adds up to the calls made, feedback, and 4xx for bad
 input without harm to the replicas."""
 import json
-import time
 
 import pytest
 import requests
+from waiting import wait
 
 pytestmark = pytest.mark.integration
 
@@ -56,15 +56,9 @@ def call(url, token, instances, model=None):
     return requests.post(f"{url}/v1/predict", json=body, headers=bearer(token) if token else {}, timeout=60)
 
 
-def eventually(check, timeout=15.0):
-    deadline = time.time() + timeout
-    while True:
-        try:
-            return check()
-        except AssertionError:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.3)
+def answers(url, token, inst, status: int, model=None) -> bool:
+    """For `wait`: the request now gets `status` (access rules and tokens are re-read every 2 s)."""
+    return call(url, token, inst, model).status_code == status
 
 
 def test_served_answers_match_training_quality(served, test_windows, trained_model, members):
@@ -97,19 +91,19 @@ def test_members_see_only_what_is_shared_with_them(served, test_windows, members
     listed = requests.get(f"{served}/v1/models", headers=bearer(tokens["u-auto-b"]), timeout=30).json()["models"]
     assert "it-cwru" not in [m["model"] for m in listed]
     tenancy.set_model_access(eng, "it-cwru", owner="steel-a", visibility="shared", shared_with=["auto-b"], process="bearing-line-2")
-    eventually(lambda: (lambda r: r.status_code == 200 or (_ for _ in ()).throw(AssertionError(r.text)))(call(served, tokens["u-auto-b"], inst)))
+    wait("u-auto-b gets 200", lambda: answers(served, tokens["u-auto-b"], inst, 200), timeout=15, interval=0.3)
     assert call(served, tokens["u-ship-c"], inst).status_code == 403
     tenancy.set_model_access(eng, "it-cwru", owner="steel-a", visibility="consortium", process="bearing-line-2")
-    eventually(lambda: (lambda r: r.status_code == 200 or (_ for _ in ()).throw(AssertionError(r.text)))(call(served, tokens["u-ship-c"], inst)))
+    wait("u-ship-c gets 200", lambda: answers(served, tokens["u-ship-c"], inst, 200), timeout=15, interval=0.3)
     assert call(served, tokens["root"], inst).status_code == 200
     tenancy.set_model_access(eng, "it-cwru", owner="steel-a", visibility="private", process="bearing-line-2")
-    eventually(lambda: (lambda r: r.status_code == 403 or (_ for _ in ()).throw(AssertionError(r.text)))(call(served, tokens["u-ship-c"], inst)))
+    wait("u-ship-c gets 403", lambda: answers(served, tokens["u-ship-c"], inst, 403), timeout=15, interval=0.3)
     r = call(served, tokens["u-steel-a"], inst, model="no-such-model@champion")
     assert r.status_code == 404 and "not registered" in r.json()["detail"]
     assert call(served, None, inst).status_code == 401
     assert call(served, "indai_xxxxxxxxxxxx_" + "y" * 43, inst).status_code == 401
     tenancy.revoke_token(eng, ids["u-ship-c"])
-    eventually(lambda: (lambda r: r.status_code == 401 or (_ for _ in ()).throw(AssertionError(r.text)))(call(served, tokens["u-ship-c"], inst)))
+    wait("u-ship-c gets 401", lambda: answers(served, tokens["u-ship-c"], inst, 401), timeout=15, interval=0.3)
 
 
 def good(test_windows) -> dict:
@@ -163,8 +157,8 @@ def test_metering_adds_up_and_feedback_is_stored(served, test_windows, members):
 
     def listed():  # the listing is not metered: wait on it until the share is seen
         models = requests.get(f"{served}/v1/models", headers=bearer(token), timeout=30).json()["models"]
-        assert "it-cwru" in [m["model"] for m in models], models
-    eventually(listed)
+        return "it-cwru" in [m["model"] for m in models]
+    wait("the share with elec-d", listed, timeout=15, interval=0.3)
     ids = [call(served, token, [inst]).json()["request_id"]] + [call(served, token, [inst, inst]).json()["request_id"] for _ in range(9)]
     bad = [call(served, token, [{**inst, "channels": ["X", "Y"]}]) for _ in range(3)]
     assert all(r.status_code == 400 for r in bad)
@@ -173,9 +167,8 @@ def test_metering_adds_up_and_feedback_is_stored(served, test_windows, members):
         with Session(eng) as s:
             rows = dict(s.execute(select(Call.status, func.count()).where(Call.member_id == "elec-d").group_by(Call.status)).all())
             n2 = s.scalar(select(func.sum(Call.instances)).where(Call.member_id == "elec-d", Call.status == 200))
-        assert rows == {200: 10, 400: 3} and n2 == 19, rows
-        return rows
-    eventually(counted)
+        return rows == {200: 10, 400: 3} and n2 == 19
+    wait("the 13 calls of elec-d in the calls table", counted, timeout=15, interval=0.3)
     from datetime import datetime, timedelta, timezone
 
     from indai.platform import kpi
@@ -210,11 +203,10 @@ def test_alias_move_is_seen_without_restart_and_pins_stay(served, test_windows, 
     v1 = c.get_model_version("it-cwru", "1")
     mv = mlflow.register_model(v1.source, "it-cwru")  # a second version of the same logged model
     assert int(mv.version) == 2
-    eventually(lambda: c.get_model_version("it-cwru", "2").status == "READY" or (_ for _ in ()).throw(AssertionError("not ready")))
+    wait("version 2 ready", lambda: c.get_model_version("it-cwru", "2").status == "READY", timeout=15, interval=0.3)
     registry.promote(services.mlflow_uri, "it-cwru", 2, "champion")
     try:
-        eventually(lambda: (lambda r: r.json().get("model_version") == 2 or (_ for _ in ()).throw(AssertionError(r.text)))(
-            call(served, token, inst)))
+        wait("the alias move", lambda: call(served, token, inst).json().get("model_version") == 2, timeout=15, interval=0.3)
         pinned = call(served, token, inst, model="it-cwru/1").json()
         assert pinned["model_version"] == 1 and pinned["model"] == "it-cwru/1"
         assert call(served, token, inst, model="it-cwru@champion").json()["model_version"] == 2

@@ -109,12 +109,8 @@ def test_roles_bound_scopes_and_bad_input(eng):
 def test_gateway_answers_503_while_the_database_is_down_and_recovers(postgres):
     """PostgreSQL really stopped under a running gateway: a clear 503, nothing else; once it is
     back the same token works again (connections are re-checked before use)."""
-    import socket
-    import threading
-    import time
-
     import requests
-    import uvicorn
+    from servers import app_server
 
     from indai.platform.gateway import build_gateway
 
@@ -124,33 +120,20 @@ def test_gateway_answers_503_while_the_database_is_down_and_recovers(postgres):
     db.upgrade(e)
     seed(e)
     _, token = tenancy.create_token(e, "kim")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_gateway("http://127.0.0.1:9", e), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            requests.get(f"{url}/healthz", timeout=1)
-            break
-        except requests.RequestException:
-            time.sleep(0.1)
-    who = lambda: requests.get(f"{url}/api/indai/whoami", headers={"Authorization": f"Bearer {token}"}, timeout=30)  # noqa: E731
-    try:
+    auth = {"Authorization": f"Bearer {token}"}
+    with app_server(build_gateway("http://127.0.0.1:9", e)) as url:
+        who = lambda: requests.get(f"{url}/api/indai/whoami", headers=auth, timeout=30)  # noqa: E731
         assert who().json() == {"user": "kim", "member": "steel-a", "role": "researcher"}
         postgres.stop()
         try:
             r = who()
             assert r.status_code == 503 and "database is unavailable" in r.json()["detail"]
-            r = requests.post(f"{url}/api/jobs/", json={"entrypoint": "echo"}, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+            r = requests.post(f"{url}/api/jobs/", json={"entrypoint": "echo"}, headers=auth, timeout=30)
             assert r.status_code == 503
         finally:
             postgres.start()
         assert who().status_code == 200
-    finally:
-        server.should_exit = True
-        e.dispose()
+    e.dispose()
 
 
 def test_token_cache_rechecks_and_rides_out_a_database_restart(postgres):
