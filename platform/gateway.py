@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from indai.platform import tenancy
 from indai.platform.db import Audit, Job, utcnow
+from indai.platform.settings import OFFLINE_ENV
 
 MAX_BODY = 1024 * 1024
 MAX_PACKAGE = 100 * 1024 * 1024
@@ -199,7 +200,7 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
         payload["metadata"] = {**(body.metadata or {}), "indai.member": p.member, "indai.user": p.user,
                                "indai.recipe": recipe_of(body.entrypoint)}
         runtime_env = payload.setdefault("runtime_env", {})
-        runtime_env["env_vars"] = {**env, "INDAI_JOB_MEMBER": p.member, "INDAI_JOB_ROLE": p.role, "INDAI_JOB_USER": p.user}
+        runtime_env["env_vars"] = {**env, **OFFLINE_ENV, "INDAI_JOB_MEMBER": p.member, "INDAI_JOB_ROLE": p.role, "INDAI_JOB_USER": p.user}
         r = upstream("POST", "/api/jobs/", json=payload)
         for wait in (0.5, 1, 2, 4, 8, 15):  # Ray answers 500 until a node's job agent has registered (start-up, load)
             if r.status_code != 500 or "No available agent" not in r.text:

@@ -20,6 +20,10 @@ class IndaiPyfunc(mlflow.pyfunc.PythonModel):
         else:
             rows = list(model_input)
         out = self.model.predict(rows)
+        if out and "text" in out[0]:  # a report writer (platform.report_format): generated text
+            return pd.DataFrame({"text": [o["text"] for o in out]})
+        if out and "label" not in out[0]:  # regression {"value"} or anomaly {"score", "anomaly", "threshold"}
+            return pd.DataFrame(out)
         return pd.DataFrame({"label": [o["label"] for o in out],
                              "probabilities": [list(o["probabilities"].values()) for o in out]})
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
+from pathlib import Path
 
 import numpy as np
 
@@ -28,6 +30,107 @@ def tokenize_bytes(texts: list[str], max_len: int) -> np.ndarray:
         raw = np.frombuffer(str(t).encode("utf-8")[:max_len], dtype=np.uint8)
         out[i, : raw.size] = raw.astype(np.int64) + 1
     return out
+
+
+TOKENIZER_FILE = "tokenizer.json"
+MAX_TOKENIZER_BYTES = 64 * 1024 * 1024
+
+
+class TextTokenizer:
+    """Text -> int64 ids [N, max_len], right-padded with `pad_id`: the one tokenisation that the
+    training data, the streaming loader and the served model all use.
+
+    `utf8-bytes` is our byte vocabulary (tokenize_bytes); `hf` is a Hugging Face fast tokenizer
+    read from its tokenizer.json by the `tokenizers` library (Rust, a JSON file: no pickle, no
+    code). The model card describes it (`spec`), the artefact folder holds the file, and
+    `from_card` checks the file's sha256 before using it. Picklable (it ships to Ray Data
+    tasks as its JSON text).
+    """
+
+    def __init__(self, kind: str, max_len: int, pad_id: int = TEXT_PAD, tokenizer_json: str | None = None):
+        if kind not in ("utf8-bytes", "hf"):
+            raise UserError(f"text tokenizer kind {kind!r} is not known: use utf8-bytes or hf")
+        if kind == "hf" and tokenizer_json is None:
+            raise UserError("an hf text tokenizer needs its tokenizer.json")
+        self.kind, self.max_len, self.pad_id, self.tokenizer_json = kind, int(max_len), int(pad_id), tokenizer_json
+        self._compiled = None
+
+    @classmethod
+    def utf8(cls, max_len: int) -> "TextTokenizer":
+        return cls("utf8-bytes", max_len)
+
+    @classmethod
+    def from_hf_file(cls, path: str | Path, max_len: int, pad_id: int = 0) -> "TextTokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path} does not exist: a Hugging Face text encoder needs its tokenizer.json (fast tokenizer)")
+        if path.stat().st_size > MAX_TOKENIZER_BYTES:
+            raise UserError(f"{path} is larger than {MAX_TOKENIZER_BYTES >> 20} MiB: is it a tokenizer.json?")
+        tok = cls("hf", max_len, pad_id, path.read_text(encoding="utf-8"))
+        tok._tokenizer()  # refuse a broken file now, not in the first batch
+        return tok
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_compiled"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _compiled=None)
+
+    def _tokenizer(self):
+        if self._compiled is None:
+            from tokenizers import Tokenizer
+
+            try:
+                tok = Tokenizer.from_str(self.tokenizer_json)
+            except Exception as e:  # the Rust parser raises its own exception type
+                raise UserError(f"tokenizer.json could not be read ({str(e)[:200]}): use the tokenizer.json of a fast tokenizer") from None
+            tok.enable_truncation(max_length=self.max_len)
+            tok.enable_padding(length=self.max_len, pad_id=self.pad_id, pad_token=tok.id_to_token(self.pad_id) or "[PAD]")
+            self._compiled = tok
+        return self._compiled
+
+    def encode(self, texts) -> np.ndarray:
+        texts = ["" if t is None else str(t) for t in texts]
+        if self.kind == "utf8-bytes":
+            return tokenize_bytes(texts, self.max_len)
+        out = np.full((len(texts), self.max_len), self.pad_id, dtype=np.int64)
+        for i, enc in enumerate(self._tokenizer().encode_batch(texts)):
+            out[i, : len(enc.ids)] = enc.ids[: self.max_len]
+        return out
+
+    def spec(self) -> dict:
+        """How the card describes this tokenizer (without the file's hash; see `save`)."""
+        if self.kind == "utf8-bytes":
+            return {"kind": "utf8-bytes", "max_len": self.max_len}
+        return {"kind": "hf", "file": TOKENIZER_FILE, "pad_id": self.pad_id, "max_len": self.max_len}
+
+    def save(self, folder: str | Path) -> dict:
+        """Write what the tokenizer needs into a model folder; return its card entry."""
+        spec = self.spec()
+        if self.kind == "hf":
+            path = Path(folder) / TOKENIZER_FILE
+            path.write_text(self.tokenizer_json, encoding="utf-8")
+            spec["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return spec
+
+    @classmethod
+    def from_card(cls, text_input: dict, folder: str | Path) -> "TextTokenizer":
+        """The tokenizer a card's `inputs.text` names; an old card (no tokenizer object) means UTF-8 bytes."""
+        spec = text_input.get("tokenizer") or "utf8-bytes"
+        if isinstance(spec, str):
+            spec = {"kind": spec}
+        max_len = int(spec.get("max_len") or text_input["max_len"])
+        if spec.get("kind") == "utf8-bytes":
+            return cls.utf8(max_len)
+        if spec.get("kind") != "hf":
+            raise UserError(f"the model card names text tokenizer {spec.get('kind')!r}: this indai knows utf8-bytes and hf")
+        name = spec.get("file")
+        if name != TOKENIZER_FILE:
+            raise UserError(f"the model card names tokenizer file {name!r}: only {TOKENIZER_FILE} in the model folder is accepted")
+        path = Path(folder) / name
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != spec.get("sha256"):
+            raise UserError(f"{path} is missing or does not match the hash in its card: refusing to load it")
+        return cls.from_hf_file(path, max_len, int(spec.get("pad_id", 0)))
 
 
 def image_to_array(img, size: int) -> np.ndarray:

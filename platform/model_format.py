@@ -2,8 +2,12 @@
 
 Training writes `model.pt2` (a `torch.export` program: graph and weights, no Python code and
 no pickle) and `indai_model.json` (the card: inputs per modality, classes, the program's
-sha256). Serving and `mlflow.pyfunc` both load it with `IndaiModel.load`, which checks the
-hash before anything is deserialised, and call `predict` with one dict per sample.
+sha256); a model with a Hugging Face text encoder also has its `tokenizer.json`, named with its
+sha256 in the card's `inputs.text.tokenizer` (modalities.TextTokenizer). Serving and
+`mlflow.pyfunc` both load it with `IndaiModel.load`, which checks the hashes before anything is
+deserialised, and call `predict` with one dict per sample. What a prediction holds follows the
+card's `task` (cards without one are classifiers): classification {"label", "probabilities"},
+regression {"value"} in the target's units, anomaly {"score", "anomaly", "threshold"}.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from indai.platform.errors import UserError
-from indai.platform.modalities import MODALITIES, check_sensor, decode_image, images_to_tensor_layout, tokenize_bytes
+from indai.platform.modalities import MODALITIES, TextTokenizer, check_sensor, decode_image, images_to_tensor_layout
 
 FORMAT = "indai-torch-export/1"
 PROGRAM = "model.pt2"
@@ -36,8 +40,12 @@ def write_card(folder: Path, card: dict) -> Path:
     return path
 
 
+def task_of(card: dict) -> str:
+    return card.get("task", "classification")
+
+
 def mlflow_signature(card: dict):
-    """Signature over all three modalities (each optional) and the prediction."""
+    """Signature over all three modalities (each optional) and the prediction of the card's task."""
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
@@ -46,22 +54,28 @@ def mlflow_signature(card: dict):
         ColSpec(DataType.string, "image", required=False),
         ColSpec(DataType.string, "text", required=False),
     ])
-    outputs = Schema([ColSpec(DataType.string, "label"), ColSpec(Array(DataType.double), "probabilities")])
+    outputs = {"regression": Schema([ColSpec(DataType.double, "value")]),
+               "anomaly": Schema([ColSpec(DataType.double, "score"), ColSpec(DataType.boolean, "anomaly"),
+                                  ColSpec(DataType.double, "threshold")])}.get(
+        task_of(card), Schema([ColSpec(DataType.string, "label"), ColSpec(Array(DataType.double), "probabilities")]))
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
 class IndaiModel:
     """A loaded model: `predict([{"sensor": [[...]], "image": b64, "text": "..."}])`."""
 
-    def __init__(self, card: dict, program):
+    def __init__(self, card: dict, program, tokenizer: TextTokenizer | None = None):
         self.card = card
         self.program = program
         self.module = program.module()
         self.modalities = card["modalities"]
         self.classes = card["classes"]
+        self.tokenizer = tokenizer  # load() builds it from the card and the folder (hash-checked)
 
     @classmethod
-    def load(cls, folder: str | Path) -> "IndaiModel":
+    def load(cls, folder: str | Path):
+        """The model in `folder`, by its card's format: this class for exported programs, the
+        report writer (platform.report_format) for generated text. Both offer prepare/run/predict."""
         import torch
 
         folder = Path(folder)
@@ -69,11 +83,17 @@ class IndaiModel:
         if not card_path.is_file():
             raise UserError(f"{folder} holds no {CARD}: it is not an indai model")
         card = json.loads(card_path.read_text())
+        from indai.platform import report_format
+
+        if card.get("format") == report_format.FORMAT:
+            return report_format.ReportWriterModel.load(folder, card)
         if card.get("format") != FORMAT:
             raise UserError(f"{folder}: model format {card.get('format')!r} is not {FORMAT!r}")
         if sha256_file(folder / PROGRAM) != card.get("program_sha256"):
             raise UserError(f"{folder / PROGRAM} does not match the hash in its card: refusing to load it")
-        return cls(card, torch.export.load(str(folder / PROGRAM)))
+        text = card.get("inputs", {}).get("text")
+        tokenizer = TextTokenizer.from_card(text, folder) if text and "text" in card.get("modalities", []) else None
+        return cls(card, torch.export.load(str(folder / PROGRAM)), tokenizer)
 
     def prepare(self, sample: dict) -> dict:
         """Validate one sample against the card; raise UserError saying what is wrong."""
@@ -126,10 +146,23 @@ class IndaiModel:
                 zero = np.zeros((size, size, 3), np.uint8)
                 kwargs["image"] = torch.from_numpy(images_to_tensor_layout(np.stack([p.get("image", zero) for p in prepared])))
             else:
-                kwargs["text"] = torch.from_numpy(tokenize_bytes([p.get("text", "") for p in prepared], inputs["text"]["max_len"]))
+                kwargs["text"] = torch.from_numpy(self.tokenizer.encode([p.get("text", "") for p in prepared]))
         kwargs["mask"] = torch.from_numpy(mask)
         with torch.inference_mode():
-            probs = torch.softmax(self.module(**kwargs).float(), dim=-1).numpy()
+            out = self.module(**kwargs).float()
+        return self.answers(out)
+
+    def answers(self, out) -> list[dict]:
+        """The model's output tensor as one answer per sample, by the card's task."""
+        task = task_of(self.card)
+        if task == "regression":
+            return [{"value": float(v)} for v in out.reshape(-1).tolist()]
+        if task == "anomaly":  # column 0 is the score (trainers.models.multimodal.model.task_output)
+            threshold = float(self.card["anomaly"]["threshold"])
+            return [{"score": float(s), "anomaly": bool(s > threshold), "threshold": threshold} for s in out[:, 0].tolist()]
+        import torch
+
+        probs = torch.softmax(out, dim=-1).numpy()
         return [{"label": self.classes[int(p.argmax())], "probabilities": dict(zip(self.classes, map(float, p)))} for p in probs]
 
     def predict(self, samples: list[dict]) -> list[dict]:

@@ -45,6 +45,28 @@ class Settings:
         return self.ray_address
 
 
+# No process of the platform ever asks the Hugging Face Hub for anything: pretrained weights come
+# from the mirror in the object store (indai.platform.mirror). Set for the CLI, the embedded Ray
+# cluster, every job the gateway submits and every process that loads mirrored weights.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def go_offline() -> None:
+    """Put OFFLINE_ENV into this process. huggingface_hub reads HF_HUB_OFFLINE once, when it is
+    imported, so a process that imported it earlier gets its constant switched too."""
+    import sys
+
+    os.environ.update(OFFLINE_ENV)
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+
+
+def cache_dir() -> Path:
+    """Local copies of things kept in the object store (mirrored weights): `$INDAI_HOME/cache`."""
+    return home() / "cache"
+
+
 def read_services(root: Path | None = None) -> dict:
     path = (root or home()) / SERVICES_FILE
     if not path.is_file():

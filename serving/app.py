@@ -253,8 +253,9 @@ class Ingress:
         except Refused as e:
             return self._error(e, "")
         c = await self.pool.options(multiplexed_model_id=f"{name}/{version}").card.remote()
+        task = c.get("task") or ("report" if c.get("family") == "report_writer" else "classification")
         return ModelInfo(model=ref, model_version=version, modalities=c["modalities"], classes=c["classes"],
-                         inputs=c["inputs"], dataset=c.get("dataset"))
+                         inputs=c["inputs"], dataset=c.get("dataset"), task=task)
 
     @api.post("/v1/predict", response_model=PredictResponse,
               responses={s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 413, 422, 429, 503)})

@@ -40,6 +40,8 @@ def _barrier() -> None:
 
 
 def save(engine, store: ObjectStore, run_name: str, tag: str, meta: dict, rank: int) -> None:
+    # the strategy (trainers.engine) decides the checkpoint's layout; a resumed run keeps it
+    meta = {**meta, "strategy": getattr(engine, "indai_strategy", None)}
     with tempfile.TemporaryDirectory(prefix="indai-ckpt-") as local:
         engine.save_checkpoint(local, tag=tag, client_state=meta)
         shard = Path(local) / tag

@@ -7,12 +7,22 @@ worker never runs on fields it did not check.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal, Union
 
-from pydantic import Field, field_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from indai.platform.config import Strict
 from indai.trainers.models.multimodal.config import ModelConfig
+from indai.trainers.models.report_writer.config import ReportWriterConfig
+
+def _family(value) -> str:
+    """Which model config a recipe's `model:` is: its `family` (recipes before families say none)."""
+    family = value.get("family") if isinstance(value, dict) else getattr(value, "family", None)
+    return family or "multimodal"
+
+
+AnyModelConfig = Annotated[Union[Annotated[ModelConfig, Tag("multimodal")], Annotated[ReportWriterConfig, Tag("report_writer")]],
+                           Discriminator(_family)]
 
 RUN_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -26,6 +36,12 @@ class DataConfig(Strict):
                                     "memory: loaded whole; auto: stream when the train split is over stream_above_mb")
     stream_above_mb: float = Field(default=2048, ge=0, description="auto streams a train split larger than this")
     shuffle_buffer: int = Field(default=4096, ge=0, description="samples in each worker's local shuffle buffer when streaming")
+    prefetch: int = Field(default=2, ge=1, le=16, description="batches gathered, pinned and copied to the GPU ahead of the "
+                                                              "step on a side stream (CUDA only)")
+    image_size: int | None = Field(default=None, ge=16, le=1024,
+                                   description="train and serve the model at this square image size: the dataset's images are "
+                                               "resized (bilinear, as serving resizes requests) when loaded into memory; "
+                                               "default: the size they were ingested at")
 
 
 class OptimConfig(Strict):
@@ -40,8 +56,24 @@ class OptimConfig(Strict):
 
 
 class DeepSpeedConfig(Strict):
-    zero_stage: Literal[0, 1, 2, 3] = Field(default=0, description="ZeRO stage: 0 plain data parallel, 2 shards optimizer state and gradients, 3 also parameters")
-    bf16: Literal["auto", "on", "off"] = Field(default="auto", description="bf16 autocast through DeepSpeed's torch_autocast; auto = on with CUDA")
+    strategy: Literal["auto", "ddp", "zero0", "zero1", "zero2", "zero3", "zero3_offload"] = Field(
+        default="auto", description="auto: the cheapest strategy whose model states fit in state_memory_fraction of the "
+                                    "free device memory (ddp, then zero2, zero3, zero3_offload; trainers.strategy), logged "
+                                    "with its reason; ddp: torch data parallel without DeepSpeed; zeroN: DeepSpeed ZeRO stage N")
+    zero_stage: Literal[0, 1, 2, 3] | None = Field(
+        default=None, description="older recipes: an explicit DeepSpeed ZeRO stage, the same as strategy zeroN "
+                                  "(0 plain data parallel, 2 shards optimizer state and gradients, 3 also parameters)")
+    state_memory_fraction: float = Field(default=0.5, gt=0, le=1, description="auto: share of the free device memory the "
+                                                                                 "model states may take; the rest is for activations")
+    bf16: Literal["auto", "on", "off"] = Field(default="auto", description="bf16 through torch autocast (DeepSpeed's torch_autocast, "
+                                                                           "never its bf16 mode, which breaks BatchNorm); auto = on with CUDA")
+
+    @model_validator(mode="after")
+    def _one_request(self):
+        if self.zero_stage is not None and self.strategy not in ("auto", f"zero{self.zero_stage}") and not (
+                self.zero_stage == 3 and self.strategy == "zero3_offload"):
+            raise ValueError(f"deepspeed.zero_stage {self.zero_stage} contradicts deepspeed.strategy {self.strategy}: set only one")
+        return self
 
 
 class RunConfig(Strict):
@@ -61,6 +93,12 @@ class RunConfig(Strict):
     seed: int = 0
     log_every: int = Field(default=25, ge=1, description="steps between metric batches sent to MLflow")
     progress: bool = True
+    compile: bool = Field(default=False, description="torch.compile the model inside the engine (pays on GPU for long runs; "
+                                                     "the first steps compile)")
+    channels_last: Literal["auto", "on", "off"] = Field(default="auto", description="image inputs in channels_last memory format "
+                                                                                     "(parameters stay contiguous); auto = on with CUDA")
+    timing_skip: int = Field(default=10, ge=0, description="steps left out of the steady-state throughput the loop reports "
+                                                           "(compilation, allocator and cuDNN warm-up)")
 
     @field_validator("name")
     @classmethod
@@ -77,13 +115,26 @@ class RunConfig(Strict):
         return v
 
 
+class CompareConfig(Strict):
+    """Fine-tuned against from scratch (trainers.compare): the same recipe, dataset version, split and seed."""
+
+    scratch: bool = Field(default=False, description="also train the recipe from scratch, under one parent MLflow run with "
+                                                     "a comparison table (the same as `indai train --compare-scratch`)")
+    scratch_overrides: list[str] = Field(default_factory=list, max_length=32,
+                                         description="key.path=value overrides of the from-scratch run, applied after every "
+                                                     "`pretrained` became null and every tune policy full, e.g. "
+                                                     "model.text.kind=byte_transformer")
+
+
 class TrainConfig(Strict):
     recipe: str = Field(description="recipe name, recorded with the run and the model")
     data: DataConfig
-    model: ModelConfig = ModelConfig()
+    model: AnyModelConfig = Field(default_factory=ModelConfig, description="the model family's config, chosen by `family` "
+                                                                           "(multimodal, the default, or report_writer)")
     optim: OptimConfig = OptimConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     run: RunConfig
+    compare: CompareConfig = Field(default_factory=CompareConfig, description="fine-tuned against from scratch")
     store_uri: str | None = Field(default=None, description="filled by the launcher from the platform settings")
     mlflow_uri: str | None = None
     mlflow_run_id: str | None = None

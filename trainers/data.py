@@ -11,13 +11,27 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from indai.platform.modalities import MODALITIES, images_to_tensor_layout, tokenize_bytes
+from indai.platform.modalities import MODALITIES, TextTokenizer, images_to_tensor_layout
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> [N, size, size, 3] with Pillow's bilinear resize, the resize serving
+    applies to a request's image (platform.modalities.decode_image)."""
+    from PIL import Image
+
+    if images.shape[1:3] == (size, size):
+        return images
+    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    for i, img in enumerate(images):
+        out[i] = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+    return out
 
 
 class SplitDataset(Dataset):
     def __init__(self, arrays: dict[str, np.ndarray], window: int | None = None, text_len: int = 128,
-                 modalities: list[str] | None = None):
-        self.label = torch.as_tensor(arrays["label"], dtype=torch.long)
+                 modalities: list[str] | None = None, tokenizer: TextTokenizer | None = None):
+        label = torch.as_tensor(arrays["label"])  # class index, or a float target (task regression, trainers.tasks)
+        self.label = label.float() if label.is_floating_point() else label.long()
         n = len(self.label)
         self.modalities = modalities or [m for m in MODALITIES if m in arrays or (m == "sensor" and "sensor_signal" in arrays)]
         self.window = window
@@ -25,7 +39,8 @@ class SplitDataset(Dataset):
         self.starts = arrays.get("sensor_starts")
         self.sensor = torch.as_tensor(arrays["sensor"], dtype=torch.float32) if "sensor" in arrays else None
         self.image = torch.as_tensor(images_to_tensor_layout(arrays["image"])) if "image" in arrays else None
-        self.text = torch.as_tensor(tokenize_bytes(list(arrays["text"]), text_len)) if "text" in arrays else None
+        tokenizer = tokenizer or TextTokenizer.utf8(text_len)  # the model's tokenizer (modalities.TextTokenizer)
+        self.text = torch.as_tensor(tokenizer.encode(list(arrays["text"]))) if "text" in arrays else None
         mask = arrays.get("mask")
         self.mask = torch.as_tensor(mask, dtype=torch.float32) if mask is not None else torch.ones(n, 3)
 
@@ -73,10 +88,11 @@ class ShardSampler(torch.utils.data.Sampler):
         return self.n // self.world if self.shuffle else len(range(self.rank, self.n, self.world))
 
 
-def to_samples(arrays: dict[str, np.ndarray], window: int | None, text_len: int, modalities: list[str] | None) -> dict[str, np.ndarray]:
+def to_samples(arrays: dict[str, np.ndarray], window: int | None, text_len: int, modalities: list[str] | None,
+               tokenizer: TextTokenizer | None = None) -> dict[str, np.ndarray]:
     """A shard's arrays as one numpy array per model input, a row per sample (windows cut,
     text tokenised, images in tensor layout): what a streaming loader hands to the loop."""
-    ds = SplitDataset(arrays, window, text_len, modalities)
+    ds = SplitDataset(arrays, window, text_len, modalities, tokenizer)
     out = {"label": ds.label.numpy(), "mask": ds.mask.numpy()}
     if "sensor" in ds.modalities:
         if ds.signal is not None:

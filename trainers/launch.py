@@ -20,7 +20,7 @@ from indai.platform.errors import UserError
 from indai.platform.model_format import mlflow_signature, write_card
 from indai.platform.settings import Settings
 from indai.platform.storage import open_store
-from indai.trainers import checkpoint
+from indai.trainers import checkpoint, tasks
 from indai.trainers.config import TrainConfig
 from indai.trainers.loop import train_loop
 
@@ -35,6 +35,8 @@ class TrainResult:
     alias: str | None = None
     resumed_from: str | None = None
     confusion: list = field(default_factory=list)
+    task: str = "classification"
+    test_metrics: dict = field(default_factory=dict)  # the test split's scalar metrics (trainers.tasks)
 
 
 def store_dataset_source(uri: str):
@@ -84,7 +86,14 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
 def complete_from_manifest(cfg: TrainConfig, manifest: dict) -> TrainConfig:
     """Fields the dataset decides: classes, channels, window length, normalisation."""
     m = cfg.model.model_copy(deep=True)
-    m.num_classes = len(manifest["classes"])
+    if m.task == "regression" and manifest.get("label_type", "classification") != "regression":
+        raise UserError(f"task regression needs a dataset ingested with labels.type: regression; "
+                        f"{manifest.get('name')} has {manifest.get('label_type', 'classification')} labels")
+    if m.task != "regression":
+        if len(manifest.get("classes") or []) < 2:
+            raise UserError(f"task {m.task} needs at least two classes; dataset {manifest.get('name')} has "
+                            f"{manifest.get('classes')}")
+        m.num_classes = len(manifest["classes"])
     sensor = manifest.get("modalities", {}).get("sensor")
     if sensor and "sensor" in m.modalities:
         m.sensor.channels = len(sensor["channels"])
@@ -92,11 +101,12 @@ def complete_from_manifest(cfg: TrainConfig, manifest: dict) -> TrainConfig:
         m.sensor_mean, m.sensor_std = sensor["norm"]["mean"], sensor["norm"]["std"]
     image = manifest.get("modalities", {}).get("image")
     if image and "image" in m.modalities:
-        m.image.size = image["size"]
+        m.image.size = cfg.data.image_size or image["size"]  # data.image_size: resized at load (trainers.data)
     return cfg.model_copy(update={"model": m})
 
 
-def _open_run(cfg: TrainConfig, store, manifest: dict, ref: datasets.DatasetRef):
+def _open_run(cfg: TrainConfig, store, manifest: dict, ref: datasets.DatasetRef, parent_run_id: str | None = None):
+    """The run's MLflow run: reopened on resume, else new (nested under `parent_run_id` when given)."""
     import mlflow
 
     found = checkpoint.latest(store, cfg.run.name) if cfg.run.resume else None
@@ -104,8 +114,10 @@ def _open_run(cfg: TrainConfig, store, manifest: dict, ref: datasets.DatasetRef)
     mlflow.set_experiment(cfg.run.experiment)
     if run_id:
         return mlflow.start_run(run_id=run_id), found[0]
-    run = mlflow.start_run(run_name=cfg.run.name, tags={"indai.recipe": cfg.recipe, "indai.dataset": str(ref),
-                                                        "indai.member": manifest.get("member", "")})
+    tags = {"indai.recipe": cfg.recipe, "indai.dataset": str(ref), "indai.member": manifest.get("member", "")}
+    if parent_run_id:  # MLflow's own tag: the UI shows the run under its parent (trainers.compare)
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = mlflow.start_run(run_name=cfg.run.name, tags=tags)
     mlflow.log_params(_flatten(cfg.model_dump(mode="json", exclude={"store_uri", "mlflow_uri", "mlflow_run_id"})))
     source = store_dataset_source(f"{store.uri.rstrip('/')}/datasets/{ref.name}/{ref.version}")
     dataset = mlflow.data.meta_dataset.MetaDataset(source=source, name=ref.name, digest=ref.version)
@@ -120,17 +132,27 @@ def choose_loader(cfg: TrainConfig, manifest: dict) -> str:
 
     if cfg.run.launcher == "local" or cfg.data.loader == "memory":
         return "memory"
+    image = manifest.get("modalities", {}).get("image") or {}
+    task = getattr(cfg.model, "task", "classification")
+    in_memory = (f"task {task}" if task != "classification" else None) or (  # trainers.tasks reshape whole splits
+        "data.image_size" if cfg.data.image_size and cfg.data.image_size != image.get("size", cfg.data.image_size) else None)
+    if in_memory:
+        if cfg.data.loader == "stream":
+            raise UserError(f"{in_memory} loads the splits into memory: set data.loader: memory (or auto)")
+        return "memory"
     if cfg.data.loader == "stream" or train_bytes(manifest) > cfg.data.stream_above_mb * 2**20:
         return "stream"
     return "memory"
 
 
-def run_workers(cfg: TrainConfig, settings: Settings, manifest: dict | None = None) -> None:
+def run_workers(cfg: TrainConfig, settings: Settings, manifest: dict | None = None, loop=None) -> None:
+    """`loop` (default train_loop) on Ray Train workers, or in this process with the local launcher."""
+    loop = loop or train_loop
     loader = choose_loader(cfg, manifest) if manifest else "memory"
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"loader": loader})})
     config = cfg.model_dump(mode="json")
     if cfg.run.launcher == "local":
-        train_loop(config)
+        loop(config)
         return
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -147,11 +169,15 @@ def run_workers(cfg: TrainConfig, settings: Settings, manifest: dict | None = No
 
         name = cfg.data.dataset.split("@")[0]
         window = manifest.get("modalities", {}).get("sensor", {}).get("window")
-        streams["train"] = split_stream(cfg.store_uri, name, manifest, "train", window, cfg.model.text.max_len, cfg.model.modalities)
+        from indai.trainers.models.multimodal.text_hf import model_tokenizer
+
+        tokenizer = model_tokenizer(cfg.model, open_store(cfg.store_uri)) if "text" in cfg.model.modalities else None
+        streams["train"] = split_stream(cfg.store_uri, name, manifest, "train", window, cfg.model.text.max_len, cfg.model.modalities,
+                                        tokenizer)
         print(f"streaming the train split of {cfg.data.dataset} through Ray Data ({len(datasets.shards(manifest, 'train'))} shards)",
               file=sys.stderr)
     trainer = TorchTrainer(
-        train_loop,
+        loop,
         train_loop_config=config,
         datasets=streams or None,
         scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=cfg.run.use_gpu,
@@ -177,9 +203,11 @@ def log_and_register(cfg: TrainConfig, store, manifest: dict, run_id: str) -> tu
     import torch
     from safetensors.torch import load_file
 
+    from indai.trainers import finetune
     from indai.trainers.models import create_model
     from indai.trainers.models.multimodal import ModelConfig
     from indai.trainers.models.multimodal.export import card_inputs, export
+    from indai.trainers.models.multimodal.text_hf import model_tokenizer
 
     final = f"{checkpoint.prefix(cfg.run.name)}/{checkpoint.FINAL}"
     if not store.is_committed(final):
@@ -189,14 +217,19 @@ def log_and_register(cfg: TrainConfig, store, manifest: dict, run_id: str) -> tu
         store.download_dir(final, tmp / "final")
         result = json.loads((tmp / "final" / "result.json").read_text())
         mcfg = ModelConfig.model_validate_json((tmp / "final" / "model_config.json").read_text())
-        model = create_model(mcfg)
+        # the trained weights go over a randomly initialised model of the same shape (adapters
+        # included), then LoRA adapters are merged: the exported program is a plain model
+        model = create_model(mcfg, store=store, load_pretrained=False)
+        mlflow.log_params(finetune.mlflow_params(finetune.apply_tuning(model, mcfg, log=False)))
         model.load_state_dict(load_file(str(tmp / "final" / "model.safetensors")))
+        finetune.merge_for_export(model)
         pkg = tmp / "indai_model"
         pkg.mkdir()
         with torch.no_grad():
             export(model, pkg)
-        card = {"classes": manifest["classes"], "modalities": mcfg.modalities,
-                "inputs": card_inputs(mcfg, manifest.get("modalities", {}).get("sensor")),
+        tokenizer = model_tokenizer(mcfg, store).save(pkg) if "text" in mcfg.modalities else None
+        card = {**task_card(mcfg, result, manifest), "modalities": mcfg.modalities,
+                "inputs": card_inputs(mcfg, manifest.get("modalities", {}).get("sensor"), tokenizer),
                 "dataset": f"{manifest['name']}@{manifest['version']}", "recipe": cfg.recipe,
                 "run_id": run_id, "attribution": manifest.get("attribution", "")}
         write_card(pkg, card)
@@ -214,53 +247,79 @@ def log_and_register(cfg: TrainConfig, store, manifest: dict, run_id: str) -> tu
             if name:
                 version = int(info.registered_model_version)
         if name and version:
-            c = registry.client_for_current()
-            for k, v in {"indai.dataset": card["dataset"], "indai.recipe": cfg.recipe, "indai.run": cfg.run.name,
-                         "indai.step": str(result["step"])}.items():
-                c.set_model_version_tag(name, str(version), k, v)
-            # the owner of a model trained in a member's job, and the process it serves: the serving
-            # ingress makes it private to that member until an admin shares it (`indai model share`)
-            owner = os.environ.get("INDAI_JOB_MEMBER") or manifest.get("member")
-            if owner:
-                c.set_registered_model_tag(name, "indai.member", owner)
-            if cfg.run.process:
-                c.set_registered_model_tag(name, "indai.process", cfg.run.process)
+            tag_registered(cfg, manifest, name, version, card["dataset"], result["step"])
     return version, result
 
 
-def log_confusion(result: dict, classes: list[str]) -> None:
-    import matplotlib
+def tag_registered(cfg: TrainConfig, manifest: dict, name: str, version: int, dataset: str, step: int,
+                   extra: dict[str, str] | None = None) -> None:
+    """Tags of a registered version (dataset, recipe, run, step, `extra`) and of the model (owner, process)."""
+    c = registry.client_for_current()
+    for k, v in {"indai.dataset": dataset, "indai.recipe": cfg.recipe, "indai.run": cfg.run.name, "indai.step": str(step),
+                 **(extra or {})}.items():
+        c.set_model_version_tag(name, str(version), k, v)
+    # the owner of a model trained in a member's job, and the process it serves: the serving
+    # ingress makes it private to that member until an admin shares it (`indai model share`)
+    owner = os.environ.get("INDAI_JOB_MEMBER") or manifest.get("member")
+    if owner:
+        c.set_registered_model_tag(name, "indai.member", owner)
+    if cfg.run.process:
+        c.set_registered_model_tag(name, "indai.process", cfg.run.process)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def target_unit(manifest: dict) -> str:
+    """The unit the dataset spec gives its regression target column (empty when none)."""
+    for src in (manifest.get("spec") or {}).get("sources", []):
+        column = src.get("label") or src.get("target")
+        if column:
+            return ((src.get("columns") or {}).get(column) or {}).get("unit", "")
+    return ""
+
+
+def task_card(mcfg, result: dict, manifest: dict) -> dict:
+    """What the model card says about the task: serving answers by it (platform.model_format)."""
+    if mcfg.task == "regression":
+        return {"task": "regression", "classes": [],
+                "target": {"mean": mcfg.target_mean, "std": mcfg.target_std, "unit": target_unit(manifest)}}
+    if mcfg.task == "anomaly":
+        test = result.get("test") or {}
+        if "threshold" not in test:
+            raise UserError("task anomaly: the run has no calibrated threshold (it needs val and test splits)")
+        return {"task": "anomaly", "classes": [],
+                "anomaly": {"threshold": test["threshold"], "normal_class": mcfg.anomaly.normal_class,
+                            "target_false_alarm_rate": test["target_false_alarm_rate"],
+                            "calibration_normals": test["calibration_normals"],
+                            "score": "Mahalanobis distance of the fused embedding to the training normals (trainers.tasks)"}}
+    return {"task": "classification", "classes": manifest["classes"]}
+
+
+def log_reports(task: str, result: dict, classes: list[str], unit: str = "") -> None:
+    """The test split's plots, metrics JSON and per-class metrics in the active MLflow run."""
     import mlflow
-    import numpy as np
 
-    conf = np.array(result["confusion"])
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(classes), 1 + 0.6 * len(classes)))
-    ax.imshow(conf, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, int(conf[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if conf[i, j] > conf.max() / 2 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"test accuracy {result['accuracy']:.4f} (n={result['n']})")
-    fig.tight_layout()
-    mlflow.log_figure(fig, "confusion_matrix_test.png")
-    plt.close(fig)
+    from indai.trainers import reports
+
+    test = result.get("test") or {}
+    with tempfile.TemporaryDirectory(prefix="indai-reports-") as tmp:
+        for path in reports.write_test_reports(task, test, classes, Path(tmp), unit):
+            mlflow.log_artifact(str(path))
+    if task == "classification":
+        mlflow.log_metrics(reports.class_metrics(test, classes), step=int(result.get("step", 0)))
 
 
-def train(cfg: TrainConfig, settings: Settings) -> TrainResult:
+def train(cfg: TrainConfig, settings: Settings, parent_run_id: str | None = None) -> TrainResult:
+    """Train `cfg` end to end; `parent_run_id`: an MLflow run this one is nested under."""
+    if cfg.model.family == "report_writer":  # the LM family has its own driver (same run, registry and tags)
+        from indai.trainers.models.report_writer.train import train as train_report_writer
+
+        return train_report_writer(cfg, settings, parent_run_id)
     store = open_store(settings.store_uri)
     ref, manifest = datasets.open_for_job(store, datasets.parse_ref(cfg.data.dataset))
     cfg = complete_from_manifest(cfg, manifest)
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"dataset": str(ref)})})
     tracking = settings.require_mlflow()
     registry.client(tracking)
-    run, resumed = _open_run(cfg, store, manifest, ref)
+    run, resumed = _open_run(cfg, store, manifest, ref, parent_run_id)
     with run:
         run_id = run.info.run_id
         cfg = cfg.model_copy(update={"store_uri": settings.store_uri, "mlflow_uri": tracking, "mlflow_run_id": run_id})
@@ -270,9 +329,10 @@ def train(cfg: TrainConfig, settings: Settings) -> TrainResult:
         version, result = log_and_register(cfg, store, manifest, run_id)
         test = result.get("test") or {}
         if test:
-            log_confusion(test, manifest["classes"])
+            log_reports(cfg.model.task, result, manifest["classes"], target_unit(manifest))
     out = TrainResult(run_id=run_id, dataset=str(ref), test_accuracy=test.get("accuracy"), model_name=cfg.run.register_as,
-                      model_version=version, resumed_from=resumed, confusion=test.get("confusion", []))
+                      model_version=version, resumed_from=resumed, confusion=test.get("confusion", []),
+                      task=cfg.model.task, test_metrics=tasks.scalars(test))
     if version and cfg.run.alias:
         registry.promote(tracking, cfg.run.register_as, version, cfg.run.alias)
         out.alias = cfg.run.alias

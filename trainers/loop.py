@@ -2,10 +2,13 @@
 
 `train_loop(config)` runs inside each Ray Train worker (TorchTrainer) and equally under a plain
 launch (`python -m indai.trainers.loop cfg.json`, alone or under torchrun), so the GPU path can
-be measured where Ray is not installed. Inside, the model is wrapped by a DeepSpeed engine
-(ZeRO stage from the config; gloo on CPU, NCCL and bf16 autocast on GPU). It resumes from the
+be measured where Ray is not installed. Inside, the model is wrapped by the engine that
+trainers.engine chooses by model size and free memory (torch DDP, or DeepSpeed ZeRO when the model
+states must be sharded; gloo on CPU, NCCL and bf16 autocast on GPU). It resumes from the
 run's latest committed checkpoint, logs metrics to MLflow in batches from rank 0, and finally
-writes the trained weights (safetensors) as the run's `final` checkpoint.
+writes the trained weights (safetensors) as the run's `final` checkpoint. What the head learns,
+its loss and how a split is scored belong to the task (trainers.tasks: classification,
+regression, anomaly); the loop only calls that interface.
 """
 from __future__ import annotations
 
@@ -22,17 +25,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from indai.platform import datasets
+from indai.platform.errors import UserError
 from indai.platform.progress import bar
 from indai.platform.storage import open_store
-from indai.trainers import checkpoint
+from indai.trainers import checkpoint, feed, finetune, tasks
 from indai.trainers.config import TrainConfig
+from indai.trainers.engine import build_engine, deepspeed_config  # noqa: F401  (deepspeed_config: kept importable from here)
 from indai.trainers.streaming import split_size
-from indai.trainers.data import ShardSampler, SplitDataset
+from indai.trainers.data import ShardSampler, SplitDataset, resize_images
 from indai.trainers.models import create_model
+from indai.trainers.models.multimodal.text_hf import model_tokenizer
 
 
 @dataclass
@@ -73,25 +77,6 @@ def setup_distributed(cfg: TrainConfig) -> Dist:
     return Dist(rank, world, local, device, cfg.run.launcher == "ray")
 
 
-def deepspeed_config(cfg: TrainConfig, cuda: bool) -> dict:
-    bf16 = cfg.deepspeed.bf16 == "on" or (cfg.deepspeed.bf16 == "auto" and cuda)
-    ds = {
-        "train_micro_batch_size_per_gpu": cfg.optim.batch_size,
-        "gradient_accumulation_steps": cfg.optim.grad_accum,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if cfg.optim.clip > 0:
-        ds["gradient_clipping"] = cfg.optim.clip
-    if bf16:
-        # DeepSpeed's own bf16 mode casts the model and breaks BatchNorm (../shared/GPU.md);
-        # autocast keeps fp32 master weights and runs matmuls in bf16.
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    return ds
-
-
 def warmup_cosine(total_steps: int, warmup_frac: float):
     warm = max(1, int(total_steps * warmup_frac))
 
@@ -116,9 +101,9 @@ class MetricBuffer:
             self.run_id = cfg.mlflow_run_id
 
     def add(self, key: str, value: float, step: int) -> None:
-        from mlflow.entities import Metric
+        if self.client is not None:  # without a tracking URI mlflow is never imported (the GPU machine has none)
+            from mlflow.entities import Metric
 
-        if self.client is not None:
             self.items.append(Metric(key, float(value), int(time.time() * 1000), int(step)))
 
     def flush(self) -> None:
@@ -137,30 +122,29 @@ def _forward(engine, batch: dict) -> torch.Tensor:
     return engine(**inputs)
 
 
-@torch.no_grad()
-def evaluate(engine, loader, num_classes: int, device: torch.device) -> dict:
-    """Loss, accuracy and confusion matrix over the whole split (summed across ranks)."""
+def outputs(engine, loader, device: torch.device):
+    """(model output, batch) over a whole split in eval mode, without gradients."""
     engine.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
-    loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
-    for batch in loader:
-        batch = _to(batch, device)
-        logits = _forward(engine, batch).float()
-        loss_sum += F.cross_entropy(logits, batch["label"], reduction="sum").double()
-        idx = batch["label"] * num_classes + logits.argmax(-1)
-        confusion += torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes).double()
-    if dist.is_initialized():
-        dist.all_reduce(confusion)
-        dist.all_reduce(loss_sum)
-    engine.train()
-    n = confusion.sum().item()
-    return {"loss": loss_sum.item() / max(n, 1), "accuracy": confusion.trace().item() / max(n, 1),
-            "n": int(n), "confusion": confusion.long().cpu().tolist()}
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                batch = _to(batch, device)
+                yield _forward(engine, batch).float(), batch
+    finally:
+        engine.train()
 
 
-def _loader(ds, sampler, cfg: TrainConfig, cuda: bool) -> DataLoader:
-    return DataLoader(ds, batch_size=cfg.optim.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-                      pin_memory=cuda, persistent_workers=cfg.data.num_workers > 0, drop_last=False)
+def evaluate(engine, loader, task: tasks.Task, device: torch.device) -> dict:
+    """The task's metrics over the whole split (trainers.tasks; counts summed across ranks)."""
+    scorer = task.scorer(device)
+    for out, batch in outputs(engine, loader, device):
+        scorer.add(out, batch)
+    return scorer.result()
+
+
+def _loader(ds, sampler, cfg: TrainConfig, device: torch.device) -> feed.ToDevice:
+    """Batches on the device: gathered, pinned and copied ahead of the step (trainers.feed)."""
+    return feed.batches(ds, sampler, cfg, device)
 
 
 PROGRESS_PREFIX = "[indai] progress "
@@ -173,19 +157,36 @@ def progress_event(**fields) -> None:
 
 
 def train_loop(config: dict) -> dict:
-    import deepspeed
+    if (config.get("model") or {}).get("family") == "report_writer":  # the LM family's own worker, same launchers
+        from indai.trainers.models.report_writer.train import train_report_writer
 
+        return train_report_writer(config)
     cfg = TrainConfig.model_validate(config)
     d = setup_distributed(cfg)
-    cuda = d.device.type == "cuda"
     torch.manual_seed(cfg.run.seed)
     store = open_store(cfg.store_uri)
     ref, manifest = datasets.open_for_job(store, datasets.parse_ref(cfg.data.dataset))
     window = manifest.get("modalities", {}).get("sensor", {}).get("window")
     present = manifest["split"].get("windows") or manifest["split"].get("records") or {}
     streaming = d.under_ray and cfg.data.loader == "stream"
-    splits = {s: SplitDataset(datasets.load_split(store, ref, s, manifest), window, cfg.model.text.max_len, cfg.model.modalities)
+    tokenizer = model_tokenizer(cfg.model, store) if "text" in cfg.model.modalities else None
+    if streaming and cfg.model.task != "classification":
+        raise UserError(f"task {cfg.model.task} loads its splits into memory: set data.loader: memory")
+    arrays = {s: datasets.load_split(store, ref, s, manifest)
               for s in ("train", "val", "test") if s in present and not (s == "train" and streaming)}
+    if "image" in cfg.model.modalities:  # data.image_size: the model's size, not the ingested one
+        arrays = {s: dict(a, image=resize_images(a["image"], cfg.model.image.size)) if "image" in a else a
+                  for s, a in arrays.items()}
+    if cfg.model.task == "regression" and cfg.model.target_mean is None:  # standardise with the training targets
+        mean, std = tasks.target_stats(arrays["train"]["target"])
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"target_mean": mean, "target_std": std})})
+    task = tasks.make(cfg.model, manifest.get("classes", []), cfg.optim.label_smoothing)
+    if task.needs_fit and "val" not in arrays:
+        raise UserError(f"task {task.name} calibrates its threshold on the validation split: dataset {ref} has none")
+    splits = {s: SplitDataset(task.split_arrays(a, s), window, cfg.model.text.max_len, cfg.model.modalities, tokenizer)
+              for s, a in arrays.items()}
+    del arrays
+    clock = feed.StepClock(cfg.run.timing_skip, d.world, d.device)  # steady-state throughput, in the result
     if streaming:  # Ray Data streams the train split's shards from the object store (trainers.streaming)
         import ray.train
 
@@ -197,24 +198,32 @@ def train_loop(config: dict) -> dict:
             it = train_stream.iter_torch_batches(batch_size=cfg.optim.batch_size, drop_last=True,
                                                  local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
                                                  local_shuffle_seed=cfg.run.seed + epoch if cfg.data.shuffle_buffer else None)
-            return itertools.islice(it, n_batches)  # equal steps on every worker keeps collectives in lockstep
+            # equal steps on every worker keeps collectives in lockstep
+            return clock.steps(feed.to_device(itertools.islice(it, n_batches), cfg, d.device))
     else:
         train_sampler = ShardSampler(len(splits["train"]), d.rank, d.world, shuffle=True, seed=cfg.run.seed)
-        train_loader = _loader(splits["train"], train_sampler, cfg, cuda)
+        train_loader = _loader(splits["train"], train_sampler, cfg, d.device)
         n_batches = len(train_loader)
 
         def train_batches(epoch: int):
             train_sampler.set_epoch(epoch)
-            return train_loader
-    eval_loaders = {s: _loader(ds, ShardSampler(len(ds), d.rank, d.world, shuffle=False), cfg, cuda)
-                    for s, ds in splits.items() if s != "train"}
+            return clock.steps(train_loader)
+    eval_loaders = {s: _loader(ds, ShardSampler(len(ds), d.rank, d.world, shuffle=False), cfg, d.device)
+                    for s, ds in splits.items() if s != "train" or task.needs_fit}  # train: anomaly fits on it
 
-    model = create_model(cfg.model).to(d.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=cuda or None)
+    def score(split: str) -> dict:
+        if task.needs_fit:  # the anomaly Gaussian of the current weights, on the training normals
+            task.fit(outputs(engine, eval_loaders["train"], d.device), engine.module)
+        return evaluate(engine, eval_loaders[split], task, d.device)
+
+    model = create_model(cfg.model, store=store)
+    finetune.apply_tuning(model, cfg.model, log=d.rank == 0)  # freezing, LoRA adapters (trainers.finetune)
+    model = model.to(d.device)
+    groups = finetune.param_groups(model, cfg.model, cfg.optim.lr, cfg.optim.weight_decay)
     steps_per_epoch = max(1, n_batches // cfg.optim.grad_accum)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps_per_epoch * cfg.optim.epochs, cfg.optim.warmup_frac))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=deepspeed_config(cfg, cuda), dist_init_required=False)
+    # strategy (ddp or DeepSpeed ZeRO), fused AdamW over the groups, fast paths: trainers.engine
+    engine, sched = build_engine(model, cfg, d, warmup_cosine(steps_per_epoch * cfg.optim.epochs, cfg.optim.warmup_frac),
+                                 store, param_groups=groups)
 
     start_epoch, step = 0, 0
     found = checkpoint.latest(store, cfg.run.name) if cfg.run.resume else None
@@ -225,38 +234,42 @@ def train_loop(config: dict) -> dict:
             print(f"resumed run {cfg.run.name} from {found[0]} (epoch {start_epoch}, step {step})", file=sys.stderr, flush=True)
 
     metrics = MetricBuffer(cfg, enabled=d.rank == 0)
-    num_classes = cfg.model.num_classes
     val: dict = {}
+    headline = tasks.HEADLINE[task.name]
     for epoch in range(start_epoch, cfg.optim.epochs):
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         show_bar = cfg.run.progress and d.rank == 0 and not d.under_ray  # Ray relays worker output line by line
         for batch in bar(train_batches(epoch), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", total=n_batches, enabled=show_bar):
             batch = _to(batch, d.device)
-            loss = F.cross_entropy(_forward(engine, batch).float(), batch["label"], label_smoothing=cfg.optim.label_smoothing)
+            batch = task.train_batch(batch)  # anomaly: its self-supervised transforms
+            loss = task.loss(_forward(engine, batch), batch)
             engine.backward(loss)
             engine.step()
             step += 1
             seen += batch["label"].shape[0]
-            loss_sum += loss.item()
+            loss_sum = loss_sum + loss.detach().float()  # summed on the device: no host sync every step
             if step % cfg.run.log_every == 0:
-                metrics.add("train_loss", loss.item(), step)
+                last_loss = loss.item()
+                metrics.add("train_loss", last_loss, step)
                 metrics.add("lr", sched.get_last_lr()[0], step)
                 if d.rank == 0:
                     progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step,
-                                   steps=steps_per_epoch * cfg.optim.epochs, loss=round(loss.item(), 5))
+                                   steps=steps_per_epoch * cfg.optim.epochs, loss=round(last_loss, 5))
+        loss_sum = float(loss_sum)
         took = time.perf_counter() - t0
         metrics.add("epoch_train_loss", loss_sum / max(1, n_batches), step)
         metrics.add("samples_per_s", seen * d.world / took, step)
         if "val" in eval_loaders:
-            val = evaluate(engine, eval_loaders["val"], num_classes, d.device)
-            metrics.add("val_loss", val["loss"], step)
-            metrics.add("val_accuracy", val["accuracy"], step)
+            val = score("val")
+            for key, value in tasks.scalars(val).items():
+                metrics.add(f"val_{key}", value, step)
         metrics.flush()
         if d.rank == 0:
             progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step, steps=steps_per_epoch * cfg.optim.epochs,
                            loss=round(loss_sum / max(1, n_batches), 5), val_accuracy=val.get("accuracy"))
             print(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {loss_sum / max(1, n_batches):.4f}"
-                  + (f", val accuracy {val['accuracy']:.4f}" if val else "") + f" ({took:.1f} s)", file=sys.stderr, flush=True)
+                  + (f", val {headline} {val.get(headline, float('nan')):.4f}" if val else "") + f" ({took:.1f} s)",
+                  file=sys.stderr, flush=True)
         last = epoch + 1 == cfg.optim.epochs
         if (epoch + 1) % cfg.run.checkpoint_every == 0 or last:
             meta = {"epoch": epoch, "step": step, "mlflow_run_id": cfg.mlflow_run_id,
@@ -267,15 +280,19 @@ def train_loop(config: dict) -> dict:
         if d.under_ray:
             import ray.train
 
-            ray.train.report({"epoch": epoch, "step": step, **{f"val_{k}": v for k, v in val.items() if k != "confusion"}})
+            ray.train.report({"epoch": epoch, "step": step, **{f"val_{k}": v for k, v in tasks.scalars(val).items()}})
 
-    result = {"step": step}
+    result = {"step": step, "timing": clock.summary()}
     if "test" in eval_loaders:
-        test = evaluate(engine, eval_loaders["test"], num_classes, d.device)
-        metrics.add("test_accuracy", test["accuracy"], step)
-        metrics.add("test_loss", test["loss"], step)
+        if task.needs_fit and not val and "val" in eval_loaders:  # resumed after the last epoch: calibrate again
+            val = score("val")
+        test = task.finish(score("test"), val)  # anomaly: the threshold from the validation normals
+        for key, value in tasks.scalars(test).items():
+            metrics.add(f"test_{key}", value, step)
         metrics.flush()
         result["test"] = test
+        if val:
+            result["val"] = val
     if d.rank == 0:
         write_final(engine, store, cfg, result)
     if dist.is_initialized():
@@ -311,7 +328,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m indai.trainers.loop <train-config.json>")
     config = json.loads(Path(argv[0]).read_text())
     config.setdefault("run", {})["launcher"] = "local"
-    out = train_loop(config)
+    try:
+        out = train_loop(config)
+    finally:
+        # tear the process group down before the interpreter exits: its communication threads,
+        # left to die at exit, abort the process under load ("terminate called without an active exception")
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in out.items() if k != "test"} | {"test_accuracy": out.get("test", {}).get("accuracy")}))
 

@@ -17,7 +17,7 @@ from indai.trainers.data import to_samples
 
 
 def split_stream(store_uri: str, name: str, manifest: dict, split: str, window: int | None, text_len: int,
-                 modalities: list[str] | None):
+                 modalities: list[str] | None, tokenizer=None):
     import ray.data
 
     shards = [{"shard": json.dumps(sh, sort_keys=True)} for sh in datasets.shards(manifest, split)]
@@ -26,7 +26,7 @@ def split_stream(store_uri: str, name: str, manifest: dict, split: str, window: 
 
     def expand(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         store = open_store(store_uri)
-        parts = [to_samples(datasets.load_shard(store, name, json.loads(str(s))), window, text_len, modalities)
+        parts = [to_samples(datasets.load_shard(store, name, json.loads(str(s))), window, text_len, modalities, tokenizer)
                  for s in batch["shard"]]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 

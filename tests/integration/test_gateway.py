@@ -88,6 +88,16 @@ def test_another_member_cannot_see_read_or_stop(gateway):
     assert wait_done(kim, sid) == "STOPPED"
 
 
+def test_jobs_run_with_the_hub_switched_off(gateway):
+    """Every job gets the offline settings, whatever it asks for: weights come from the mirror."""
+    url, eng, tokens, _ = gateway
+    kim = client(url, tokens["kim"])
+    show = "import os; print('hub', os.environ.get('HF_HUB_OFFLINE'), os.environ.get('TRANSFORMERS_OFFLINE'))"
+    sid = kim.submit_job(entrypoint=f'python -c "{show}"', runtime_env={"env_vars": {"HF_HUB_OFFLINE": "0"}})
+    assert wait_done(kim, sid) == "SUCCEEDED"
+    assert "hub 1 1" in kim.get_job_logs(sid)
+
+
 def test_consumers_submit_nothing_and_tokens_are_checked(gateway):
     url, eng, tokens, ids = gateway
     from indai.platform import tenancy

@@ -29,8 +29,9 @@ def names(kind: str) -> list[str]:
     return sorted(_REGISTRY[kind])
 
 
-def create_model(cfg):
-    """Build the model a ModelConfig describes (importing the families registers them)."""
+def create_model(cfg, **kwargs):
+    """Build the model a ModelConfig describes (importing the families registers them); kwargs
+    go to the family's builder (multimodal: store=, load_pretrained=)."""
     from indai.trainers.models import multimodal  # noqa: F401  (registers encoders)
 
-    return build("model", cfg.family, cfg=cfg)
+    return build("model", cfg.family, cfg=cfg, **kwargs)

@@ -32,7 +32,8 @@ def export(model: MultimodalModel, folder: Path) -> Path:
     return path
 
 
-def card_inputs(cfg: ModelConfig, sensor_meta: dict | None) -> dict:
+def card_inputs(cfg: ModelConfig, sensor_meta: dict | None, text_tokenizer: dict | None = None) -> dict:
+    """The card's `inputs`; `text_tokenizer` is what TextTokenizer.save wrote (default: UTF-8 bytes)."""
     inputs: dict = {}
     if "sensor" in cfg.modalities:
         inputs["sensor"] = {"channels": (sensor_meta or {}).get("channels", [f"ch{i}" for i in range(cfg.sensor.channels)]),
@@ -40,5 +41,6 @@ def card_inputs(cfg: ModelConfig, sensor_meta: dict | None) -> dict:
     if "image" in cfg.modalities:
         inputs["image"] = {"size": cfg.image.size, "formats": ["PNG", "JPEG"]}
     if "text" in cfg.modalities:
-        inputs["text"] = {"max_len": cfg.text.max_len, "tokenizer": "utf8-bytes"}
+        inputs["text"] = {"max_len": cfg.text.max_len,
+                          "tokenizer": text_tokenizer or {"kind": "utf8-bytes", "max_len": cfg.text.max_len}}
     return inputs

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from indai.platform.modalities import TEXT_VOCAB
 from indai.trainers.models import build, register
-from indai.trainers.models.multimodal.config import ModelConfig
+from indai.trainers.models.multimodal.config import ANOMALY_PRETEXT, ModelConfig
+from indai.trainers.models.multimodal.text_hf import mirror_folder  # also registers the hf text encoder
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
@@ -67,6 +68,10 @@ class SensorCNN(nn.Module):
         self.body = nn.Sequential(*layers)
         self.out = nn.Linear(4 * w, dim)
 
+    def tuning_blocks(self) -> list[list[str]]:
+        """The conv + BatchNorm stages, input to output (for trainers.finetune)."""
+        return [[f"body.{i}", f"body.{i + 1}"] for i in range(0, len(self.body), 4)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.body(x).mean(dim=-1))
 
@@ -117,13 +122,20 @@ class ByteTextEncoder(nn.Module):
 class ImageEncoder(nn.Module):
     """Any timm model by name, pooled features -> one token."""
 
-    def __init__(self, timm_name: str, dim: int, pretrained: bool = False):
+    def __init__(self, timm_name: str, dim: int, pretrained: str | None = None, store=None, load_weights: bool = True):
         super().__init__()
         import timm
 
-        self.backbone = timm.create_model(timm_name, pretrained=pretrained, num_classes=0)
-        self.register_buffer("mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1))
+        if pretrained and load_weights:  # weights from the mirror (never a hub); its card names the architecture
+            from indai.trainers.pretrained import timm_backbone
+
+            self.backbone = timm_backbone(timm_name, pretrained, store, num_classes=0)
+        else:
+            self.backbone = timm.create_model(timm_name, pretrained=False, num_classes=0)
+        # a pretrained backbone expects the normalisation it was trained with (e.g. 0.5/0.5 for tf_ ports)
+        data_cfg = (getattr(self.backbone, "pretrained_cfg", None) or {}) if pretrained else {}
+        self.register_buffer("mean", torch.tensor(data_cfg.get("mean", IMAGE_MEAN)).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(data_cfg.get("std", IMAGE_STD)).view(1, 3, 1, 1))
         self.out = nn.Linear(self.backbone.num_features, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,7 +143,8 @@ class ImageEncoder(nn.Module):
 
 
 class MultimodalModel(nn.Module):
-    """forward(sensor=[B,C,L], image=[B,3,H,W] in 0..1, text=[B,T] byte tokens, mask=[B,3]) -> logits.
+    """forward(sensor=[B,C,L], image=[B,3,H,W] in 0..1, text=[B,T] byte tokens, mask=[B,3]) -> the
+    task's output (`task_output`: logits, a value, or an anomaly score with its training extras).
 
     `mask[:, i]` is 1 where modality i (sensor, image, text) is present; absent inputs may be
     zeros. Modalities the model was not built with are ignored.
@@ -139,7 +152,9 @@ class MultimodalModel(nn.Module):
 
     ORDER = ("sensor", "image", "text")
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, store=None, load_pretrained: bool = True):
+        """`store`: where the weight mirror lives; `load_pretrained=False` builds pretrained
+        encoders with random weights (export loads the trained weights over them anyway)."""
         super().__init__()
         self.cfg = cfg
         d = cfg.dim
@@ -150,18 +165,30 @@ class MultimodalModel(nn.Module):
             self.encoders["sensor"] = build("sensor", s.kind, channels=s.channels, dim=d, length=s.length,
                                             width=s.width, patch=s.patch, layers=s.layers)
         if "image" in cfg.modalities:
-            self.encoders["image"] = ImageEncoder(cfg.image.timm_name, d, cfg.image.pretrained)
+            self.encoders["image"] = ImageEncoder(cfg.image.timm_name, d, cfg.image.pretrained, store, load_pretrained)
         if "text" in cfg.modalities:
             t = cfg.text
-            self.encoders["text"] = build("text", "byte_transformer", dim=d, max_len=t.max_len, width=t.width,
-                                          layers=t.layers, heads=t.heads)
+            if t.kind == "hf":
+                self.encoders["text"] = build("text", "hf", dim=d, folder=mirror_folder(t.pretrained or t.config_from, store),
+                                              load_weights=load_pretrained and t.pretrained is not None,
+                                              pooling=t.pooling, max_len=t.max_len)
+            else:
+                self.encoders["text"] = build("text", "byte_transformer", dim=d, max_len=t.max_len, width=t.width,
+                                              layers=t.layers, heads=t.heads)
         self.modality_embed = nn.Parameter(torch.zeros(1, 1 + len(self.ORDER), d))
         self.fusion_token = nn.Parameter(torch.zeros(1, 1, d))
         nn.init.trunc_normal_(self.modality_embed, std=0.02)
         nn.init.trunc_normal_(self.fusion_token, std=0.02)
         self.fusion = nn.ModuleList(Block(d, cfg.fusion_heads, cfg.dropout) for _ in range(cfg.fusion_layers))
         self.norm = nn.LayerNorm(d)
-        self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(d, cfg.num_classes))
+        outputs = {"classification": cfg.num_classes, "regression": 1, "anomaly": ANOMALY_PRETEXT}[cfg.task]
+        self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(d, outputs))
+        if cfg.task == "regression":  # the head learns the standardised target; forward answers in real units
+            self.register_buffer("target_mean", torch.tensor(float(cfg.target_mean or 0.0)))
+            self.register_buffer("target_std", torch.tensor(float(cfg.target_std or 1.0)))
+        if cfg.task == "anomaly":  # Gaussian of the normal embeddings, fitted after training (trainers.tasks)
+            self.register_buffer("anomaly_mean", torch.zeros(d))
+            self.register_buffer("anomaly_precision", torch.eye(d))
 
     def forward(self, sensor: torch.Tensor | None = None, image: torch.Tensor | None = None,
                 text: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,9 +211,23 @@ class MultimodalModel(nn.Module):
         keep_mask = torch.cat(keep, dim=1)
         for blk in self.fusion:
             h = blk(h, keep_mask)
-        return self.head(self.norm(h[:, 0]))
+        return self.task_output(self.norm(h[:, 0]))
+
+    def task_output(self, z: torch.Tensor) -> torch.Tensor:
+        """classification: logits [B, classes]; regression: the value in the target's units [B];
+        anomaly: [B, 1 + pretext + dim] = the Mahalanobis score, the pretext logits (training
+        only) and the fused embedding z (to fit the normal Gaussian) in one tensor, so DDP,
+        DeepSpeed and torch.export all see a single plain forward."""
+        out = self.head(z)
+        if self.cfg.task == "regression":
+            return out[:, 0] * self.target_std + self.target_mean
+        if self.cfg.task == "anomaly":
+            diff = z - self.anomaly_mean
+            score = ((diff @ self.anomaly_precision) * diff).sum(-1).clamp_min(0).sqrt()
+            return torch.cat([score[:, None], out, z], dim=-1)
+        return out
 
 
 @register("model", "multimodal")
-def multimodal(cfg: ModelConfig) -> MultimodalModel:
-    return MultimodalModel(cfg)
+def multimodal(cfg: ModelConfig, store=None, load_pretrained: bool = True) -> MultimodalModel:
+    return MultimodalModel(cfg, store, load_pretrained)

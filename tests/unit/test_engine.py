@@ -1,0 +1,172 @@
+"""The engine and the feed on CPU: the fast-path code (channels_last inputs, autocast settings,
+prefetching feed) trains under DeepSpeed; the torch engine resumes to the very weights an
+uninterrupted run reaches; batches gathered by index equal what a DataLoader would collate;
+the chosen strategy reaches MLflow."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load
+
+from indai.platform.errors import UserError
+from indai.platform.storage import open_store
+from indai.trainers import feed
+from indai.trainers.config import TrainConfig
+from indai.trainers.data import SplitDataset
+from indai.trainers.loop import train_loop
+from indai.trainers.synthetic import samples, write_dataset
+
+
+def config(store, ref: str, name: str, modalities: list[str], **over) -> dict:
+    cfg = {"recipe": "test_engine", "data": {"dataset": ref},
+           "model": {"flavour": "debug", "modalities": modalities, "num_classes": 4, "dropout": 0.0,
+                     "sensor": {"channels": 2, "length": 128}, "image": {"timm_name": "test_resnet", "size": 32}},
+           "optim": {"epochs": 3, "batch_size": 64, "lr": 3e-3},
+           "run": {"name": name, "launcher": "local", "progress": False, "resume": False, "timing_skip": 2},
+           "store_uri": store.uri}
+    for path, value in over.items():
+        *parents, leaf = path.split(".")
+        node = cfg
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def store_and_ref(tmp_path_factory):
+    store = open_store(tmp_path_factory.mktemp("engine-store"))
+    ref, _ = write_dataset(store, "engine-syn", {"train": 512, "test": 128}, classes=4, sensor=(2, 128), image=32)
+    return store, ref
+
+
+def final_weights(store, run: str) -> dict[str, torch.Tensor]:
+    return load(store.get_bytes(f"checkpoints/{run}/final/model.safetensors"))
+
+
+def test_fast_path_trains_under_deepspeed_on_cpu(store_and_ref, capfd):
+    """channels_last image inputs into BatchNorm (timm test_resnet, cnn1d sensor), compile off, ZeRO-0."""
+    store, ref = store_and_ref
+    out = train_loop(config(store, ref, "ds-fast", ["sensor", "image"], **{
+        "deepspeed.strategy": "zero0", "run.channels_last": "on", "run.compile": False}))
+    assert "strategy: zero0 as configured" in capfd.readouterr().err
+    assert out["test"]["accuracy"] >= 0.9, out["test"]
+    assert out["test"]["loss"] < 0.5 * math.log(4)  # chance is ln 4
+    assert store.read_commit("checkpoints/ds-fast/epoch-00002")["strategy"] == "zero0"
+    assert any(f.endswith("mp_rank_00_model_states.pt") for f in store.list("checkpoints/ds-fast/epoch-00002"))
+    timing = out["timing"]
+    assert (timing["steps"], timing["skipped_steps"], timing["steady_steps"]) == (24, 2, 22)
+    assert timing["samples_per_s"] == pytest.approx(22 * 64 / timing["steady_seconds"], rel=1e-3)
+
+
+def test_auto_picks_ddp_and_a_resumed_run_reaches_the_uninterrupted_weights(store_and_ref, capfd):
+    store, ref = store_and_ref
+    straight = train_loop(config(store, ref, "straight", ["sensor"], **{"optim.epochs": 2}))
+    assert "auto chose ddp" in capfd.readouterr().err
+    assert store.read_commit("checkpoints/straight/epoch-00001")["strategy"] == "ddp"
+
+    cfg = config(store, ref, "crashed", ["sensor"], **{"optim.epochs": 2, "run.resume": True})
+    train_loop(cfg)
+    for gone in ("checkpoints/crashed/epoch-00001", "checkpoints/crashed/final"):  # as if it died after epoch 1
+        store.delete_prefix(gone)
+    resumed = train_loop(cfg)
+    assert "resumed run crashed from epoch-00000" in capfd.readouterr().err
+    assert resumed["step"] == straight["step"] == 16
+    assert resumed["timing"]["steps"] == 8  # only the second epoch ran
+    a, b = final_weights(store, "straight"), final_weights(store, "crashed")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+    with pytest.raises(UserError, match="written with strategy ddp"):
+        train_loop(config(store, ref, "crashed", ["sensor"], **{"optim.epochs": 3, "run.resume": True,
+                                                                "deepspeed.strategy": "zero2"}))
+
+
+def windowed_dataset(text_len: int = 16) -> SplitDataset:
+    rng = np.random.default_rng(1)
+    arrays = samples(20, 3, rng, image=8, text_len=text_len)
+    arrays["sensor_signal"] = rng.standard_normal((2, 400)).astype(np.float16)
+    arrays["sensor_starts"] = rng.integers(0, 400 - 32, 20)
+    return SplitDataset(arrays, window=32, text_len=text_len, modalities=["sensor", "image", "text"])
+
+
+def test_gathered_batches_equal_collated_ones():
+    ds = windowed_dataset()
+    order = [7, 3, 19, 0, 11]
+    fast = feed.IndexBatches(ds, order, batch_size=4, pin=False)
+    assert fast.fast and len(fast) == 2
+    expected = [torch.utils.data.default_collate([ds[i] for i in order[:4]]),
+                torch.utils.data.default_collate([ds[i] for i in order[4:]])]
+    for got, want in zip(fast, expected):
+        assert got.keys() == want.keys() == {"label", "mask", "sensor", "image", "text"}
+        for k in want:
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+    class WithExtra(SplitDataset):  # a dataset with an input gather does not know: per-sample fallback
+        def __getitem__(self, i):
+            return {**super().__getitem__(i), "weight": torch.tensor(float(i))}
+
+    extra = WithExtra.__new__(WithExtra)
+    extra.__dict__.update(ds.__dict__)
+    slow = feed.IndexBatches(extra, order, batch_size=4, pin=False)
+    assert not slow.fast
+    assert torch.equal(next(iter(slow))["weight"], torch.tensor([7.0, 3.0, 19.0, 0.0]))
+
+
+def test_images_arrive_channels_last_and_parameters_stay_contiguous():
+    ds = windowed_dataset()
+    cfg = TrainConfig.model_validate({"recipe": "t", "data": {"dataset": "x"}, "optim": {"batch_size": 8},
+                                      "run": {"name": "t", "channels_last": "on"}})
+    batches = list(feed.batches(ds, list(range(20)), cfg, torch.device("cpu")))
+    assert [len(b["label"]) for b in batches] == [8, 8, 4]
+    image = batches[0]["image"]
+    assert image.is_contiguous(memory_format=torch.channels_last) and not image.is_contiguous()
+    assert torch.equal(image, ds.image[:8])  # same values, other memory layout
+    assert batches[0]["sensor"].is_contiguous()  # only 4-D images change layout
+    off = list(feed.batches(ds, list(range(20)), cfg.model_copy(update={"run": cfg.run.model_copy(update={"channels_last": "auto"})}),
+                            torch.device("cpu")))
+    assert off[0]["image"].is_contiguous()  # auto = off without CUDA
+
+
+def test_strategy_is_logged_to_mlflow(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from indai.trainers.engine import log_choice
+    from indai.trainers.strategy import choose
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("engine", artifact_location=(tmp_path / "art").as_uri()))
+    cfg = TrainConfig.model_validate({"recipe": "t", "data": {"dataset": "x"}, "run": {"name": "t"},
+                                      "mlflow_uri": uri, "mlflow_run_id": run.info.run_id})
+    choice = choose("auto", 7_000_000_000, 7_000_000_000, 80 * 2**30, 8)
+    log_choice(cfg, choice)
+    got = client.get_run(run.info.run_id).data
+    assert got.params["strategy.chosen"] == "zero2"
+    assert got.tags["indai.strategy_reason"] == choice.reason
+
+
+def test_background_prefetch_keeps_order_raises_and_stops():
+    import threading
+    import time
+
+    assert list(feed.ahead(range(10), lambda x: x * x, depth=2)) == [x * x for x in range(10)]
+
+    def broken():
+        yield 1
+        raise ValueError("shard 3 is damaged")
+
+    it = feed.ahead(broken(), lambda x: x, depth=2)
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="shard 3 is damaged"):
+        next(it)
+
+    endless = feed.ahead(iter(int, 1), lambda x: x, depth=2)  # a source that never ends
+    assert next(endless) == 0
+    endless.close()  # an abandoned epoch: the producer thread must end, not block on a full queue
+    deadline = time.time() + 5
+    while any(t.name == "indai-prefetch" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "indai-prefetch" for t in threading.enumerate())

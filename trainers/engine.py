@@ -1,0 +1,301 @@
+"""The training engine: strategy choice, optimizer, and the object the loop steps.
+
+The loop only calls `engine(**inputs)`, `backward`, `step`, `train`/`eval`, `save_checkpoint`,
+`load_checkpoint`, `zero_optimization_stage` and `module`, so two engines serve it:
+
+- DeepSpeed (strategies zero0..zero3_offload) for models whose states must be sharded;
+- `TorchEngine` (strategy ddp): the model as it is on one device, torch DDP across several. On
+  one GPU this is the careful plain PyTorch loop itself, which DeepSpeed ZeRO-0 trails (GPU.md).
+
+Both keep the fast paths of ../shared/GPU.md: bf16 through torch autocast only (DeepSpeed's own
+bf16 mode casts the model and breaks BatchNorm), parameters left contiguous (DeepSpeed's
+flattening rejects channels_last parameters; channels_last is applied to image inputs in
+`trainers.feed`), fused AdamW on CUDA, cuDNN autotuning, and `run.compile`. DeepSpeed is
+imported only when a ZeRO strategy is chosen, so ddp runs where DeepSpeed is not installed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from indai.platform.errors import UserError
+from indai.trainers import checkpoint
+from indai.trainers.strategy import Choice, choose, requested_strategy
+
+TORCH_ENGINE_FORMAT = "indai-torch-engine/1"
+
+
+def bf16_enabled(cfg, cuda: bool) -> bool:
+    return cfg.deepspeed.bf16 == "on" or (cfg.deepspeed.bf16 == "auto" and cuda)
+
+
+def ds_config(micro_batch: int, grad_accum: int, stage: int, offload: bool, clip: float, bf16: bool) -> dict:
+    """A DeepSpeed config with autocast bf16 and fp32 master weights."""
+    zero: dict = {"stage": stage}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    ds = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # the torch AdamW we pass in, also when offloaded
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if clip > 0:
+        ds["gradient_clipping"] = clip
+    if bf16:
+        # DeepSpeed's own bf16 mode casts the model and breaks BatchNorm (../shared/GPU.md);
+        # autocast keeps fp32 master weights and runs matmuls and convolutions in bf16.
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return ds
+
+
+def deepspeed_config(cfg, cuda: bool, choice: Choice | None = None) -> dict:
+    """The DeepSpeed config of a TrainConfig (ZeRO stage from `choice`, else from the config)."""
+    if choice is None:
+        requested = requested_strategy(cfg.deepspeed.strategy, cfg.deepspeed.zero_stage)
+        stage, offload = (int(requested[4]), requested == "zero3_offload") if requested.startswith("zero") else (0, False)
+    else:
+        stage, offload = choice.zero_stage or 0, choice.offload
+    return ds_config(cfg.optim.batch_size, cfg.optim.grad_accum, stage, offload, cfg.optim.clip, bf16_enabled(cfg, cuda))
+
+
+# ---- strategy -----------------------------------------------------------------------------------
+
+def model_sizes(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters, trainable parameters)."""
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return params, trainable
+
+
+def _host_available_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def free_device_bytes(device: torch.device, world: int) -> int:
+    """Free memory of this rank's device; on CPU the host's available memory shared by the
+    ranks on this host. The smallest over all ranks, so that every rank chooses alike."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        free = _host_available_bytes() // max(1, local)
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([float(free)], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        free = int(t.item())
+    return free
+
+
+def decide(model: torch.nn.Module, cfg, device: torch.device, world: int, store=None) -> Choice:
+    """The run's strategy. A resumed run keeps the strategy its checkpoint was written with
+    (the two engines' checkpoints are not interchangeable, and free memory varies)."""
+    params, trainable = model_sizes(model)
+    free = free_device_bytes(device, world)
+    if device.type == "cuda":  # the weights already sit on the device: their memory counts as the states' own
+        free += sum(p.numel() * p.element_size() for p in model.parameters() if p.device == device)
+    requested = requested_strategy(cfg.deepspeed.strategy, cfg.deepspeed.zero_stage)
+    found = checkpoint.latest(store, cfg.run.name) if store is not None and cfg.run.resume else None
+    if found:
+        # checkpoints written before strategies were recorded are DeepSpeed's, at the configured stage
+        prior = found[1].get("strategy") or f"zero{cfg.deepspeed.zero_stage or 0}"
+        if requested not in ("auto", prior):
+            raise UserError(f"run {cfg.run.name} has checkpoints written with strategy {prior}, not {requested}: "
+                            f"resume with deepspeed.strategy={prior} or train under a new run.name")
+        choice = choose(prior, params, trainable, free, world, cfg.deepspeed.state_memory_fraction)
+        return Choice(choice.strategy, choice.zero_stage, choice.offload, choice.state_bytes,
+                      f"{prior} kept from checkpoint {found[0]}; " + choice.reason)
+    return choose(requested, params, trainable, free, world, cfg.deepspeed.state_memory_fraction)
+
+
+def log_choice(cfg, choice: Choice) -> None:
+    """On stderr, and in MLflow: the strategy as a param, the reason as a tag."""
+    print(f"[indai] strategy: {choice.reason}", file=sys.stderr, flush=True)
+    if cfg.mlflow_uri and cfg.mlflow_run_id:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=cfg.mlflow_uri)
+        client.log_param(cfg.mlflow_run_id, "strategy.chosen", choice.strategy)
+        client.set_tag(cfg.mlflow_run_id, "indai.strategy_reason", choice.reason[:5000])
+
+
+# ---- engine construction ------------------------------------------------------------------------
+
+def build_optimizer(model: torch.nn.Module, cfg, fused: bool, param_groups: list | None = None) -> torch.optim.Optimizer:
+    """AdamW over `param_groups` (dicts in torch's format, e.g. per-layer learning rates) when
+    given, else over the trainable parameters; fused kernels on CUDA."""
+    if param_groups is None:
+        param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    groups = []
+    for g in param_groups:
+        g = dict(g) if isinstance(g, dict) else {"params": g}
+        g["params"] = [p for p in g["params"] if p.requires_grad]
+        if g["params"]:
+            groups.append(g)
+    if not groups:
+        raise UserError("the model has no trainable parameters: check the encoders' tune policies")
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=fused or None)
+
+
+def build_engine(model: torch.nn.Module, cfg, d, lr_lambda: Callable[[int], float], store=None,
+                 param_groups: list | None = None):
+    """(engine, lr scheduler) for `model` (already on d.device) under the strategy `decide`
+    picks; rank 0 logs the choice. `d` is the loop's Dist (rank, world, device)."""
+    cuda = d.device.type == "cuda"
+    choice = decide(model, cfg, d.device, d.world, store)
+    if d.rank == 0:
+        log_choice(cfg, choice)
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune convolutions once
+    opt = build_optimizer(model, cfg, fused=cuda and not choice.offload, param_groups=param_groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    if choice.uses_deepspeed:
+        import deepspeed
+
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                               config=deepspeed_config(cfg, cuda, choice), dist_init_required=False)
+        if cfg.run.compile:
+            engine.compile()
+    else:
+        engine = TorchEngine(model, opt, sched, device=d.device, world=d.world, rank=d.rank,
+                             grad_accum=cfg.optim.grad_accum, clip=cfg.optim.clip, bf16=bf16_enabled(cfg, cuda),
+                             compile=cfg.run.compile)
+    engine.indai_strategy = choice.strategy  # recorded with each checkpoint (trainers.checkpoint.save)
+    return engine, sched
+
+
+# ---- the torch engine ---------------------------------------------------------------------------
+
+def _plain(value):
+    """JSON for optimizer and scheduler state: tuples become lists, 0-d tensors numbers."""
+    if torch.is_tensor(value):
+        return value.item() if value.numel() == 1 else value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+class TorchEngine:
+    """Plain data parallel without DeepSpeed, with the surface of a DeepSpeed engine that the
+    loop and trainers.checkpoint use. Gradient accumulation, clipping and the scheduler step
+    follow DeepSpeed's semantics (loss divided by the accumulation steps, the optimizer and
+    scheduler step once per accumulation boundary). Checkpoints are safetensors and JSON."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler, *, device: torch.device,
+                 world: int, rank: int, grad_accum: int = 1, clip: float = 0.0, bf16: bool = False, compile: bool = False):
+        self.module, self.optimizer, self.lr_scheduler = module, optimizer, lr_scheduler
+        self.device, self.world, self.rank = device, world, rank
+        self.grad_accum, self.clip, self.bf16 = grad_accum, clip, bf16
+        self.micro_steps = self.global_steps = 0
+        self.ddp = None
+        wrapped = module
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                               gradient_as_bucket_view=True)
+            wrapped = self.ddp
+        self._train_forward = torch.compile(wrapped) if compile else wrapped
+        # evaluation bypasses DDP: ranks evaluate different numbers of batches, and DDP's forward
+        # would wait for the others (buffer broadcast)
+        self._eval_forward = self._train_forward if self.ddp is None else module
+        self._params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    # -- what the loop calls
+    def __call__(self, *args, **kwargs):
+        if self.ddp is not None:  # gradients are all-reduced only in the backward of a boundary micro-step
+            self.ddp.require_backward_grad_sync = (self.micro_steps + 1) % self.grad_accum == 0
+        forward = self._train_forward if self.module.training else self._eval_forward
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return forward(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum if self.grad_accum > 1 else loss).backward()
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.grad_accum:
+            return
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self._params, self.clip, foreach=self.device.type == "cuda" or None)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.global_steps += 1
+
+    def train(self, mode: bool = True) -> "TorchEngine":
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> "TorchEngine":
+        return self.train(False)
+
+    def zero_optimization_stage(self) -> int:
+        return 0
+
+    def get_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    # -- checkpoints: identical on every rank, so rank 0 writes them and every rank reads them
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict | None = None) -> None:
+        if self.rank != 0:
+            return
+        from safetensors.torch import save_file, save_model
+
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(self.module, str(folder / "model.safetensors"))
+        state = self.optimizer.state_dict()
+        tensors, scalars = {}, {}
+        for idx, entry in state["state"].items():
+            for key, value in entry.items():
+                if torch.is_tensor(value):
+                    tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(str(idx), {})[key] = value
+        save_file(tensors, str(folder / "optimizer.safetensors"))
+        meta = {"format": TORCH_ENGINE_FORMAT, "strategy": "ddp", "client_state": client_state or {},
+                "optimizer_scalars": scalars, "param_groups": state["param_groups"],
+                "scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+                "micro_steps": self.micro_steps, "global_steps": self.global_steps}
+        (folder / "engine.json").write_text(json.dumps(meta, default=_plain))
+
+    def load_checkpoint(self, load_dir: str, tag: str):
+        from safetensors.torch import load_file, load_model
+
+        folder = Path(load_dir) / tag
+        if not (folder / "engine.json").is_file():
+            raise UserError(f"checkpoint {tag} was not written by the torch engine (strategy ddp): resume with the "
+                            "strategy it was trained with (deepspeed.strategy=zeroN) or train under a new run.name")
+        meta = json.loads((folder / "engine.json").read_text())
+        if meta.get("format") != TORCH_ENGINE_FORMAT:
+            raise UserError(f"checkpoint {tag} has format {meta.get('format')!r}, not {TORCH_ENGINE_FORMAT}")
+        load_model(self.module, str(folder / "model.safetensors"), strict=True, device=str(self.device))
+        tensors = load_file(str(folder / "optimizer.safetensors"))
+        state: dict = {}
+        for key, value in tensors.items():
+            idx, name = key.split(".", 1)
+            state.setdefault(int(idx), {})[name] = value
+        for idx, entry in meta["optimizer_scalars"].items():
+            state.setdefault(int(idx), {}).update(entry)
+        groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        if self.lr_scheduler is not None and meta["scheduler"] is not None:
+            self.lr_scheduler.load_state_dict(meta["scheduler"])
+        self.micro_steps, self.global_steps = meta["micro_steps"], meta["global_steps"]
+        return str(folder), meta["client_state"]

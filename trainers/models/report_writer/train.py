@@ -1,0 +1,296 @@
+"""Training the report writer: the worker loop and the driver behind `indai train <recipe>`.
+
+The same launcher path as every recipe: `indai train` validates the TrainConfig, and
+`trainers.launch.train` hands a config whose `model.family` is `report_writer` to `train` here.
+The driver resolves the instruction dataset through the access rule, opens the MLflow run
+(params, dataset input), runs `train_report_writer` on Ray Train workers (or in-process / under
+torchrun: `python -m indai.trainers.loop cfg.json`), and registers the merged model. The worker
+reuses the loop's pieces (process group, metric batches, progress lines, warm-up + cosine,
+checkpoints in the object store with resume) and the engine's strategy choice by size
+(trainers.engine: `deepspeed.strategy: auto`, or a ZeRO stage set in the recipe).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from indai.platform import datasets, registry
+from indai.platform.errors import UserError
+from indai.platform.instruct import read_records
+from indai.platform.progress import Stages, bar
+from indai.platform.storage import open_store
+from indai.trainers import checkpoint
+from indai.trainers.config import TrainConfig
+from indai.trainers.data import ShardSampler
+from indai.trainers.engine import build_engine
+from indai.trainers.loop import MetricBuffer, progress_event, setup_distributed, warmup_cosine
+from indai.trainers.models.report_writer.data import InstructDataset, collate, to_device
+
+FINAL_WEIGHTS = "trained.safetensors"
+
+
+def lm_folder(cfg: TrainConfig, store) -> Path:
+    from indai.trainers.pretrained import hf_dir
+
+    return Path(hf_dir(cfg.model.lm, store))
+
+
+def build_model(cfg: TrainConfig, store, load_pretrained: bool = True):
+    from indai.trainers.models import build
+    from indai.trainers.models.report_writer import model  # noqa: F401  (registers the family)
+
+    return build("model", "report_writer", cfg=cfg.model, lm_folder=lm_folder(cfg, store), store=store,
+                 load_pretrained=load_pretrained)
+
+
+def _loader(ds, sampler, cfg: TrainConfig, cuda: bool) -> DataLoader:
+    return DataLoader(ds, batch_size=cfg.optim.batch_size, sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=collate,
+                      pin_memory=cuda, persistent_workers=cfg.data.num_workers > 0)
+
+
+def _inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("prompts", "responses", "sensor", "image", "mask") if k in batch}
+
+
+@torch.no_grad()
+def evaluate(engine, loader, device: torch.device) -> dict:
+    """Mean loss per response token over the whole split (summed across ranks).
+
+    Under ZeRO-3 every forward gathers parameters from all ranks, so every rank runs as many
+    forwards as the rank with the most batches (the extra ones repeat a batch and count zero)."""
+    engine.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    steps = len(loader)
+    if dist.is_initialized() and engine.zero_optimization_stage() == 3:
+        most = torch.tensor([steps], device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        steps = int(most.item())
+    batches, spare = iter(loader), None
+    for _ in range(steps):
+        batch = next(batches, None)
+        weight = 1.0 if batch is not None else 0.0
+        batch = batch if batch is not None else (spare or collate([loader.dataset[0]]))
+        spare = batch
+        loss, n = engine(**_inputs(to_device(batch, device)))
+        sums += weight * torch.stack([loss.double() * n, n.double()])
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    engine.train()
+    return {"loss": (sums[0] / sums[1].clamp(min=1)).item(), "tokens": int(sums[1].item())}
+
+
+def train_report_writer(config: dict) -> dict:
+    """The worker: one function, configured only by its TrainConfig (a dict: Ray ships it)."""
+    cfg = TrainConfig.model_validate(config)
+    d = setup_distributed(cfg)
+    cuda = d.device.type == "cuda"
+    torch.manual_seed(cfg.run.seed)
+    store = open_store(cfg.store_uri)
+    ref, manifest = datasets.open_for_job(store, datasets.parse_ref(cfg.data.dataset))
+    model = build_model(cfg, store).to(d.device)
+    present = manifest["split"].get("records") or {}
+    splits = {s: InstructDataset(read_records(store, ref, s, manifest), model.tokens, cfg.model)
+              for s in ("train", "val", "test") if present.get(s)}
+    sampler = ShardSampler(len(splits["train"]), d.rank, d.world, shuffle=True, seed=cfg.run.seed)
+    train_loader = _loader(splits["train"], sampler, cfg, cuda)
+    eval_loaders = {s: _loader(ds, ShardSampler(len(ds), d.rank, d.world, shuffle=False), cfg, cuda)
+                    for s, ds in splits.items() if s != "train"}
+    steps_per_epoch = max(1, len(train_loader) // cfg.optim.grad_accum)
+    engine, sched = build_engine(model, cfg, d, warmup_cosine(steps_per_epoch * cfg.optim.epochs, cfg.optim.warmup_frac), store)
+
+    start_epoch, step = 0, 0
+    found = checkpoint.latest(store, cfg.run.name) if cfg.run.resume else None
+    if found:
+        state = checkpoint.load(engine, store, cfg.run.name, found[0])
+        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+        if d.rank == 0:
+            print(f"resumed run {cfg.run.name} from {found[0]} (epoch {start_epoch}, step {step})", file=sys.stderr, flush=True)
+    metrics = MetricBuffer(cfg, enabled=d.rank == 0)
+    val: dict = {}
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        sampler.set_epoch(epoch)
+        t0, tokens, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
+        show_bar = cfg.run.progress and d.rank == 0 and not d.under_ray
+        for batch in bar(train_loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", total=len(train_loader), enabled=show_bar):
+            loss, n = engine(**_inputs(to_device(batch, d.device)))
+            engine.backward(loss)
+            engine.step()
+            step, batches = step + 1, batches + 1
+            tokens += int(n)
+            loss_sum += loss.item()
+            if step % cfg.run.log_every == 0:
+                metrics.add("train_loss", loss.item(), step)
+                metrics.add("lr", sched.get_last_lr()[0], step)
+                if d.rank == 0:
+                    progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step, steps=steps_per_epoch * cfg.optim.epochs,
+                                   loss=round(loss.item(), 5))
+        took = time.perf_counter() - t0
+        metrics.add("epoch_train_loss", loss_sum / max(1, batches), step)
+        metrics.add("response_tokens_per_s", tokens * d.world / took, step)
+        if "val" in eval_loaders:
+            val = evaluate(engine, eval_loaders["val"], d.device)
+            metrics.add("val_loss", val["loss"], step)
+        metrics.flush()
+        if d.rank == 0:
+            progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step, steps=steps_per_epoch * cfg.optim.epochs,
+                           loss=round(loss_sum / max(1, batches), 5), val_loss=val.get("loss"))
+            print(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {loss_sum / max(1, batches):.4f}"
+                  + (f", val loss {val['loss']:.4f}" if val else "") + f" ({took:.1f} s)", file=sys.stderr, flush=True)
+        if (epoch + 1) % cfg.run.checkpoint_every == 0 or epoch + 1 == cfg.optim.epochs:
+            meta = {"epoch": epoch, "step": step, "mlflow_run_id": cfg.mlflow_run_id, "val_loss": val.get("loss")}
+            checkpoint.save(engine, store, cfg.run.name, checkpoint.epoch_tag(epoch), meta, d.rank)
+            if d.rank == 0:
+                checkpoint.prune(store, cfg.run.name, cfg.run.keep_checkpoints)
+        if d.under_ray:
+            import ray.train
+
+            ray.train.report({"epoch": epoch, "step": step, "val_loss": val.get("loss")})
+
+    result: dict = {"step": step}
+    if "test" in eval_loaders:
+        result["test"] = evaluate(engine, eval_loaders["test"], d.device)
+        metrics.add("test_loss", result["test"]["loss"], step)
+        metrics.flush()
+    state = _state_dict(engine)  # every rank takes part in a ZeRO-3 gather
+    if d.rank == 0:
+        write_final(state, store, cfg, result)
+    if dist.is_initialized():
+        dist.barrier()
+    return result
+
+
+def _state_dict(engine) -> dict[str, torch.Tensor]:
+    if engine.zero_optimization_stage() == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict()
+
+
+def write_final(state: dict, store, cfg: TrainConfig, result: dict) -> None:
+    """What training changed (adapters, prefix modules: safetensors) and the model config, committed."""
+    from safetensors.torch import save_file
+
+    from indai.trainers.models.report_writer.export import trained_state
+
+    with tempfile.TemporaryDirectory(prefix="indai-final-") as tmp:
+        save_file(trained_state(state), str(Path(tmp) / FINAL_WEIGHTS))
+        (Path(tmp) / "model_config.json").write_text(cfg.model.model_dump_json(indent=2))
+        (Path(tmp) / "result.json").write_text(json.dumps(result))
+        target = f"{checkpoint.prefix(cfg.run.name)}/{checkpoint.FINAL}"
+        store.delete_prefix(target)
+        store.upload_dir(target, tmp)
+    store.commit(target, {"step": result["step"], "mlflow_run_id": cfg.mlflow_run_id})
+
+
+# ---- the driver ---------------------------------------------------------------------------------
+
+def complete_from_manifest(cfg: TrainConfig, manifest: dict) -> TrainConfig:
+    """Fields the dataset decides: which prefixes, sensor shape and normalisation, image size."""
+    if manifest.get("layout") != "instruct":
+        raise UserError(f"dataset {manifest['name']}@{manifest['version']} is not an instruction dataset: the report writer "
+                        "trains on `indai data instruct` output")
+    m = cfg.model.model_copy(deep=True)
+    mods = manifest.get("modalities", {})
+    m.modalities = [k for k in ("sensor", "image") if k in mods]
+    if "sensor" in mods:
+        s = mods["sensor"]
+        m.sensor.channels, m.sensor.length = len(s["channels"]), s["window"]
+        m.sensor_mean, m.sensor_std = s["norm"]["mean"], s["norm"]["std"]
+    if "image" in mods:
+        m.image.size = mods["image"]["size"]
+    return cfg.model_copy(update={"model": m, "data": cfg.data.model_copy(update={"loader": "memory"})})
+
+
+def default_instruction(store, ref, manifest: dict) -> str:
+    """The instruction a request without one gets: the most frequent one of the train split."""
+    counts = Counter(str(i) for i in read_records(store, ref, "train", manifest)["instruction"])
+    return counts.most_common(1)[0][0]
+
+
+def log_and_register(cfg: TrainConfig, store, ref, manifest: dict, run_id: str) -> tuple[int | None, dict]:
+    """Build the artefact from the final weights, log it as an MLflow model, register it once per run."""
+    import mlflow
+    from safetensors.torch import load_file
+
+    from indai.platform.mirror import read_card
+    from indai.platform.report_format import mlflow_signature
+    from indai.trainers.launch import _already_registered, tag_registered
+    from indai.trainers.models.report_writer.config import ReportWriterConfig
+    from indai.trainers.models.report_writer.export import card_inputs, export, load_trained
+
+    final = f"{checkpoint.prefix(cfg.run.name)}/{checkpoint.FINAL}"
+    if not store.is_committed(final):
+        raise UserError(f"run {cfg.run.name} has no committed final weights: training did not finish")
+    with tempfile.TemporaryDirectory(prefix="indai-model-") as tmp:
+        tmp = Path(tmp)
+        store.download_dir(final, tmp / "final")
+        result = json.loads((tmp / "final" / "result.json").read_text())
+        mcfg = ReportWriterConfig.model_validate_json((tmp / "final" / "model_config.json").read_text())
+        run_cfg = cfg.model_copy(update={"model": mcfg})
+        model = build_model(run_cfg, store)
+        load_trained(model, load_file(str(tmp / "final" / FINAL_WEIGHTS)))
+        card = {"family": "report_writer", "modalities": mcfg.modalities, "classes": [],
+                "inputs": card_inputs(model, manifest.get("modalities", {}).get("sensor")),
+                "generation": {"max_new_tokens": mcfg.max_new_tokens, "temperature": mcfg.temperature,
+                               "default_instruction": default_instruction(store, ref, manifest)},
+                "lm": {"base": mcfg.lm, "base_card_sha256": read_card(store, mcfg.lm)["card_sha256"], "lora_merged": True,
+                       "lora": mcfg.lora.model_dump()},
+                "languages": manifest.get("instruct", {}).get("languages", []),
+                "dataset": f"{manifest['name']}@{manifest['version']}", "recipe": cfg.recipe, "run_id": run_id,
+                "attribution": manifest.get("attribution", "")}
+        pkg = tmp / "indai_model"
+        export(model, lm_folder(run_cfg, store), pkg, card)
+        name, version = cfg.run.register_as, None
+        existing = _already_registered(name, run_id, result["step"]) if name else None
+        if existing is not None:
+            version = int(existing.version)
+        else:
+            pyfunc_file = importlib.util.find_spec("indai.platform.mlflow_pyfunc").origin
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(pyfunc_file), artifacts={"indai_model": str(pkg)},
+                                           signature=mlflow_signature(), registered_model_name=name, pip_requirements=["indai"])
+            version = int(info.registered_model_version) if name else None
+        if name and version:
+            tag_registered(cfg, manifest, name, version, card["dataset"], result["step"],
+                           {"indai.family": "report_writer", "indai.lm": mcfg.lm})
+    return version, result
+
+
+def train(cfg: TrainConfig, settings, parent_run_id: str | None = None):
+    """`indai train` for the report writer: dataset -> workers -> MLflow model -> registry
+    (`parent_run_id`: an MLflow run this one is nested under)."""
+    from indai.trainers.launch import TrainResult, _open_run, run_workers
+
+    stages = Stages()
+    store = open_store(settings.store_uri)
+    ref, manifest = datasets.open_for_job(store, datasets.parse_ref(cfg.data.dataset))
+    cfg = complete_from_manifest(cfg, manifest)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"dataset": str(ref)})})
+    tracking = settings.require_mlflow()
+    registry.client(tracking)
+    with stages.stage("open the MLflow run"):
+        run, resumed = _open_run(cfg, store, manifest, ref, parent_run_id)
+    with run:
+        run_id = run.info.run_id
+        cfg = cfg.model_copy(update={"store_uri": settings.store_uri, "mlflow_uri": tracking, "mlflow_run_id": run_id})
+        if resumed:
+            print(f"resuming run {cfg.run.name} (MLflow run {run_id}) from checkpoint {resumed}", file=sys.stderr)
+        with stages.stage(f"train ({cfg.run.launcher} launcher, {cfg.run.workers if cfg.run.launcher == 'ray' else 1} worker(s))"):
+            run_workers(cfg, settings, manifest, loop=train_report_writer)
+        with stages.stage("merge, export and register"):
+            version, result = log_and_register(cfg, store, ref, manifest, run_id)
+    print(stages.summary(), file=sys.stderr, flush=True)
+    test = {"loss": result["test"]["loss"]} if "test" in result else {}
+    out = TrainResult(run_id=run_id, dataset=str(ref), test_accuracy=None, model_name=cfg.run.register_as,
+                      model_version=version, resumed_from=resumed, task="report", test_metrics=test)
+    if version and cfg.run.alias:
+        registry.promote(tracking, cfg.run.register_as, version, cfg.run.alias)
+        out.alias = cfg.run.alias
+    return out
