@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from indai.platform.errors import UserError
 
 MAX_YAML_BYTES = 1_000_000
+MAX_YAML_ALIASES = 64  # a recipe needs a few; "billion laughs" documents need thousands
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -25,6 +26,34 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data only: an unknown or `!!python/...` tag is an error) that
+    also refuses more than MAX_YAML_ALIASES alias references. Aliases are shared when parsed but
+    copied by everything that walks the data afterwards (validation, logging), so a few lines of
+    nested anchors would otherwise grow into gigabytes."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise UserError(f"YAML uses more than {MAX_YAML_ALIASES} aliases (*name): write the values out, "
+                                "or split the file")
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str) -> Any:
+    """Parse untrusted YAML text into plain data (see BoundedLoader)."""
+    loader = BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping from a user-supplied file, with one-line errors."""
     p = Path(path)
@@ -33,7 +62,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if p.stat().st_size > MAX_YAML_BYTES:
         raise UserError(f"config file {str(path)!r} is larger than {MAX_YAML_BYTES} bytes: is it the right file?")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = safe_yaml(p.read_text(encoding="utf-8"))
+    except UserError as e:
+        raise UserError(f"config file {str(path)!r}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -65,8 +96,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(p.isidentifier() for p in parts):
         raise UserError(f"override key {key!r} must be dotted field names like optim.lr")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = safe_yaml(raw) if raw.strip() else ""
+    except (yaml.YAMLError, UserError):
         value = raw
     return parts, value
 

@@ -77,3 +77,44 @@ def test_recipe_without_command_line_is_refused(tmp_path):
 def test_bad_override_syntax():
     with pytest.raises(UserError, match="key.path=value"):
         load_config(TrainConfig, RECIPES[0], ["optim.epochs"])
+
+
+def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    import resource
+
+    from indai.platform.config import MAX_YAML_ALIASES, read_yaml
+
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, 10):  # fully expanded: 9**10 strings
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(UserError, match=f"more than {MAX_YAML_ALIASES} aliases"):
+        read_yaml(bomb)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50 * 1024  # KiB: bounded, not expanded
+
+
+def test_yaml_with_a_few_aliases_and_no_tags_still_loads(tmp_path):
+    from indai.platform.config import read_yaml
+
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("base: &b {lr: 0.1}\nfirst: *b\nsecond: *b\n")
+    assert read_yaml(ok) == {"base": {"lr": 0.1}, "first": {"lr": 0.1}, "second": {"lr": 0.1}}
+
+
+@pytest.mark.parametrize("tag", ["!!python/object/apply:os.system ['true']", "!custom 1", "!!python/name:os.system"])
+def test_yaml_code_and_unknown_tags_are_refused(tmp_path, tag):
+    from indai.platform.config import read_yaml
+
+    p = tmp_path / "tag.yaml"
+    p.write_text(f"x: {tag}\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        read_yaml(p)
+
+
+def test_an_alias_bomb_in_an_override_stays_a_string():
+    from indai.platform.config import parse_override
+
+    raw = "[&a [1,1,1,1,1,1,1,1,1], " + ", ".join(["*a"] * 70) + "]"
+    assert parse_override(f"data.dataset={raw}") == (["data", "dataset"], raw)
