@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from indai.platform.errors import UserError
+from indai.platform.model_format import sha256_file
 from indai.platform.storage import ObjectStore, StoreError, validate_key
 
 PREFIX = "models/pretrained"
@@ -68,14 +69,6 @@ def _check_text(field: str, value: str | None, *, required: bool) -> str | None:
     if not isinstance(value, str) or len(value) > 300 or any(unicodedata.category(c) in ("Cc", "Cf") for c in value):
         raise UserError(f"{field} {str(value)[:40]!r} is not valid: one line of text, at most 300 characters")
     return value.strip()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _prefix(name: str) -> str:
@@ -337,7 +330,7 @@ def _prepare_torch(files: dict[str, Path], architecture: str | None, convert: st
         raise UserError(f"--format torch takes one state-dict file; got {len(files)}")
     (rel, path), = files.items()
     state = read_state_dict(path)
-    fields: dict = {"converted_from": {"file": rel, "sha256": _sha256_file(path)}}
+    fields: dict = {"converted_from": {"file": rel, "sha256": sha256_file(path)}}
     if convert:
         converter = weight_converters.get(convert)
         if architecture and architecture != converter.architecture:
@@ -387,7 +380,7 @@ def add(store: ObjectStore, name: str, paths: list[Path], fmt: str, *, architect
             fields, files = _prepare_torch(files, architecture, convert, Path(tmp))
         listed = {}
         for rel, path in bar(sorted(files.items()), desc=f"hashing {name}", enabled=progress):
-            listed[rel] = {"sha256": _sha256_file(path), "size": path.stat().st_size}
+            listed[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
         card = {"name": name, **fields, "source": source, "licence": licence, "files": listed,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "card_version": CARD_VERSION}
         if store.is_committed(_prefix(name)):
@@ -458,7 +451,7 @@ def verify(store: ObjectStore, name: str, progress: bool = False) -> dict:
                 problems.append({"path": rel, "problem": "missing"})
                 continue
             store.get_file(_file_key(name, rel), local)
-            sha, size = _sha256_file(local), local.stat().st_size
+            sha, size = sha256_file(local), local.stat().st_size
             if sha != meta["sha256"] or size != meta["size"]:
                 problems.append({"path": rel, "problem": f"changed (sha256 {sha[:12]}, card {meta['sha256'][:12]}; "
                                                         f"{size} bytes, card {meta['size']})"})
@@ -488,7 +481,7 @@ def _cached_intact(folder: Path, entry: dict) -> bool:
     if now == stamp.get("files"):
         return True
     for rel, meta in entry["files"].items():
-        if now[rel][0] != meta["size"] or _sha256_file(folder / rel) != meta["sha256"]:
+        if now[rel][0] != meta["size"] or sha256_file(folder / rel) != meta["sha256"]:
             return False
     stamp_path.write_text(json.dumps({"card_sha256": entry["card_sha256"], "files": now}))
     return True
@@ -517,7 +510,7 @@ def local_dir(store: ObjectStore, name: str, progress: bool = False) -> Path:
         for rel, meta in bar(sorted(entry["files"].items()), desc=f"fetching {name}", enabled=progress):
             target = staging / rel
             store.get_file(_file_key(name, rel), target)
-            if _sha256_file(target) != meta["sha256"]:
+            if sha256_file(target) != meta["sha256"]:
                 raise StoreError(f"file {rel!r} of mirror entry {name!r} does not match its card: the store was altered; "
                                  f"`indai models mirror verify {name}` shows what changed")
             target.chmod(0o444)

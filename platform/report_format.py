@@ -17,7 +17,6 @@ Training builds its batches and decodes with the same functions (`prompt_ids`, `
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import numbers
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from indai.platform.errors import UserError
+from indai.platform.model_format import sha256_file
 from indai.platform.modalities import MAX_TOKENIZER_BYTES, check_sensor, decode_image, images_to_tensor_layout
 
 FORMAT = "indai-report-writer/1"
@@ -43,14 +43,6 @@ PROMPT_TAIL = "\n\n### Response:\n"
 
 def prefix_file(modality: str) -> str:
     return f"prefix_{modality}.pt2"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _files(folder: Path) -> list[str]:
