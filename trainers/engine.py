@@ -299,3 +299,11 @@ class TorchEngine:
             self.lr_scheduler.load_state_dict(meta["scheduler"])
         self.micro_steps, self.global_steps = meta["micro_steps"], meta["global_steps"]
         return str(folder), meta["client_state"]
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The whole model's weights. Under ZeRO-3 this is a collective: every rank must call it
+    (rank 0 receives the gathered tensors); otherwise the module holds them all already."""
+    if engine.zero_optimization_stage() == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict()

@@ -32,7 +32,7 @@ from indai.platform.progress import bar
 from indai.platform.storage import open_store
 from indai.trainers import checkpoint, feed, finetune, tasks
 from indai.trainers.config import TrainConfig
-from indai.trainers.engine import build_engine, deepspeed_config  # noqa: F401  (deepspeed_config: kept importable from here)
+from indai.trainers.engine import build_engine, deepspeed_config, full_state_dict  # noqa: F401  (deepspeed_config: kept importable from here)
 from indai.trainers.streaming import split_size
 from indai.trainers.data import ShardSampler, SplitDataset, resize_images
 from indai.trainers.models import create_model
@@ -293,24 +293,19 @@ def train_loop(config: dict) -> dict:
         result["test"] = test
         if val:
             result["val"] = val
+    state = full_state_dict(engine)  # every rank takes part in a ZeRO-3 gather
     if d.rank == 0:
-        write_final(engine, store, cfg, result)
+        write_final(state, store, cfg, result)
     if dist.is_initialized():
         dist.barrier()
     return result
 
 
-def _state_dict(engine) -> dict[str, torch.Tensor]:
-    if engine.zero_optimization_stage() == 3:
-        return engine._zero3_consolidated_16bit_state_dict()
-    return engine.module.state_dict()
-
-
-def write_final(engine, store, cfg: TrainConfig, result: dict) -> None:
+def write_final(state: dict[str, torch.Tensor], store, cfg: TrainConfig, result: dict) -> None:
     """The trained weights (safetensors, no pickle) and the model config, committed."""
     from safetensors.torch import save_file
 
-    weights = {k: v.detach().float().contiguous().cpu() for k, v in _state_dict(engine).items()}
+    weights = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
     with tempfile.TemporaryDirectory(prefix="indai-final-") as tmp:
         save_file(weights, str(Path(tmp) / "model.safetensors"))
         (Path(tmp) / "model_config.json").write_text(cfg.model.model_dump_json(indent=2))

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2])
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
 def test_torchrun_two_processes(tmp_path, zero_stage):
     from indai.platform.ingest import ingest
     from indai.platform.storage import open_store

@@ -31,7 +31,7 @@ from indai.platform.storage import open_store
 from indai.trainers import checkpoint
 from indai.trainers.config import TrainConfig
 from indai.trainers.data import ShardSampler
-from indai.trainers.engine import build_engine
+from indai.trainers.engine import build_engine, full_state_dict
 from indai.trainers.loop import MetricBuffer, progress_event, setup_distributed, warmup_cosine
 from indai.trainers.models.report_writer.data import InstructDataset, collate, to_device
 
@@ -160,18 +160,12 @@ def train_report_writer(config: dict) -> dict:
         result["test"] = evaluate(engine, eval_loaders["test"], d.device)
         metrics.add("test_loss", result["test"]["loss"], step)
         metrics.flush()
-    state = _state_dict(engine)  # every rank takes part in a ZeRO-3 gather
+    state = full_state_dict(engine)  # every rank takes part in a ZeRO-3 gather
     if d.rank == 0:
         write_final(state, store, cfg, result)
     if dist.is_initialized():
         dist.barrier()
     return result
-
-
-def _state_dict(engine) -> dict[str, torch.Tensor]:
-    if engine.zero_optimization_stage() == 3:
-        return engine._zero3_consolidated_16bit_state_dict()
-    return engine.module.state_dict()
 
 
 def write_final(state: dict, store, cfg: TrainConfig, result: dict) -> None:
