@@ -23,6 +23,9 @@ from indai.platform.errors import UserError
 from indai.platform.settings import OFFLINE_ENV, SERVICES_FILE, home, read_services, write_services
 
 DEFAULT_PORTS = {"mlflow": 5000, "ray_gcs": 6380, "dashboard": 8265, "serve": 8000}
+# `ray start` options whose defaults are fixed ports shared by every Ray on the machine
+AGENT_PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                    "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
 
 
 def port_free(port: int) -> bool:
@@ -128,6 +131,11 @@ def start_ray(root: Path, gcs_port: int, dashboard_port: int, num_cpus: int) -> 
         raise UserError("the `ray` command is not installed in this environment: run `make install`")
     cmd = [ray, "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dashboard_port}", f"--temp-dir={tmp}", f"--num-cpus={num_cpus}", "--disable-usage-stats"]
+    # Ray's per-node agents listen on fixed default ports (52365, 10001, ...): a second indai home
+    # on the same machine would find them taken and its job API would answer "No available agent
+    # to submit job". Every one gets a free port instead.
+    agent_ports = {name: pick_port(0) for name in AGENT_PORT_FLAGS}
+    cmd += [f"--{name}={port}" for name, port in agent_ports.items()]
     # every Ray process of this cluster inherits the tag, so `indai down` stops exactly these
     # job drivers inherit this environment: they find `indai` (this environment's bin folder first
     # on PATH), the platform's services (INDAI_HOME) and Ray's token
@@ -138,7 +146,7 @@ def start_ray(root: Path, gcs_port: int, dashboard_port: int, num_cpus: int) -> 
     if done.returncode != 0:
         raise UserError(f"`ray start` failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
     return {"ray_address": f"127.0.0.1:{gcs_port}", "ray_temp_dir": str(tmp), "ray_auth_token_path": str(token_file),
-            "ray_dashboard": f"http://127.0.0.1:{dashboard_port}"}
+            "ray_dashboard": f"http://127.0.0.1:{dashboard_port}", "ray_agent_ports": agent_ports}
 
 
 def up(num_cpus: int | None = None, ports: dict | None = None) -> dict:

@@ -98,10 +98,24 @@ def test_killed_training_resumes_from_its_last_checkpoint(services, cwru_dataset
     assert "final" in store.committed_children("checkpoints/killed-run")
 
 
-def test_up_and_down_stop_exactly_their_processes(tmp_path):
+def _job_runs(state: dict) -> str:
+    """Submit a tiny job to a home's Ray job API with its token and wait for the end state."""
+    from indai.platform.services import ray_auth_env
+
+    env = dict(os.environ, **ray_auth_env(state))
+    done = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", state["ray_dashboard"],
+                           "--", "python", "-c", "print('agent answers')"],
+                          capture_output=True, text=True, env=env, timeout=180)
+    return done.stdout + done.stderr
+
+
+def test_up_and_down_stop_exactly_their_processes(services, tmp_path):
+    """A second home beside the session's running one: its own processes, its own Ray agent ports
+    (with Ray's fixed defaults its job API answered "No available agent to submit job")."""
     import psutil
 
     from indai.platform.services import ray_temp_dir
+    from indai.platform.settings import read_services
 
     env_home = tmp_path / "own-home"
     done = indai("up", "--cpus", "2", home=env_home, timeout=400)
@@ -120,6 +134,12 @@ def test_up_and_down_stop_exactly_their_processes(tmp_path):
         return found
 
     assert ours()
+    theirs = read_services(env_home.resolve())
+    mine = read_services(Path(os.environ["INDAI_HOME"]))
+    assert set(theirs["ray_agent_ports"].values()).isdisjoint(mine["ray_agent_ports"].values())
+    out = _job_runs(theirs)
+    assert "agent answers" in out and "succeeded" in out.lower(), out[-2000:]
+    assert "agent answers" in _job_runs(mine), "the session's own Ray stopped taking jobs"
     status = indai("status", home=env_home)
     assert '"running": true' in status.stdout
     assert indai("down", home=env_home).returncode == 0
