@@ -6,7 +6,10 @@ as well as we can, indai's train loop without Ray, and indai's train loop under 
   same warm-up/cosine schedule as indai, optionally torch.compile (`--ways plain_compile`);
 - indai: `trainers.loop.train_loop` itself, in this process (launcher local), reading a dataset
   version from a local-folder store: strategy auto (on one device the torch engine) and, as
-  `indai_zero0`, DeepSpeed ZeRO-0; its data come from host memory through trainers.feed;
+  `indai_zero0`, DeepSpeed ZeRO-0; on CUDA a split that fits stays on the device and each batch is
+  gathered there (`data.device_resident: auto`), as the plain loop does; `indai_host_feed` takes
+  its batches from host memory through trainers.feed's pinned side-stream copies instead, and
+  `indai_compile` sets `run.compile` (to compare with `plain_compile`);
 - indai_ray: the same loop under Ray Train (TorchTrainer, one worker), only where Ray imports.
 
 Every way runs warm-up + measured steps of one epoch; samples/s counts the measured steps only
@@ -31,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _trainbench as tb  # noqa: E402
 from _record import write  # noqa: E402
 
-WAYS = ("plain", "plain_compile", "indai", "indai_zero0", "indai_ray")
+WAYS = ("plain", "plain_compile", "indai", "indai_zero0", "indai_ray", "indai_host_feed", "indai_compile")
 
 
 def plain_loop(cfg, store, compile_model: bool) -> dict:
@@ -115,6 +118,10 @@ def run_way(way: str, cfg, store, manifest: dict, tmp: Path, cuda: bool, threads
         return plain_loop(cfg, store, compile_model=way == "plain_compile")
     ds = cfg.deepspeed.model_copy(update={"strategy": "zero0" if way == "indai_zero0" else "auto"})
     cfg = cfg.model_copy(update={"deepspeed": ds})
+    if way == "indai_host_feed":
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"device_resident": "off"})})
+    if way == "indai_compile":
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"compile": True})})
     if way == "indai_ray":
         import os
 
@@ -179,8 +186,10 @@ def main() -> None:
                           f"({time.perf_counter() - t0:.1f} s in all)", file=sys.stderr)
             for way, rs in runs.items():
                 ratios = {}
-                for ref_way, key in (("plain", "ratio_to_plain"), ("indai", "ratio_to_indai")):
-                    if ref_way in runs and ref_way != way and (ref_way == "plain" or way == "indai_ray"):
+                # compiled indai against the compiled plain loop when both ran, else against plain
+                plain_ref = "plain_compile" if way == "indai_compile" and "plain_compile" in runs else "plain"
+                for ref_way, key in ((plain_ref, "ratio_to_plain"), ("indai", "ratio_to_indai")):
+                    if ref_way in runs and ref_way != way and (key == "ratio_to_plain" or way == "indai_ray"):
                         ratios[key] = round(statistics.median(r["samples_per_s"] / b["samples_per_s"]
                                                               for r, b in zip(rs, runs[ref_way])), 4)
                 row = {"model": model, "shape": a.shape, "way": way, "batch": p["batch"], "warmup_steps": p["warmup"],

@@ -38,6 +38,9 @@ class DataConfig(Strict):
     shuffle_buffer: int = Field(default=4096, ge=0, description="samples in each worker's local shuffle buffer when streaming")
     prefetch: int = Field(default=2, ge=1, le=16, description="batches gathered, pinned and copied to the GPU ahead of the "
                                                               "step on a side stream (CUDA only)")
+    device_resident: Literal["auto", "on", "off"] = Field(
+        default="auto", description="keep an in-memory split on the GPU and gather each batch there (no host-to-device "
+                                    "copy per step); auto: when the split takes at most a quarter of the free GPU memory")
     image_size: int | None = Field(default=None, ge=16, le=1024,
                                    description="train and serve the model at this square image size: the dataset's images are "
                                                "resized (bilinear, as serving resizes requests) when loaded into memory; "
@@ -87,6 +90,11 @@ class RunConfig(Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1, gt=0)
     checkpoint_every: int = Field(default=1, ge=1, description="epochs between checkpoints")
+    checkpoint_every_steps: int | None = Field(
+        default=None, ge=1, description="also checkpoint every this many train steps (micro-batches) inside an epoch, so a "
+                                        "restart loses at most this many steps: it resumes at that position of the epoch's "
+                                        "sample order; a multiple of optim.grad_accum; needs the memory loader (a streamed "
+                                        "epoch has no position to resume at); None: at epoch ends only")
     keep_checkpoints: int = Field(default=2, ge=1)
     max_failures: int = Field(default=0, ge=-1, description="Ray Train restarts after a worker failure (-1: unlimited)")
     resume: bool = Field(default=True, description="continue from the run's latest committed checkpoint if there is one")
@@ -138,3 +146,14 @@ class TrainConfig(Strict):
     store_uri: str | None = Field(default=None, description="filled by the launcher from the platform settings")
     mlflow_uri: str | None = None
     mlflow_run_id: str | None = None
+
+    @model_validator(mode="after")
+    def _step_checkpoints(self):
+        every = self.run.checkpoint_every_steps
+        if every is not None and self.model.family == "report_writer":
+            raise ValueError("run.checkpoint_every_steps: the report writer checkpoints at epoch ends only; drop it "
+                             "or use run.checkpoint_every")
+        if every is not None and every % self.optim.grad_accum:
+            raise ValueError(f"run.checkpoint_every_steps {every} must be a multiple of optim.grad_accum "
+                             f"{self.optim.grad_accum}: a checkpoint between accumulation steps would lose their gradients")
+        return self

@@ -64,13 +64,18 @@ class SplitDataset(Dataset):
 
 class ShardSampler(torch.utils.data.Sampler):
     """Indices rank::world, optionally shuffled per epoch with a shared seed; unlike
-    DistributedSampler it never repeats samples, so evaluation counts each sample once."""
+    DistributedSampler it never repeats samples, so evaluation counts each sample once.
+    `set_epoch(epoch, start)` begins the epoch's order at this rank's `start`-th sample: a run
+    resumed mid-epoch (trainers.checkpoint) goes on where it stopped, skipping and repeating nothing."""
 
     def __init__(self, n: int, rank: int, world: int, shuffle: bool, seed: int = 0):
         self.n, self.rank, self.world, self.shuffle, self.seed, self.epoch = n, rank, world, shuffle, seed, 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= self._full_length():
+            raise ValueError(f"start {start} is outside this rank's {self._full_length()} samples")
+        self.epoch, self.start = epoch, start
 
     def _order(self) -> np.ndarray:
         if not self.shuffle:
@@ -81,11 +86,16 @@ class ShardSampler(torch.utils.data.Sampler):
         order = self._order()
         if self.shuffle:  # equal length on every rank, so collective steps stay in lockstep
             per = self.n // self.world
-            return iter(order[self.rank * per: (self.rank + 1) * per].tolist())
-        return iter(order[self.rank:: self.world].tolist())
+            mine = order[self.rank * per: (self.rank + 1) * per]
+        else:
+            mine = order[self.rank:: self.world]
+        return iter(mine[self.start:].tolist())
+
+    def _full_length(self) -> int:
+        return self.n // self.world if self.shuffle else len(range(self.rank, self.n, self.world))
 
     def __len__(self) -> int:
-        return self.n // self.world if self.shuffle else len(range(self.rank, self.n, self.world))
+        return self._full_length() - self.start
 
 
 def to_samples(arrays: dict[str, np.ndarray], window: int | None, text_len: int, modalities: list[str] | None,

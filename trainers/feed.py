@@ -14,6 +14,7 @@ only at the edges of a measured stretch, so measuring does not slow the steps it
 """
 from __future__ import annotations
 
+import copy
 import math
 import queue
 import resource
@@ -34,6 +35,8 @@ def channels_last_enabled(cfg, cuda: bool) -> bool:
 # ---- gathering batches from an in-memory split -------------------------------------------------
 
 def _take(src: torch.Tensor, idx: torch.Tensor, pin: bool) -> torch.Tensor:
+    if src.device.type != "cpu":  # a device-resident split: gathered where it lies
+        return src.index_select(0, idx)
     out = torch.empty((len(idx),) + tuple(src.shape[1:]), dtype=src.dtype, pin_memory=pin)
     return torch.index_select(src, 0, idx, out=out)
 
@@ -44,10 +47,15 @@ def gather(ds, idx: torch.Tensor, pin: bool = False) -> dict[str, torch.Tensor]:
     batch = {"label": _take(ds.label, idx, pin), "mask": _take(ds.mask, idx, pin)}
     if "sensor" in ds.modalities:
         if ds.signal is not None:
-            starts = torch.as_tensor(np.asarray(ds.starts)[idx.numpy()], dtype=torch.long)
-            cols = starts[:, None] + torch.arange(ds.window)  # [B, W] sample positions in the signal
-            out = torch.empty((len(idx), ds.signal.shape[0], ds.window), dtype=ds.signal.dtype, pin_memory=pin)
-            batch["sensor"] = out.copy_(ds.signal[:, cols].permute(1, 0, 2))
+            starts = ds.starts[idx] if torch.is_tensor(ds.starts) else torch.as_tensor(np.asarray(ds.starts)[idx.numpy()],
+                                                                                       dtype=torch.long)
+            cols = starts[:, None] + torch.arange(ds.window, device=starts.device)  # [B, W] sample positions in the signal
+            windows = ds.signal[:, cols].permute(1, 0, 2)
+            if ds.signal.device.type != "cpu":
+                batch["sensor"] = windows.contiguous()
+            else:
+                out = torch.empty((len(idx), ds.signal.shape[0], ds.window), dtype=ds.signal.dtype, pin_memory=pin)
+                batch["sensor"] = out.copy_(windows)
         else:
             batch["sensor"] = _take(ds.sensor, idx, pin)
     if "image" in ds.modalities:
@@ -87,7 +95,7 @@ class IndexBatches:
 
     def fetch(self, idx: list[int]) -> dict[str, torch.Tensor]:
         if self.fast:
-            return gather(self.ds, torch.as_tensor(idx, dtype=torch.long), self.pin)
+            return gather(self.ds, torch.as_tensor(idx, dtype=torch.long, device=self.ds.label.device), self.pin)
         batch = default_collate([self.ds[i] for i in idx])
         return {k: v.pin_memory() for k, v in batch.items()} if self.pin else batch
 
@@ -128,14 +136,15 @@ class ToDevice:
     """Batches of `source` on `device`. On CUDA a background thread gathers, pins and copies
     `depth` batches ahead on a side stream; the consumer's stream waits on each batch's event."""
 
-    def __init__(self, source, device: torch.device, channels_last: bool, depth: int = 2):
+    def __init__(self, source, device: torch.device, channels_last: bool, depth: int = 2, resident: bool = False):
         self.source, self.device, self.channels_last, self.depth = source, device, channels_last, depth
+        self.resident = resident  # the source gathers on the device already: nothing to copy ahead
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __iter__(self):
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or self.resident:
             for batch in self.source:
                 yield _to_device(batch, self.device, self.channels_last)
             return
@@ -213,10 +222,49 @@ def ahead(source, work, depth: int, start=None):
         worker.join(timeout=30)
 
 
+# ---- a split that lives on the device -------------------------------------------------------------
+
+RESIDENT_SHARE = 0.25  # data.device_resident auto: a split may take this share of the device's free memory
+
+
+def split_bytes(ds) -> int:
+    return sum(t.numel() * t.element_size() for t in (ds.label, ds.mask, ds.signal, ds.sensor, ds.image, ds.text)
+               if t is not None)
+
+
+def stays_resident(ds, cfg, device: torch.device) -> bool:
+    """data.device_resident: a CUDA split that fits (auto: within RESIDENT_SHARE of the free
+    memory) is copied to the device once, and each step's batch is gathered there, so no step
+    waits on a host-to-device copy. Needs the fast gather (trainers.data.SplitDataset inputs)."""
+    if device.type != "cuda" or cfg.data.device_resident == "off" or cfg.data.num_workers > 0 or not gathers_like_collate(ds):
+        return False
+    if cfg.data.device_resident == "on":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return split_bytes(ds) <= RESIDENT_SHARE * free
+
+
+def resident(ds, device: torch.device):
+    """A shallow copy of a SplitDataset whose tensors (and window starts) lie on `device`."""
+    moved = copy.copy(ds)
+    for name in ("label", "mask", "signal", "sensor", "image", "text"):
+        value = getattr(ds, name)
+        if value is not None:
+            setattr(moved, name, value.to(device))
+    if ds.starts is not None:
+        moved.starts = torch.as_tensor(np.asarray(ds.starts), dtype=torch.long, device=device)
+    return moved
+
+
 def batches(ds, sampler, cfg, device: torch.device) -> ToDevice:
     """An in-memory split's batches on `device`, in the sampler's order (a fresh order per epoch
-    through the sampler's set_epoch), gathered in DataLoader workers when data.num_workers > 0."""
+    through the sampler's set_epoch): gathered on the device when the split stays there
+    (`stays_resident`), else on the host (in DataLoader workers when data.num_workers > 0) and
+    copied ahead."""
     cuda = device.type == "cuda"
+    if stays_resident(ds, cfg, device):
+        source = IndexBatches(resident(ds, device), sampler, cfg.optim.batch_size, pin=False)
+        return ToDevice(source, device, channels_last_enabled(cfg, cuda), cfg.data.prefetch, resident=True)
     source = IndexBatches(ds, sampler, cfg.optim.batch_size, pin=cuda and cfg.data.num_workers == 0)
     if cfg.data.num_workers > 0:
         source = DataLoader(_ByBatch(source), sampler=BatchSampler(sampler, cfg.optim.batch_size, drop_last=False),

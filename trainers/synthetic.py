@@ -63,3 +63,15 @@ def write_dataset(store, name: str, splits: dict[str, int], classes: int = 4, se
                 "modalities": modalities, "split": {"records": counts}}
     version, body = writer.commit(manifest)
     return f"{name}@{version}", body
+
+
+def windowed_split(n: int = 20, text_len: int = 16):
+    """A small SplitDataset whose sensor windows are cut from one long signal (trainers.data):
+    the layout the fast gather handles with window starts, with images and text besides."""
+    from indai.trainers.data import SplitDataset
+
+    rng = np.random.default_rng(1)
+    arrays = samples(n, 3, rng, image=8, text_len=text_len)
+    arrays["sensor_signal"] = rng.standard_normal((2, 400)).astype(np.float16)
+    arrays["sensor_starts"] = rng.integers(0, 400 - 32, n)
+    return SplitDataset(arrays, window=32, text_len=text_len, modalities=["sensor", "image", "text"])

@@ -78,7 +78,7 @@ echo "== deepspeed importable: $HAVE_DS; ray.train importable: $HAVE_RAY" | tee 
 step tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/gpu --junitxml="$OUT/logs/tests-gpu.xml"
 
 # 3. the fusion model three ways
-ways=(plain indai)
+ways=(plain indai indai_host_feed)
 [ "$HAVE_DS" = 1 ] && ways+=(indai_zero0)
 [ "$HAVE_RAY" = 1 ] && ways+=(indai_ray)
 step train 150 "$PYTHON" bench/train_throughput.py --shape "$SHAPE" --models fusion --ways "${ways[@]}" --note "bench/gpu/run.sh"
@@ -93,7 +93,7 @@ fi
 
 # 6. optional: torch.compile
 if [ "${INDAI_GPU_COMPILE:-0}" = 1 ]; then
-  step train-compile 150 "$PYTHON" bench/train_throughput.py --shape "$SHAPE" --models fusion --ways plain_compile --note "bench/gpu/run.sh compile"
+  step train-compile 150 "$PYTHON" bench/train_throughput.py --shape "$SHAPE" --models fusion --ways plain_compile indai_compile --note "bench/gpu/run.sh compile"
   step llm-compile 150 "$PYTHON" bench/llm_throughput.py --engines plain --modes full --compile "${LLM_ARGS[@]}" --note "bench/gpu/run.sh compile"
 fi
 

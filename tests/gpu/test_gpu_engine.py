@@ -79,13 +79,16 @@ def test_bf16_batchnorm_channels_last_under_each_strategy(store_and_ref, strateg
     assert any(not torch.allclose(v, torch.ones_like(v)) for v in running)  # BatchNorm statistics were updated
 
 
-def test_prefetched_batches_on_cuda_equal_collated_ones():
+@pytest.mark.parametrize("resident", ["off", "auto"])
+def test_prefetched_batches_on_cuda_equal_collated_ones(resident):
     rng = np.random.default_rng(0)
     ds = SplitDataset(samples(40, 3, rng, sensor=(2, 64), image=16, text_len=16), None, 16, ["sensor", "image", "text"])
-    cfg = TrainConfig.model_validate({"recipe": "t", "data": {"dataset": "x", "prefetch": 2}, "optim": {"batch_size": 16},
-                                      "run": {"name": "t"}})
+    cfg = TrainConfig.model_validate({"recipe": "t", "data": {"dataset": "x", "prefetch": 2, "device_resident": resident},
+                                      "optim": {"batch_size": 16}, "run": {"name": "t"}})
     order = list(range(39, -1, -1))
-    got = list(feed.batches(ds, order, cfg, torch.device("cuda:0")))
+    got_feed = feed.batches(ds, order, cfg, torch.device("cuda:0"))
+    assert got_feed.resident == (resident == "auto")  # a 40-sample split fits: gathered on the device
+    got = list(got_feed)
     assert [len(b["label"]) for b in got] == [16, 16, 8]
     for b, start in zip(got, (0, 16, 32)):
         want = torch.utils.data.default_collate([ds[i] for i in order[start: start + 16]])
@@ -96,6 +99,20 @@ def test_prefetched_batches_on_cuda_equal_collated_ones():
     it = iter(feed.batches(ds, order, cfg, torch.device("cuda:0")))
     next(it)
     it.close()  # an abandoned epoch stops its producer thread instead of hanging
+
+
+def test_windows_gathered_on_the_device_equal_collated_ones():
+    from indai.trainers.synthetic import windowed_split
+
+    ds = windowed_split()
+    cfg = TrainConfig.model_validate({"recipe": "t", "data": {"dataset": "x", "device_resident": "on"},
+                                      "optim": {"batch_size": 4}, "run": {"name": "t"}})
+    order = [7, 3, 19, 0, 11]
+    got = list(feed.batches(ds, order, cfg, torch.device("cuda:0")))
+    for b, part in zip(got, (order[:4], order[4:])):
+        want = torch.utils.data.default_collate([ds[i] for i in part])
+        for k in want:
+            assert b[k].is_cuda and torch.equal(b[k].cpu(), want[k]), k
 
 
 def test_a_failing_source_raises_in_the_consumer():

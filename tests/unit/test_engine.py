@@ -15,7 +15,7 @@ from indai.trainers import feed
 from indai.trainers.config import TrainConfig
 from indai.trainers.data import SplitDataset
 from indai.trainers.loop import train_loop
-from indai.trainers.synthetic import samples, write_dataset
+from indai.trainers.synthetic import samples, windowed_split, write_dataset
 
 
 def config(store, ref: str, name: str, modalities: list[str], **over) -> dict:
@@ -85,11 +85,7 @@ def test_auto_picks_ddp_and_a_resumed_run_reaches_the_uninterrupted_weights(stor
 
 
 def windowed_dataset(text_len: int = 16) -> SplitDataset:
-    rng = np.random.default_rng(1)
-    arrays = samples(20, 3, rng, image=8, text_len=text_len)
-    arrays["sensor_signal"] = rng.standard_normal((2, 400)).astype(np.float16)
-    arrays["sensor_starts"] = rng.integers(0, 400 - 32, 20)
-    return SplitDataset(arrays, window=32, text_len=text_len, modalities=["sensor", "image", "text"])
+    return windowed_split(20, text_len)
 
 
 def test_gathered_batches_equal_collated_ones():
@@ -113,6 +109,20 @@ def test_gathered_batches_equal_collated_ones():
     slow = feed.IndexBatches(extra, order, batch_size=4, pin=False)
     assert not slow.fast
     assert torch.equal(next(iter(slow))["weight"], torch.tensor([7.0, 3.0, 19.0, 0.0]))
+
+
+def test_a_resident_copy_gathers_the_same_batches_and_stays_on_the_host_without_cuda():
+    ds = windowed_dataset()
+    order = [7, 3, 19, 0, 11]
+    moved = feed.resident(ds, torch.device("cpu"))  # the device copy, on the one device here
+    assert torch.is_tensor(moved.starts) and not torch.is_tensor(ds.starts)  # window starts indexed on the device
+    for got, want in zip(feed.IndexBatches(moved, order, 4, pin=False), feed.IndexBatches(ds, order, 4, pin=False)):
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
+    assert feed.split_bytes(ds) == sum(t.numel() * t.element_size() for t in (ds.label, ds.mask, ds.signal, ds.image, ds.text))
+    cfg = TrainConfig.model_validate({"recipe": "t", "data": {"dataset": "x", "device_resident": "on"}, "run": {"name": "t"}})
+    assert not feed.stays_resident(ds, cfg, torch.device("cpu"))  # the host is where it is already
+    assert not feed.batches(ds, order, cfg, torch.device("cpu")).resident
 
 
 def test_images_arrive_channels_last_and_parameters_stay_contiguous():
