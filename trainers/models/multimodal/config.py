@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from indai.platform.config import Strict
+from indai.trainers.models.presets import with_flavour
 
 Modality = Literal["sensor", "image", "text"]
 MIRROR_NAME = r"^[a-z0-9][a-z0-9._-]{0,127}$"
@@ -138,13 +139,6 @@ FLAVOURS: dict[str, dict] = {
 }
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 class ModelConfig(Strict):
     family: Literal["multimodal"] = "multimodal"
     flavour: Literal["debug", "small", "base"] = Field(default="small", description="size preset; debug is for CPU tests")
@@ -171,12 +165,7 @@ class ModelConfig(Strict):
     @classmethod
     def _flavour(cls, data):
         """The flavour's preset lies under whatever the recipe sets explicitly."""
-        if isinstance(data, dict):
-            preset = FLAVOURS.get(data.get("flavour", "small"))
-            if preset is None:
-                raise ValueError(f"flavour must be one of {sorted(FLAVOURS)}")
-            data = _merge(preset, data)
-        return data
+        return with_flavour(data, FLAVOURS, "small")
 
     @model_validator(mode="after")
     def _check(self):

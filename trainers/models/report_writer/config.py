@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from indai.platform.config import Strict
+from indai.trainers.models.presets import with_flavour
 
 MIRROR_NAME = r"^[a-z0-9][a-z0-9._-]{0,127}$"
 MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -63,13 +64,6 @@ FLAVOURS: dict[str, dict] = {
 }
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 class ReportWriterConfig(Strict):
     family: Literal["report_writer"] = "report_writer"
     flavour: Literal["debug", "base"] = Field(default="base", description="size preset; debug is for CPU tests")
@@ -93,12 +87,7 @@ class ReportWriterConfig(Strict):
     @classmethod
     def _flavour(cls, data):
         """The flavour's preset lies under whatever the recipe sets explicitly."""
-        if isinstance(data, dict):
-            preset = FLAVOURS.get(data.get("flavour", "base"))
-            if preset is None:
-                raise ValueError(f"flavour must be one of {sorted(FLAVOURS)}")
-            data = _merge(preset, data)
-        return data
+        return with_flavour(data, FLAVOURS, "base")
 
     @model_validator(mode="after")
     def _check(self):
