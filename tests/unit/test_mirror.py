@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from indai.platform import mirror
 from indai.platform.errors import UserError
 from indai.platform.storage import LocalStore, StoreError
+from mirror_store import packaged_mirror
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,18 +38,8 @@ def store(tmp_path, monkeypatch) -> LocalStore:
 @pytest.fixture(scope="module")
 def packaged(tmp_path_factory):
     """The two packaged weights mirrored once into a store of their own (INDAI_HOME in tmp)."""
-    root = tmp_path_factory.mktemp("mirror")
-    old = os.environ.get("INDAI_HOME")
-    os.environ["INDAI_HOME"] = str(root / "home")
-    store = LocalStore(root / "store")
-    try:
-        cards = {c["name"]: c for c in mirror.add_packaged(store)}
+    with packaged_mirror(tmp_path_factory.mktemp("mirror")) as (store, cards):
         yield store, cards
-    finally:
-        if old is None:
-            os.environ.pop("INDAI_HOME", None)
-        else:
-            os.environ["INDAI_HOME"] = old
 
 
 def tiny_timm_weights(folder: Path, seed: int = 0) -> Path:

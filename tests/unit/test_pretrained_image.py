@@ -8,29 +8,15 @@ from indai.trainers import finetune
 from indai.trainers.models import create_model
 from indai.trainers.models.multimodal import ModelConfig
 from indai.trainers.models.multimodal.export import example_inputs
+from mirror_store import packaged_mirror
 
 LITE0 = "efficientnet-lite0"
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    import os
-
-    from indai.platform import mirror
-    from indai.platform.storage import open_store
-
-    home = tmp_path_factory.mktemp("image-home")
-    old = os.environ.get("INDAI_HOME")
-    os.environ["INDAI_HOME"] = str(home)
-    try:
-        s = open_store(home / "store")
-        card = mirror.add_packaged(s, [LITE0])[0]
-        yield s, card
-    finally:
-        if old is None:
-            os.environ.pop("INDAI_HOME", None)
-        else:
-            os.environ["INDAI_HOME"] = old
+    with packaged_mirror(tmp_path_factory.mktemp("image-home"), [LITE0]) as (s, cards):
+        yield s, cards[LITE0]
 
 
 def cfg(arch: str, **tune) -> ModelConfig:

@@ -16,6 +16,7 @@ from indai.trainers.models import create_model
 from indai.trainers.models.multimodal import ModelConfig
 from indai.trainers.models.multimodal.export import card_inputs, example_inputs, export
 from indai.trainers.models.multimodal.text_hf import mirror_folder, model_tokenizer
+from mirror_store import packaged_mirror
 
 MINILM = "all-minilm-l6-v2"
 TEXTS = ["Replace hydraulic pump seal on EX-3", "", "유압 펌프 씰 교체", "engine overheating " * 20]
@@ -24,23 +25,8 @@ TEXTS = ["Replace hydraulic pump seal on EX-3", "", "유압 펌프 씰 교체", 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A store whose weight mirror holds MiniLM (from its PyPI package), with a private cache."""
-    import os
-
-    from indai.platform import mirror
-    from indai.platform.storage import open_store
-
-    home = tmp_path_factory.mktemp("hf-home")
-    old = os.environ.get("INDAI_HOME")
-    os.environ["INDAI_HOME"] = str(home)
-    try:
-        s = open_store(home / "store")
-        mirror.add_packaged(s, [MINILM])
+    with packaged_mirror(tmp_path_factory.mktemp("hf-home"), [MINILM]) as (s, _):
         yield s
-    finally:
-        if old is None:
-            os.environ.pop("INDAI_HOME", None)
-        else:
-            os.environ["INDAI_HOME"] = old
 
 
 def cfg(**text) -> ModelConfig:
