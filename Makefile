@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # the embedded default keeps its state (object store folder, MLflow database, logs) here
 export INDAI_HOME ?= $(CURDIR)/.indai
+# DeepSpeed compiles its CPU ops once per environment; a cache shared by two checkouts makes
+# each rebuild them for the other (minutes each time on 2 cores)
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: install demo test test-unit test-integration test-k8s up down clean k8s-up k8s-down bench-data bench-train
 

@@ -223,6 +223,21 @@ def cmd_train(a) -> int:
     return 0
 
 
+def cmd_train_resume(a) -> int:
+    """Continue run `a.run` from its last committed checkpoint with the config it was started with."""
+    from indai.platform.storage import open_store
+    from indai.trainers.launch import train
+    from indai.trainers.resume import resume_config
+
+    settings = _settings()
+    cfg = resume_config(open_store(settings.store_uri), a.run, settings, a.launcher)
+    print(f"resuming run {cfg.run.name}: recipe {cfg.recipe}, dataset {cfg.data.dataset}, {cfg.run.launcher} launcher",
+          file=sys.stderr, flush=True)
+    result = train(cfg, settings)
+    _print_train_result(result)
+    return 0
+
+
 def _train_compare(cfg) -> int:
     """The recipe fine-tuned and from scratch under one parent MLflow run (trainers.compare)."""
     from indai.trainers.compare import compare, format_table
@@ -723,7 +738,12 @@ def parser() -> argparse.ArgumentParser:
     ins.set_defaults(fn=cmd_data_instruct)
 
     tr = sub.add_parser("train", help="train a recipe with Ray Train + DeepSpeed, log to MLflow, register the model "
-                                      "(`indai train submit <recipe>`: on the cluster, through the job gateway)")
+                                      "(`indai train submit <recipe>`: on the cluster, through the job gateway; "
+                                      "`indai train resume <run-name>`: continue a run whose job died)",
+                        description="train a recipe: Ray Train + DeepSpeed, logged to MLflow, the model registered. "
+                                    "Also: `indai train resume <run-name>` continues a run whose job died from its last "
+                                    "checkpoint (see `indai train resume --help`); `indai train submit <recipe>` runs a "
+                                    "recipe on the cluster through the job gateway.")
     tr.add_argument("recipe", help="recipe YAML, e.g. trainers/recipes/cwru_sensor.yaml")
     tr.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.epochs=3 run.workers=1")
     tr.add_argument("--launcher", choices=["ray", "local"], help="ray (default): TorchTrainer workers; local: in this process")
@@ -881,6 +901,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def resume_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="indai train resume",
+        description="continue a training run whose job died (killed, machine lost) from its last committed checkpoint, "
+                    "with the config it was started with (saved in the store as checkpoints/<run-name>/config.json: "
+                    "recipe, overrides and the dataset version), in the same MLflow run; the model is registered once. "
+                    "A run that already finished is not trained again.")
+    p.add_argument("run", metavar="run-name", help="the run.name the run was started with, e.g. cwru-sensor")
+    p.add_argument("--launcher", choices=["ray", "local"], help="run it with this launcher instead of the one it was started with")
+    p.set_defaults(fn=cmd_train_resume)
+    return p
+
+
 def submit_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="indai train submit", description="submit a recipe to the cluster through the job gateway and follow it")
     p.add_argument("recipe", help="recipe YAML (travels with the job)")
@@ -925,8 +958,10 @@ def main(argv: list[str] | None = None) -> int:
 
     go_offline()  # weights come from the mirror; no indai process asks a hub
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = submit_parser() if argv[:2] == ["train", "submit"] else parser()
-    if argv[:2] == ["train", "submit"]:
+    own = {"submit": submit_parser, "resume": resume_parser}  # `indai train <action>` with parsers of their own
+    action = argv[1] if argv[:1] == ["train"] and len(argv) > 1 and argv[1] in own else None
+    p = own[action]() if action else parser()
+    if action:
         argv = argv[2:]
     # `key=value` overrides may follow options (`indai train r.yaml --launcher local optim.epochs=3`)
     args, extra = p.parse_known_args(argv)

@@ -93,7 +93,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise UserError(f"override {text!r} must look like key.path=value")
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
-    if not all(p.isidentifier() for p in parts):
+    if not all(p.isascii() and p.isidentifier() for p in parts):  # field names are ASCII; "º".isidentifier() is True
         raise UserError(f"override key {key!r} must be dotted field names like optim.lr")
     try:
         value = safe_yaml(raw) if raw.strip() else ""

@@ -37,7 +37,7 @@ class DatasetRef:
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:  # fullmatch: "$" alone lets "x\n" through
         raise UserError(f"dataset name {name!r} is not valid: use lower-case letters, digits, '.', '_' and '-' (at most 64)")
     return name
 
@@ -47,7 +47,7 @@ def parse_ref(text: str) -> DatasetRef:
     name, _, version = str(text).partition("@")
     check_name(name)
     version = version or "latest"
-    if version != "latest" and not VERSION_RE.match(version):
+    if version != "latest" and not VERSION_RE.fullmatch(version):
         raise UserError(f"dataset version {version!r} is not valid: use 'latest' or the 16-character version that ingest printed")
     return DatasetRef(name, version)
 

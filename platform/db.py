@@ -10,7 +10,7 @@ import os
 from datetime import date, datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import Boolean, Date, DateTime, Float, ForeignKey, Integer, String, Text, create_engine
+from sqlalchemy import Boolean, Date, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -74,6 +74,21 @@ class Job(Base):
     recipe: Mapped[str] = mapped_column(String(200))
     gpus: Mapped[float] = mapped_column(Float)
     submitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SubmissionKey(Base):
+    """A client's idempotency key for one logical submission, per member: reserved together
+    with the job's row before Ray is asked, so a retry finds the job the first try created."""
+
+    __tablename__ = "submission_keys"
+    __table_args__ = (UniqueConstraint("member_id", "key", name="uq_submission_keys_member_key"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    member_id: Mapped[str] = mapped_column(String(64))
+    key: Mapped[str] = mapped_column(String(128))
+    submission_id: Mapped[str] = mapped_column(String(128))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))  # pending | submitted
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Audit(Base):

@@ -9,13 +9,21 @@ work unchanged, and forwards to the real job server only what passes:
   a consumer submits nothing; someone else's job answers 404, as if it did not exist;
 - a submission is checked field by field (unknown fields, host paths, pip indexes refused)
   and against the member's quotas (concurrent jobs, GPUs per job);
-- each job is tagged with member, user and recipe; every decision goes to the audit log.
+- each job is tagged with member, user and recipe; every decision goes to the audit log;
+- a submission that carries an `Idempotency-Key` header is submitted at most once per member
+  and key: the key is recorded with the job's row before Ray is asked, so a client that retries
+  (a 503 while the database was down, or an answer lost to a timeout after Ray had the job)
+  gets the original submission back instead of a second job.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 import os
 import re
+import secrets
+import string
 import time
 from dataclasses import dataclass, field
 
@@ -23,13 +31,13 @@ import requests
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import select
+from sqlalchemy import delete as sql_delete, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from indai.platform import tenancy
-from indai.platform.db import Audit, Job, utcnow
+from indai.platform.db import Audit, Job, SubmissionKey, utcnow
 from indai.platform.settings import OFFLINE_ENV
 
 MAX_BODY = 1024 * 1024
@@ -38,7 +46,24 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 SUBMISSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 PACKAGE_RE = re.compile(r"^_ray_pkg_[0-9a-f]{16,64}\.zip$")
 ENV_KEY_RE = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
+IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
+# a reservation younger than this whose job Ray does not know yet is still being submitted by
+# the request that made it (Ray's answer takes at most a minute, plus its agent start-up waits)
+IN_FLIGHT_S = 300.0
+DB_DOWN = "the platform database is unavailable: retry later"
+log = logging.getLogger("indai.gateway")
 FORBIDDEN_ENV = {"LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "RAY_ADDRESS"}
+
+
+def valid_job_id(job_id: str) -> bool:
+    """A job id from a request path: letters, digits, '_' and '-' (at most 100), so it cannot change the
+    upstream URL it is put into. fullmatch, because with '$' alone "id\\n" would pass."""
+    return isinstance(job_id, str) and SUBMISSION_ID_RE.fullmatch(job_id) is not None
+
+
+def valid_package(protocol: str, name: str) -> bool:
+    """Only gcs://_ray_pkg_<hex>.zip working_dir packages go upstream."""
+    return protocol == "gcs" and isinstance(name, str) and PACKAGE_RE.fullmatch(name) is not None
 
 
 def _env(name: str, default: str):
@@ -75,6 +100,11 @@ class Submission(BaseModel):
     entrypoint_memory: int | None = Field(default=None, ge=0)
     entrypoint_resources: dict[str, float] | None = None
     entrypoint_label_selector: dict[str, str] | None = None
+
+
+def new_submission_id() -> str:
+    """A submission id in Ray's own form, chosen here so it can be recorded before Ray is asked."""
+    return "raysubmit_" + "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(16))
 
 
 def recipe_of(entrypoint: str) -> str:
@@ -117,7 +147,7 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
 
     def owned(p: tenancy.Principal, job_id: str) -> dict | None:
         """Ray's record of the job if the principal may see it, else None (answered as 404)."""
-        if not SUBMISSION_ID_RE.match(job_id):
+        if not valid_job_id(job_id):
             return None
         r = upstream("GET", f"/api/jobs/{job_id}")
         if r.status_code != 200:
@@ -141,7 +171,7 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
             await asyncio.to_thread(audit, None, f"{request.method} {request.url.path}"[:64], request.url.path, 401, str(e))
             return _error(401, str(e))
         except SQLAlchemyError:
-            return _error(503, "the platform database is unavailable: retry later")
+            return _error(503, DB_DOWN)
         return await call_next(request)
 
     @app.get("/healthz")
@@ -166,6 +196,11 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
         except tenancy.AuthError as e:
             await asyncio.to_thread(audit, p, "submit", "-", 403, str(e))
             return _error(403, f"{e}: a {p.role} may not submit jobs")
+        key = request.headers.get("idempotency-key")
+        if key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(key):
+            await asyncio.to_thread(audit, p, "submit", "-", 400, "malformed Idempotency-Key")
+            return _error(400, "submission refused: the Idempotency-Key header must be 16-128 letters, digits, '-' or '_' "
+                               "(send a fresh UUID for each new submission, and the same one when retrying it)")
         try:
             body = Submission.model_validate_json(await request.body())
         except ValidationError as e:
@@ -173,11 +208,46 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
             detail = f"field {'.'.join(map(str, first['loc'])) or '(body)'}: {first['msg']}"
             await asyncio.to_thread(audit, p, "submit", "-", 400, detail)
             return _error(400, f"submission refused: {detail}")
-        return await asyncio.to_thread(_submit, p, body)
+        try:
+            return await asyncio.to_thread(_submit, p, body, key)
+        except SQLAlchemyError:
+            return _error(503, DB_DOWN + (" with the same Idempotency-Key" if key else ""))
 
-    def _submit(p: tenancy.Principal, body: Submission) -> JSONResponse:
+    def _submit(p: tenancy.Principal, body: Submission, key: str | None) -> JSONResponse:
+        """Replay an earlier submission with the same key, or admit, reserve and forward a new one."""
+        fingerprint = hashlib.sha256(body.model_dump_json(exclude_none=True).encode()).hexdigest()
+        if key and (earlier := find_key(p.member, key)) is not None:
+            if (answer := replay(p, earlier, fingerprint)) is not None:
+                return answer
+        if (refused := admission(p, body)) is not None:
+            return refused
+        payload = body.model_dump(exclude_none=True)
+        job_id = payload.pop("job_id", None)  # Ray's deprecated name for the submission id
+        payload["submission_id"] = sid = payload.get("submission_id") or job_id or new_submission_id()
+        payload["metadata"] = {**(body.metadata or {}), "indai.member": p.member, "indai.user": p.user,
+                               "indai.recipe": recipe_of(body.entrypoint)}
         env = (body.runtime_env.env_vars if body.runtime_env else None) or {}
-        bad_env = [k for k in env if not ENV_KEY_RE.match(k) or k in FORBIDDEN_ENV or k.startswith("INDAI_JOB_")]
+        runtime_env = payload.setdefault("runtime_env", {})
+        runtime_env["env_vars"] = {**env, **OFFLINE_ENV, "INDAI_JOB_MEMBER": p.member, "INDAI_JOB_ROLE": p.role, "INDAI_JOB_USER": p.user}
+        if (conflict := reserve(p, key, sid, fingerprint, payload)) is not None:
+            return conflict
+        try:
+            r = post_job(payload)
+        except requests.RequestException as e:  # Ray may or may not have the job: keep the reservation
+            audit(p, "submit", sid, 503, f"Ray job server did not answer: {e.__class__.__name__}")
+            then = "retry with the same Idempotency-Key" if key else f"look for job {sid} before submitting again"
+            return _error(503, f"the Ray job server did not answer; job {sid} may have been submitted: {then}")
+        if r.status_code == 200:
+            settle(p, key, sid, body.entrypoint)
+        else:
+            release(p.member, key, sid)
+            audit(p, "submit", "-", r.status_code, r.text[:500])
+        return JSONResponse(status_code=r.status_code, content=r.json() if r.headers.get("content-type", "").startswith("application/json") else {"detail": r.text})
+
+    def admission(p: tenancy.Principal, body: Submission) -> JSONResponse | None:
+        """The refusal of a new submission (environment, quotas, datasets), or None."""
+        env = (body.runtime_env.env_vars if body.runtime_env else None) or {}
+        bad_env = [k for k in env if not ENV_KEY_RE.fullmatch(k) or k in FORBIDDEN_ENV or k.startswith("INDAI_JOB_")]
         if bad_env:
             audit(p, "submit", "-", 400, f"env vars {bad_env}")
             return _error(400, f"submission refused: environment variables {bad_env} may not be set by a job")
@@ -196,26 +266,95 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
         if refused:
             audit(p, "submit", "-", 403, refused)
             return _error(403, f"submission refused: {refused}")
-        payload = body.model_dump(exclude_none=True)
-        payload["metadata"] = {**(body.metadata or {}), "indai.member": p.member, "indai.user": p.user,
-                               "indai.recipe": recipe_of(body.entrypoint)}
-        runtime_env = payload.setdefault("runtime_env", {})
-        runtime_env["env_vars"] = {**env, **OFFLINE_ENV, "INDAI_JOB_MEMBER": p.member, "INDAI_JOB_ROLE": p.role, "INDAI_JOB_USER": p.user}
+        return None
+
+    def post_job(payload: dict) -> requests.Response:
         r = upstream("POST", "/api/jobs/", json=payload)
         for wait in (0.5, 1, 2, 4, 8, 15):  # Ray answers 500 until a node's job agent has registered (start-up, load)
             if r.status_code != 500 or "No available agent" not in r.text:
                 break
             time.sleep(wait)
             r = upstream("POST", "/api/jobs/", json=payload)
-        if r.status_code == 200:
-            sid = r.json().get("submission_id") or r.json().get("job_id")
+        return r
+
+    def find_key(member: str, key: str) -> SubmissionKey | None:
+        with Session(eng, expire_on_commit=False) as s:
+            return s.scalars(select(SubmissionKey).where(SubmissionKey.member_id == member, SubmissionKey.key == key)).first()
+
+    def reserve(p: tenancy.Principal, key: str | None, sid: str, fingerprint: str, payload: dict) -> JSONResponse | None:
+        """Record the job (and its key) before Ray is asked, in one transaction. The unique
+        constraint on (member, key) decides between two tries that race: the loser replays."""
+        try:
             with Session(eng) as s, s.begin():
                 s.add(Job(submission_id=sid, member_id=p.member, user_id=p.user, recipe=payload["metadata"]["indai.recipe"],
-                          gpus=gpus, submitted_at=utcnow()))
-            audit(p, "submit", sid, 200, body.entrypoint[:500])
-        else:
-            audit(p, "submit", "-", r.status_code, r.text[:500])
-        return JSONResponse(status_code=r.status_code, content=r.json() if r.headers.get("content-type", "").startswith("application/json") else {"detail": r.text})
+                          gpus=payload.get("entrypoint_num_gpus") or 0, submitted_at=utcnow()))
+                if key:
+                    s.add(SubmissionKey(member_id=p.member, key=key, submission_id=sid, request_hash=fingerprint,
+                                        state="pending", created_at=utcnow()))
+        except IntegrityError:
+            if key and (earlier := find_key(p.member, key)) is not None:
+                return replay(p, earlier, fingerprint) or _error(409, "a submission with this Idempotency-Key was just replaced: retry")
+            audit(p, "submit", sid[:128], 400, "submission id in use")
+            return _error(400, f"submission refused: submission id {sid} is already used: choose another or leave it out")
+        return None
+
+    def replay(p: tenancy.Principal, earlier: SubmissionKey, fingerprint: str) -> JSONResponse | None:
+        """The answer to a retry of an earlier submission; None when that earlier try died
+        before Ray had its job (its reservation is dropped and the submission starts afresh)."""
+        sid = earlier.submission_id
+        if earlier.request_hash != fingerprint:
+            audit(p, "submit", sid, 422, "Idempotency-Key reused for a different submission")
+            return _error(422, f"submission refused: this Idempotency-Key was already used for a different submission (job {sid}): "
+                               "use a fresh key for a new job")
+        if earlier.state != "submitted":
+            try:
+                r = upstream("GET", f"/api/jobs/{sid}")
+            except requests.RequestException:
+                return _error(503, "the Ray job server did not answer: retry later with the same Idempotency-Key")
+            if r.status_code == 200 and (r.json().get("metadata") or {}).get("indai.member") != p.member:
+                release(p.member, earlier.key, sid)  # a job of that id that is not this member's: not ours to name
+                return _error(400, f"submission refused: submission id {sid} is already used: choose another or leave it out")
+            if r.status_code == 200:  # the earlier try's answer was lost after Ray had the job
+                mark_submitted(earlier.id)
+            elif r.status_code != 404:
+                return _error(503, f"the Ray job server answered {r.status_code}: retry later with the same Idempotency-Key")
+            elif (utcnow() - tenancy._aware(earlier.created_at)).total_seconds() < IN_FLIGHT_S:
+                return JSONResponse(status_code=409, headers={"Retry-After": "2"},
+                                    content={"detail": f"the submission with this Idempotency-Key (job {sid}) is still in progress: retry in a few seconds"})
+            else:
+                release(p.member, earlier.key, sid)
+                return None
+        audit(p, "submit-replay", sid, 200, "same Idempotency-Key: the earlier submission")
+        return JSONResponse({"job_id": sid, "submission_id": sid}, headers={"Idempotent-Replayed": "true"})
+
+    def mark_submitted(key_row_id: int) -> None:
+        with Session(eng) as s, s.begin():
+            row = s.get(SubmissionKey, key_row_id)
+            if row is not None:
+                row.state = "submitted"
+
+    def settle(p: tenancy.Principal, key: str | None, sid: str, entrypoint: str) -> None:
+        """Ray accepted the job: mark its key submitted and audit. The job runs whatever happens
+        here, so a database that went down meanwhile costs the audit line, not the answer."""
+        try:
+            if key and (row := find_key(p.member, key)) is not None:
+                mark_submitted(row.id)
+            if entrypoint:
+                audit(p, "submit", sid, 200, entrypoint[:500])
+        except SQLAlchemyError as e:
+            log.warning("job %s was submitted but not recorded as such (%s); a retry with its key finds it in Ray",
+                        sid, e.__class__.__name__)
+
+    def release(member: str, key: str | None, sid: str) -> None:
+        """Ray refused the job: drop its reservation so that a retry submits it afresh."""
+        try:
+            with Session(eng) as s, s.begin():
+                if key:
+                    s.execute(sql_delete(SubmissionKey).where(SubmissionKey.member_id == member, SubmissionKey.key == key,
+                                                          SubmissionKey.submission_id == sid))
+                s.execute(sql_delete(Job).where(Job.submission_id == sid, Job.member_id == member))
+        except SQLAlchemyError as e:
+            log.warning("the reservation of job %s could not be dropped (%s)", sid, e.__class__.__name__)
 
     def check_datasets(p: tenancy.Principal, declared: str) -> str | None:
         """Why the principal may not read one of the declared dataset versions, or None."""
@@ -294,7 +433,7 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
         return act_on_owned(request.state.principal, "DELETE", job_id, "", "delete")
 
     def bad_package(protocol: str, name: str) -> JSONResponse | None:
-        if protocol != "gcs" or not PACKAGE_RE.match(name):
+        if not valid_package(protocol, name):
             return _error(400, "only gcs://_ray_pkg_<hash>.zip working_dir packages are accepted")
         return None
 

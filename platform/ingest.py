@@ -26,6 +26,7 @@ import glob as globlib
 from collections import OrderedDict
 import hashlib
 import json
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Iterator, Literal, Union
 
@@ -46,9 +47,12 @@ MISSING = {"", "na", "n/a", "nan", "none", "null", "-"}
 
 
 def _relative(v: str) -> str:
+    """The one check of a path that a spec or a table row names (ValueError, as pydantic validators need)."""
     p = Path(v)
-    if not v or p.is_absolute() or ".." in p.parts or "\\" in v or v.startswith("~") or "://" in v:
-        raise ValueError(f"path {v!r} must be relative to the data folder and may not contain '..', '\\\\' or a scheme")
+    if not v or p.is_absolute() or ".." in p.parts or "\\" in v or v.startswith("~") or "://" in v or \
+            any(unicodedata.category(c) in ("Cc", "Cf") for c in v):
+        raise ValueError(f"path {v!r} must be relative to the data folder and may not contain '..', '\\\\', a scheme "
+                         "or control characters")
     return v
 
 
@@ -297,12 +301,18 @@ class DatasetSpec(Strict):
 # ---- shared helpers ----------------------------------------------------------------------------
 
 def resolve_path(base: Path, rel: str) -> Path:
-    _relative(rel)
-    path = (base / rel).resolve()
-    if not path.is_relative_to(base.resolve()):
-        raise UserError(f"{rel!r} points outside the data folder {base} (symlink?): copy the file into it")
-    if not path.is_file():
-        raise UserError(f"file {rel!r} does not exist in {base}")
+    try:  # paths from table rows (image, document, sensor columns, {asset}) reach here unchecked
+        _relative(rel)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    try:
+        path = (base / rel).resolve()
+        if not path.is_relative_to(base.resolve()):
+            raise UserError(f"{rel!r} points outside the data folder {base} (symlink?): copy the file into it")
+        if not path.is_file():
+            raise UserError(f"file {rel!r} does not exist in {base}")
+    except OSError as e:  # e.g. a name longer than the file system allows
+        raise UserError(f"path {rel!r} cannot be looked up in the data folder {base} ({e.strerror}): check the name") from None
     return path
 
 

@@ -107,7 +107,7 @@ def parse_period(text: str) -> Period:
 
 
 def check_process(process: str) -> str:
-    if not isinstance(process, str) or process != process.strip() or not PROCESS_RE.match(process):
+    if not isinstance(process, str) or process != process.strip() or not PROCESS_RE.fullmatch(process):
         raise UserError(f"process {process!r} is not valid: give 1-64 printable characters without leading or trailing spaces, e.g. hot-rolling")
     return process
 
@@ -211,7 +211,7 @@ def record_outcome(eng: Engine, member: str, process: str, indicator: str, phase
         raise UserError(f"indicator {indicator!r} is not one of {', '.join(INDICATORS)}")
     if phase not in PHASES:
         raise UserError(f"phase {phase!r} is not one of {', '.join(PHASES)}")
-    if not isinstance(unit, str) or not UNIT_RE.match(unit):
+    if not isinstance(unit, str) or not UNIT_RE.fullmatch(unit):
         raise UserError(f"unit {unit!r} is not valid: at most 32 printable characters, e.g. % or KRW/month")
     try:
         value = float(value)
@@ -574,8 +574,15 @@ def render_html(r: dict) -> str:
 
 
 def report_name(r: dict) -> str:
-    who = f"-{r['member']}" if r.get("member") else ""
-    return f"kpi-{r['industry']}{who}-{r['period']['from']}-{r['period']['to']}"
+    """`kpi-<industry>[-<member>]-<from>-<to>`: one plain file name in the report folder, because the
+    industry and member are checked as where they are created (indai.platform.tenancy) and the days parsed."""
+    from indai.platform.tenancy import INDUSTRIES, _check_id
+
+    if r["industry"] not in INDUSTRIES:
+        raise UserError(f"industry {r['industry']!r} is not one of {', '.join(INDUSTRIES)}")
+    who = f"-{_check_id('member', r['member'])}" if r.get("member") else ""
+    days = [parse_day(r["period"][k], f"period {k}").isoformat() for k in ("from", "to")]
+    return f"kpi-{r['industry']}{who}-{days[0]}-{days[1]}"
 
 
 def _write(path: Path, text: str) -> None:

@@ -55,7 +55,7 @@ _CHUNK = 1 << 20
 # ---- names, text fields, hashing --------------------------------------------------------------
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:  # fullmatch: "$" alone lets "x\n" through
         raise UserError(f"mirror name {name!r} is not valid: use lower-case letters, digits, '.', '_' and '-' "
                         "(at most 128, starting with a letter or digit), e.g. efficientnet-lite0")
     return name
@@ -431,7 +431,7 @@ def card(store: ObjectStore, name: str) -> dict:
 
 def ls(store: ObjectStore) -> list[dict]:
     """Every committed entry's card, by name."""
-    names = [n for n in store.committed_children(PREFIX) if NAME_RE.match(n)]
+    names = [n for n in store.committed_children(PREFIX) if NAME_RE.fullmatch(n)]
     return [read_card(store, n) for n in sorted(names)]
 
 

@@ -10,6 +10,7 @@ import base64
 import binascii
 import hashlib
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -153,13 +154,19 @@ def decode_image(b64: str, size: int) -> np.ndarray:
         raw = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
         raise UserError("image is not valid base64: send the PNG or JPEG file bytes base64-encoded") from None
-    try:
-        with Image.open(io.BytesIO(raw)) as img:
+    try:  # the header only: the size is checked before any pixel is decoded
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(raw))
+        with img:
             if img.format not in ("PNG", "JPEG"):
                 raise UserError(f"image format {img.format} is not accepted: send PNG or JPEG")
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 raise UserError(f"image of {img.width}x{img.height} pixels is too large: at most {MAX_IMAGE_PIXELS} pixels")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # Pillow's own guard, far above ours: the header declares a giant
+        raise UserError(f"image declares far more than {MAX_IMAGE_PIXELS} pixels (a decompression bomb?): "
+                        "send at most 4096x4096 pixels") from None
+    except (UnidentifiedImageError, OSError):
         raise UserError("image could not be decoded: send a PNG or JPEG file, base64-encoded") from None
     from indai.platform.connectors.images import decode_image_bytes
 

@@ -14,6 +14,7 @@ from indai.platform.errors import UserError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+VERSION_RE = re.compile(r"[1-9][0-9]{0,9}")
 
 
 @dataclass(frozen=True)
@@ -31,13 +32,13 @@ class ModelRef:
 
 
 def check_model_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:  # fullmatch: "$" alone lets "x\n" through
         raise UserError(f"model name {name!r} is not valid: use letters, digits, '.', '_' and '-' (at most 128)")
     return name
 
 
 def check_alias(alias: str) -> str:
-    if not isinstance(alias, str) or not ALIAS_RE.match(alias) or alias == "latest" or re.fullmatch(r"v\d+", alias):
+    if not isinstance(alias, str) or not ALIAS_RE.fullmatch(alias) or alias == "latest" or re.fullmatch(r"v\d+", alias):
         raise UserError(f"alias {alias!r} is not valid: use lower-case letters, digits, '_' or '-', starting with a letter (not 'latest' or 'v<N>')")
     return alias
 
@@ -51,7 +52,7 @@ def parse_model_ref(text: str) -> ModelRef:
     if "/" in text:
         name, version = text.split("/", 1)
         check_model_name(name)
-        if not version.isdigit() or int(version) < 1:
+        if not VERSION_RE.fullmatch(version):  # not str.isdigit(): it takes "²" and "３", and int() of 5000 digits raises
             raise UserError(f"model version {version!r} is not valid: use a positive number, as in {name}/3")
         return ModelRef(check_model_name(name), version=int(version))
     raise UserError(f"model reference {text!r} must be name@alias (e.g. cwru-bearing@champion) or name/version (e.g. cwru-bearing/3)")

@@ -15,6 +15,11 @@ Writers of things that must appear all at once (a dataset version, a checkpoint)
 their files first and then ``commit()`` the prefix, which writes ``<prefix>/_COMMITTED``
 last. Readers list versions with ``committed_children()`` and so never see a version
 that is half written or whose writer crashed.
+
+An S3 server that restarts, drops a connection or answers 5xx for a while must not fail a
+training run that is writing checkpoints: ``S3Store`` retries such transient failures with
+exponential backoff until a deadline (``INDAI_S3_RETRY_DEADLINE_S``, 60 s by default), in one
+place (``S3Store._call``), logging each retry. A 403, a 404 or a bad key fails at once.
 """
 
 from __future__ import annotations
@@ -24,14 +29,17 @@ import contextlib
 import functools
 import io
 import json
+import logging
 import os
+import random
 import re
 import shutil
 import tempfile
+import time
 import unicodedata
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, TypeVar
 
 from indai.platform.errors import UserError
 
@@ -63,6 +71,10 @@ _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
 class StoreError(UserError):
     """An object store operation failed for a reason the user can act on."""
+
+
+class StoreUnavailable(StoreError):
+    """The S3 endpoint stayed unreachable (or kept failing) for the whole retry deadline."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -374,6 +386,8 @@ class ObjectStore(abc.ABC):
         key = _join(prefix, COMMIT_MARKER)
         try:
             data = self.get_bytes(key)
+        except StoreUnavailable:
+            raise  # the server is away: asking again whether the marker exists would wait as long
         except StoreError:
             if self.exists(key):
                 raise
@@ -531,13 +545,25 @@ _S3_ENV_HELP = ("set INDAI_S3_ENDPOINT (host:port), INDAI_S3_ACCESS_KEY, INDAI_S
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                "ExpiredToken", "InvalidToken"}
 _MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "ResourceNotFound"}
+# S3 error codes that mean "try again later" (answered with a 5xx, or by MinIO while it starts
+# or lacks a quorum of its drives); any other 5xx is retried too.
+_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
+                    "XMinioServerNotInitialized", "XMinioReadQuorum", "XMinioWriteQuorum"}
+
+RETRY_DEADLINE_ENV = "INDAI_S3_RETRY_DEADLINE_S"
+DEFAULT_RETRY_DEADLINE_S = 60.0
+_FIRST_BACKOFF_S = 0.25
+_MAX_BACKOFF_S = 5.0
+
+_log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 def _parse_s3_uri(uri: str) -> tuple[str, str]:
     """(bucket, base prefix) of ``s3://bucket[/prefix]``."""
     rest = uri[len("s3://"):]
     bucket, _, base = rest.partition("/")
-    if not _BUCKET_NAME.match(bucket) or ".." in bucket:
+    if not _BUCKET_NAME.fullmatch(bucket) or ".." in bucket:
         raise StoreError(f"{uri!r} has no valid bucket name; use s3://bucket[/prefix] with a "
                          "bucket of 3-63 lowercase letters, digits, '.' or '-'")
     if base:
@@ -570,7 +596,10 @@ def _split_endpoint(endpoint: str, secure: bool) -> tuple[str, bool]:
 
 
 def _http_client(secure: bool):
-    """A modest retry policy: a dead endpoint fails in about a second, not minutes."""
+    """The HTTP pool under the minio client. It retries nothing (minio's default pool retries
+    5xx and connection errors five times): S3Store._call is the one place that retries, so
+    retries never multiply and each one is logged. Redirects come back to minio, which handles
+    them itself."""
     import certifi
     import urllib3
 
@@ -579,9 +608,59 @@ def _http_client(secure: bool):
         maxsize=10,
         cert_reqs="CERT_REQUIRED" if secure else "CERT_NONE",
         ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
-        retries=urllib3.Retry(total=3, backoff_factor=0.2,
-                              status_forcelist=[500, 502, 503, 504]),
+        retries=urllib3.Retry(total=0, raise_on_redirect=False),
     )
+
+
+def _retry_deadline(value: float | str | None) -> float:
+    """Seconds a store call keeps retrying transient failures (0: it tries once)."""
+    source = "retry_deadline_s"
+    if value is None:
+        source = RETRY_DEADLINE_ENV
+        value = os.environ.get(RETRY_DEADLINE_ENV, "").strip() or DEFAULT_RETRY_DEADLINE_S
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):  # also refuses nan
+        raise StoreError(f"{source} is {value!r}; set it to the seconds an S3 call may keep retrying "
+                         f"while the server is away (0 or more; default {DEFAULT_RETRY_DEADLINE_S:g})")
+    return seconds
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds to wait after failed try number ``attempt``: doubling from 0.25 s up to 5 s,
+    jittered down by up to half so that many writers do not come back in step."""
+    return min(_MAX_BACKOFF_S, _FIRST_BACKOFF_S * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _transient_failure(exc: BaseException) -> str | None:
+    """What failed, when ``exc`` is worth retrying (the server away, restarting or overloaded:
+    connection refused or reset, a timeout, a 5xx); None for everything else."""
+    import urllib3
+    from minio.error import InvalidResponseError, S3Error, ServerError
+
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        exc = exc.reason  # the pool tries once; what it gave up on is the reason
+    if isinstance(exc, (urllib3.exceptions.TimeoutError, urllib3.exceptions.ProtocolError,
+                        ConnectionError, TimeoutError)):
+        return _short(exc)  # NewConnectionError (refused) is a TimeoutError subclass in urllib3
+    if isinstance(exc, S3Error):
+        status = getattr(exc.response, "status", 0) or 0
+        if exc.code in _TRANSIENT_CODES or status >= 500:
+            return f"HTTP {status} {exc.code}"
+        return None
+    if isinstance(exc, ServerError):
+        return f"HTTP {exc.status_code}" if exc.status_code >= 500 else None
+    if isinstance(exc, InvalidResponseError):
+        status = getattr(exc, "_code", None)  # minio keeps the status only there
+        return f"HTTP {status} (not an S3 answer)" if isinstance(status, int) and status >= 500 else None
+    return None
 
 
 class S3Store(ObjectStore):
@@ -589,7 +668,10 @@ class S3Store(ObjectStore):
 
     def __init__(self, uri: str, *, endpoint: str | None = None,
                  access_key: str | None = None, secret_key: str | None = None,
-                 secure: bool | str | None = None, region: str | None = None):
+                 secure: bool | str | None = None, region: str | None = None,
+                 retry_deadline_s: float | None = None):
+        """``retry_deadline_s``: how long one call retries transient failures (default:
+        INDAI_S3_RETRY_DEADLINE_S, else 60 s); the other settings default to INDAI_S3_*."""
         from minio import Minio
 
         if not uri.startswith("s3://"):
@@ -605,6 +687,7 @@ class S3Store(ObjectStore):
             raise StoreError(f"only one of the S3 access key and secret key is set; "
                              f"{_S3_ENV_HELP}")
         self.endpoint, self.secure = _split_endpoint(endpoint, _parse_secure(secure))
+        self.retry_deadline_s = _retry_deadline(retry_deadline_s)
         try:
             self._client = Minio(endpoint=self.endpoint, access_key=access_key or None,
                                  secret_key=secret_key or None, secure=self.secure,
@@ -643,20 +726,51 @@ class S3Store(ObjectStore):
         return StoreError(f"cannot {action} {key!r}: S3 endpoint {self.endpoint} gave an "
                           f"unexpected answer ({exc}); is it an S3 server?")
 
-    @contextlib.contextmanager
-    def _errors(self, action: str, key: str) -> Iterator[None]:
+    def _url(self) -> str:
+        return f"{'https' if self.secure else 'http'}://{self.endpoint}"
+
+    def _call(self, action: str, key: str, operation: Callable[[], _T]) -> _T:
+        """``operation()`` (one or a few S3 requests), retried while it fails transiently.
+
+        The store's only retry (the HTTP pool under it retries nothing). Connection refused or
+        reset, timeouts and 5xx answers are retried with exponential backoff until
+        ``retry_deadline_s`` has passed since the first try, each retry logged once with what
+        failed; then StoreUnavailable. Anything else (403, 404, a bad key, a local file) fails at
+        once. An operation starts again from its beginning, so it must be safe to repeat: every
+        write here replaces a whole object, and a commit marker is only written after its files.
+        """
         import urllib3
         from minio.error import InvalidResponseError, S3Error, ServerError
 
-        try:
-            yield
-        except (S3Error, ServerError, InvalidResponseError) as exc:
-            raise self._s3_error(exc, action, key) from exc
-        except urllib3.exceptions.HTTPError as exc:
-            scheme = "https" if self.secure else "http"
-            raise StoreError(f"S3 endpoint {scheme}://{self.endpoint} is unreachable "
-                             f"({type(exc).__name__}) while trying to {action} {key!r}; "
-                             f"is the server running? {_S3_ENV_HELP}") from exc
+        started, attempt = time.monotonic(), 0
+        while True:
+            attempt += 1
+            try:
+                return operation()
+            except StoreError:
+                raise
+            except Exception as exc:
+                failure = _transient_failure(exc)
+                if failure is None:
+                    if isinstance(exc, (S3Error, ServerError, InvalidResponseError)):
+                        raise self._s3_error(exc, action, key) from exc
+                    if isinstance(exc, urllib3.exceptions.HTTPError):  # TLS, a bad URL: not transient
+                        raise StoreError(f"S3 endpoint {self._url()} is unreachable ({_short(exc)}) "
+                                         f"while trying to {action} {key!r}; {_S3_ENV_HELP}") from exc
+                    raise
+                elapsed = time.monotonic() - started
+                remaining = self.retry_deadline_s - elapsed
+                if remaining <= 0:
+                    raise StoreUnavailable(
+                        f"S3 endpoint {self._url()} is unreachable or failing ({failure}) while trying to "
+                        f"{action} {key!r} in {self.uri}: gave up after {attempt} tries in {elapsed:.1f} s "
+                        f"({RETRY_DEADLINE_ENV}={self.retry_deadline_s:g}); is the server running? "
+                        f"{_S3_ENV_HELP}") from exc
+                delay = min(remaining, _backoff(attempt))
+                _log.warning("S3 %s of %r in %s at %s failed (%s); try %d in %.2f s (giving up %g s "
+                             "after the first)", action, key, self.uri, self._url(), failure,
+                             attempt + 1, delay, self.retry_deadline_s)
+                time.sleep(delay)
 
     def _ensure_bucket(self) -> None:
         """Create the bucket on the first write if it does not exist yet."""
@@ -664,14 +778,16 @@ class S3Store(ObjectStore):
             return
         from minio.error import S3Error
 
-        with self._errors("create bucket", self.bucket):
+        def create() -> None:
             if not self._client.bucket_exists(self.bucket):
                 try:
                     self._client.make_bucket(self.bucket)
                 except S3Error as exc:
-                    # Someone else created it in the meantime: fine.
+                    # Someone else (or our own try whose answer was lost) created it: fine.
                     if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                         raise
+
+        self._call("create bucket", self.bucket, create)
         self._bucket_ready = True
 
     def _is_missing(self, exc: Exception) -> bool:
@@ -684,12 +800,13 @@ class S3Store(ObjectStore):
     def put_bytes(self, key: str, data: bytes) -> None:
         name = self._name(key)
         self._ensure_bucket()
-        with self._errors("write", key):
-            self._client.put_object(self.bucket, name, io.BytesIO(data), len(data))
+        self._call("write", key,
+                   lambda: self._client.put_object(self.bucket, name, io.BytesIO(data), len(data)))
 
     def get_bytes(self, key: str) -> bytes:
         name = self._name(key)
-        with self._errors("read", key):
+
+        def read() -> bytes:
             response = self._client.get_object(self.bucket, name)
             try:
                 return response.read()
@@ -697,41 +814,54 @@ class S3Store(ObjectStore):
                 response.close()
                 response.release_conn()
 
+        return self._call("read", key, read)
+
     def put_file(self, key: str, local_path: str | os.PathLike) -> None:
         name = self._name(key)
         with _open_local_source(local_path) as source:
             size = os.fstat(source.fileno()).st_size
             self._ensure_bucket()
-            with self._errors("write", key):
+
+            def upload() -> None:
+                source.seek(0)  # a retry sends the file from its start
                 self._client.put_object(self.bucket, name, source, size)
+
+            self._call("write", key, upload)
 
     def get_file(self, key: str, local_path: str | os.PathLike) -> None:
         name = self._name(key)
-        with self._errors("read", key):
+
+        def download() -> None:
             response = self._client.get_object(self.bucket, name)
             try:
                 _write_atomically(Path(local_path), _copy_from(response))
-            except OSError as exc:
+            except OSError as exc:  # the local side (a dropped connection is urllib3's ProtocolError)
                 raise StoreError(f"cannot write local file {str(local_path)!r}: "
                                  f"{exc.strerror}") from None
             finally:
                 response.close()
                 response.release_conn()
 
+        self._call("read", key, download)
+
     def exists(self, key: str) -> bool:
         name = self._name(key)
-        with self._errors("check", key):
+
+        def stat() -> bool:
             try:
                 self._client.stat_object(self.bucket, name)
             except Exception as exc:
                 if self._is_missing(exc):
                     return False
                 raise
-        return True
+            return True
+
+        return self._call("check", key, stat)
 
     def _names_under(self, folder: str, recursive: bool) -> list:
         """Listing of ``folder``; an absent bucket lists as empty."""
-        with self._errors("list", folder or "/"):
+
+        def listing() -> list:
             try:
                 return list(self._client.list_objects(self.bucket, prefix=folder or None,
                                                       recursive=recursive))
@@ -739,6 +869,8 @@ class S3Store(ObjectStore):
                 if self._is_missing(exc):
                     return []
                 raise
+
+        return self._call("list", folder or "/", listing)
 
     def list(self, prefix: str = "") -> list[str]:
         prefix = _validate_prefix(prefix, allow_root=True)
@@ -758,9 +890,9 @@ class S3Store(ObjectStore):
         for batch in (markers, others):
             if not batch:
                 continue
-            with self._errors("delete", prefix):
-                errors = list(self._client.remove_objects(
-                    self.bucket, (DeleteObject(n) for n in batch)))
+            # deleting what is already gone is no error, so a retried batch is harmless
+            errors = self._call("delete", prefix, lambda: list(self._client.remove_objects(
+                self.bucket, [DeleteObject(n) for n in batch])))
             if errors:
                 raise StoreError(f"could not delete {len(errors)} objects under {prefix!r} "
                                  f"in {self.uri}, e.g. {errors[0].name}: {errors[0].message}")

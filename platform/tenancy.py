@@ -52,7 +52,7 @@ class Principal:
 
 
 def _check_id(kind: str, value: str) -> str:
-    if not isinstance(value, str) or not ID_RE.match(value):
+    if not isinstance(value, str) or not ID_RE.fullmatch(value) or ".." in value:  # fullmatch: "$" alone lets "x\n" through
         raise UserError(f"{kind} id {value!r} is not valid: 2-64 lower-case letters, digits, '.', '_' or '-'")
     return value
 
@@ -149,7 +149,7 @@ def _aware(dt: datetime) -> datetime:
 
 def verify(eng: Engine, token: str | None) -> Principal:
     """The principal a bearer token stands for, or AuthError (one message for every unknown token)."""
-    m = TOKEN_RE.match(token or "")
+    m = TOKEN_RE.fullmatch(token or "")
     if not m:
         raise AuthError("missing or malformed token: send `Authorization: Bearer indai_<id>_<secret>`")
     token_id, secret = m.groups()

@@ -60,6 +60,8 @@ class ServeArgs(Strict):
     burst: float = Field(default=400, ge=1)
     resolve_ttl_s: float = Field(default=2.0, ge=0, le=300, description="how long an alias resolution and an access rule are reused")
     token_recheck_s: float = Field(default=2.0, ge=0, le=300, description="a revoked token is refused within this time")
+    db_grace_s: float = Field(default=300.0, ge=0, le=3600, description="while the platform database is unreachable, tokens and "
+                                                                        "access rules checked less than this long ago keep working")
     meter_flush_s: float = Field(default=1.0, gt=0, le=60)
 
 
@@ -80,6 +82,17 @@ async def limit_body(request: Request, call_next):
 class Refused(Exception):
     def __init__(self, status: int, detail: str):
         self.status, self.detail = status, detail
+
+
+def parsed_model_ref(text: str):
+    """A request's model reference, checked (registry.parse_model_ref) before it reaches the
+    database or the registry; a bad one is a 400 that says what is wrong."""
+    from indai.platform.registry import parse_model_ref
+
+    try:
+        return parse_model_ref(text)
+    except UserError as e:
+        raise Refused(400, str(e)) from None
 
 
 @serve.deployment
@@ -133,11 +146,12 @@ class Ingress:
         self.pool = pool
         self.args = ServeArgs.model_validate(args)
         self.eng = db.engine(self.args.db_url or db.database_url())
-        self.tokens = tenancy.TokenCache(self.eng, recheck_s=self.args.token_recheck_s)
+        self.tokens = tenancy.TokenCache(self.eng, recheck_s=self.args.token_recheck_s, grace_s=self.args.db_grace_s)
         self.meter = Meter(self.eng, flush_s=self.args.meter_flush_s)
         self.limits = RateLimiter(self.args.rate_per_s, self.args.burst)
         self._versions: dict[str, tuple[int, float]] = {}
         self._access: dict[str, tuple[dict | None, float]] = {}
+        self.pool_retries = 0  # calls sent again because the pool replica that had them died
 
     # -- who is asking, may they, which version -----------------------------------------
 
@@ -161,13 +175,19 @@ class Ingress:
         hit = self._access.get(name)
         if hit and time.monotonic() - hit[1] < self.args.resolve_ttl_s:
             return hit[0]
+        from sqlalchemy.exc import SQLAlchemyError
         from sqlalchemy.orm import Session
 
         from indai.platform.db import ModelAccess
         from indai.platform.registry import client
 
-        with Session(self.eng) as s:
-            row = s.get(ModelAccess, name)
+        try:
+            with Session(self.eng) as s:
+                row = s.get(ModelAccess, name)
+        except SQLAlchemyError:  # database down: the rule seen last still holds for the grace period, like tokens
+            if hit and time.monotonic() - hit[1] < self.args.db_grace_s:
+                return hit[0]
+            raise Refused(503, "the platform database is unavailable: retry later") from None
         if row:
             rule = {"owner": row.owner_member_id, "visibility": row.visibility, "process": row.process,
                     "shared_with": {m for m in row.shared_with.split(",") if m}}
@@ -191,12 +211,9 @@ class Ingress:
         raise Refused(403, f"model {name!r} belongs to another member and is not shared with {p.member}: ask its owner to share it")
 
     def _version(self, text: str) -> tuple[str, int]:
-        from indai.platform.registry import parse_model_ref, resolve_version
+        from indai.platform.registry import resolve_version
 
-        try:
-            ref = parse_model_ref(text)
-        except UserError as e:
-            raise Refused(400, str(e)) from None
+        ref = parsed_model_ref(text)
         if ref.version is not None:
             return ref.name, ref.version
         hit = self._versions.get(text)
@@ -215,6 +232,21 @@ class Ingress:
             raise Refused(400, "name the model: {\"model\": \"name@alias\", \"instances\": [...]} (GET /v1/models lists them)")
         return ref
 
+    async def _ask_pool(self, model_id: str, method: str, *args):
+        """Call a model pool method. If the replica that took the call dies (killed, out of memory),
+        the call is sent once more, and Serve routes it to another replica: pool calls have no side
+        effects, so this cannot do anything twice. A second death is a 503, which clients retry."""
+        from ray.exceptions import RayActorError
+
+        try:
+            return await getattr(self.pool.options(multiplexed_model_id=model_id), method).remote(*args)
+        except RayActorError:
+            self.pool_retries += 1
+        try:
+            return await getattr(self.pool.options(multiplexed_model_id=model_id), method).remote(*args)
+        except RayActorError:
+            raise Refused(503, "the model replica serving this request stopped: retry") from None
+
     def _error(self, e: Refused, request_id: str) -> JSONResponse:
         headers = {"Retry-After": "1"} if e.status in (429, 503) else None
         return JSONResponse(status_code=e.status, content={"detail": e.detail, "request_id": request_id}, headers=headers)
@@ -223,7 +255,7 @@ class Ingress:
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "metering": self.meter.stats()}
+        return {"status": "ok", "metering": self.meter.stats(), "pool_retries": self.pool_retries}
 
     @api.get("/v1/models", response_model=ModelListing, responses={401: {"model": ErrorResponse}})
     async def models(self, request: Request):
@@ -239,7 +271,9 @@ class Ingress:
             try:
                 rule = await asyncio.to_thread(self._check_access, p, name)
                 visible.append({"model": name, "owner": rule["owner"], "visibility": rule["visibility"], "process": rule["process"]})
-            except Refused:
+            except Refused as e:
+                if e.status == 503:
+                    return self._error(e, "")
                 continue
         return ModelListing(models=visible)
 
@@ -250,9 +284,9 @@ class Ingress:
             ref = self._model_ref(model)
             name, version = await asyncio.to_thread(self._version, ref)
             await asyncio.to_thread(self._check_access, p, name)
+            c = await self._ask_pool(f"{name}/{version}", "card")
         except Refused as e:
             return self._error(e, "")
-        c = await self.pool.options(multiplexed_model_id=f"{name}/{version}").card.remote()
         task = c.get("task") or ("report" if c.get("family") == "report_writer" else "classification")
         return ModelInfo(model=ref, model_version=version, modalities=c["modalities"], classes=c["classes"],
                          inputs=c["inputs"], dataset=c.get("dataset"), task=task)
@@ -271,12 +305,11 @@ class Ingress:
                 raise Refused(429, f"rate limit: member {p.member} may send {self.args.rate_per_s:g} requests per second "
                                    f"(bursts of {self.args.burst:g}); slow down and retry")
             ref = self._model_ref(body.model)
-            name = ref.split("@")[0].split("/")[0]
+            name = parsed_model_ref(ref).name
             rule = await asyncio.to_thread(self._check_access, p, name)
             process = rule["process"]
             name, version = await asyncio.to_thread(self._version, ref)
-            out = await self.pool.options(multiplexed_model_id=f"{name}/{version}").predict.remote(
-                [i.model_dump(exclude_none=True) for i in body.instances])
+            out = await self._ask_pool(f"{name}/{version}", "predict", [i.model_dump(exclude_none=True) for i in body.instances])
             if "error" in out:
                 raise Refused(400, out["error"])
             return PredictResponse(request_id=request_id, model=ref, model_version=version, predictions=out["predictions"])

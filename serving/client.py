@@ -1,9 +1,17 @@
 """Calling a served model over HTTP, and measuring it on a held-out dataset split.
 
 `evaluate_split` sends every window of a split as its own request (as a shop-floor client
-would), then reports the accuracy of the served answers and the request latency."""
+would), then reports the accuracy of the served answers and the request latency.
+
+`post_predict` retries what a restart or an overload causes: answers 429, 502, 503 and 504, and
+connections that were refused or dropped, up to RETRIES times, waiting as the server's
+Retry-After says, else 0.2 s doubled each time (with jitter, at most MAX_WAIT_S). A prediction has
+no side effect but its metering row, so sending it again is safe; an attempt that reached the
+ingress is metered under its own request id with its own status. A read timeout is not retried
+(the server may still be working on it: sending it again would double the load)."""
 from __future__ import annotations
 
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,7 +44,17 @@ class Evaluation:
                 f"p99 {self.percentile(99):.1f} ms; {self.n / self.seconds:.1f} requests/s; model version {self.model_version}")
 
 
-RETRIES = 5
+RETRIES = 4
+RETRY_STATUSES = (429, 502, 503, 504)  # come back later: overload, a restarting replica or proxy, the database down
+BACKOFF_S = 0.2
+MAX_WAIT_S = 10.0
+
+
+def retry_wait(attempt: int, retry_after: str | None = None) -> float:
+    """Seconds to wait after failed try number `attempt` (0-based)."""
+    if retry_after and retry_after.strip().isdigit():
+        return min(MAX_WAIT_S, float(retry_after))
+    return min(MAX_WAIT_S, BACKOFF_S * 2 ** attempt) * random.uniform(0.5, 1.0)
 
 
 def post_predict(base_url: str, instances: list[dict], token: str | None = None, model: str | None = None, timeout: float = 30.0,
@@ -44,14 +62,20 @@ def post_predict(base_url: str, instances: list[dict], token: str | None = None,
     http = session or requests
     body = {"instances": instances, **({"model": model} if model else {})}
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    for attempt in range(RETRIES + 1):  # 429 and 503 say when to come back (Retry-After); other answers are final
+    for attempt in range(RETRIES + 1):
         try:
             r = http.post(f"{base_url.rstrip('/')}/v1/predict", json=body, headers=headers, timeout=timeout)
+        except requests.ConnectionError as e:  # refused or dropped (includes connect timeouts); other errors are final
+            if attempt == RETRIES:
+                raise UserError(f"the model server at {base_url} did not answer ({type(e).__name__}, {attempt + 1} tries): "
+                                "is `indai serve` running?") from None
+            time.sleep(retry_wait(attempt))
+            continue
         except requests.RequestException as e:
             raise UserError(f"the model server at {base_url} did not answer ({type(e).__name__}): is `indai serve` running?") from None
-        if r.status_code not in (429, 503) or attempt == RETRIES:
+        if r.status_code not in RETRY_STATUSES or attempt == RETRIES:
             break
-        time.sleep(min(10.0, float(r.headers.get("Retry-After", "1") or 1)))
+        time.sleep(retry_wait(attempt, r.headers.get("Retry-After")))
     if r.status_code != 200:
         try:
             detail = r.json().get("detail")

@@ -111,14 +111,14 @@ class RunConfig(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not RUN_NAME_RE.match(v):
+        if not RUN_NAME_RE.fullmatch(v):
             raise ValueError("run name must be lower-case letters, digits, '.', '_' or '-' (at most 64)")
         return v
 
     @field_validator("register_as")
     @classmethod
     def _model_name(cls, v: str | None) -> str | None:
-        if v is not None and not MODEL_NAME_RE.match(v):
+        if v is not None and not MODEL_NAME_RE.fullmatch(v):
             raise ValueError("model name must be letters, digits, '.', '_' or '-' (at most 128)")
         return v
 

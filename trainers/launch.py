@@ -106,14 +106,18 @@ def complete_from_manifest(cfg: TrainConfig, manifest: dict) -> TrainConfig:
 
 
 def _open_run(cfg: TrainConfig, store, manifest: dict, ref: datasets.DatasetRef, parent_run_id: str | None = None):
-    """The run's MLflow run: reopened on resume, else new (nested under `parent_run_id` when given)."""
+    """The run's MLflow run: reopened on resume, else new (nested under `parent_run_id` when given).
+    The run's resolved config is saved next to its checkpoints (`indai train resume` reads it)."""
     import mlflow
 
     found = checkpoint.latest(store, cfg.run.name) if cfg.run.resume else None
-    run_id = found[1].get("mlflow_run_id") if found else None
+    saved = checkpoint.read_run_config(store, cfg.run.name) if cfg.run.resume and not found else None
+    # killed before its first checkpoint: the MLflow run it had opened is reopened all the same
+    run_id = found[1].get("mlflow_run_id") if found else (saved or {}).get("mlflow_run_id")
     mlflow.set_experiment(cfg.run.experiment)
     if run_id:
-        return mlflow.start_run(run_id=run_id), found[0]
+        save_run_config(store, cfg, run_id)
+        return mlflow.start_run(run_id=run_id), found[0] if found else None
     tags = {"indai.recipe": cfg.recipe, "indai.dataset": str(ref), "indai.member": manifest.get("member", "")}
     if parent_run_id:  # MLflow's own tag: the UI shows the run under its parent (trainers.compare)
         tags["mlflow.parentRunId"] = parent_run_id
@@ -123,7 +127,18 @@ def _open_run(cfg: TrainConfig, store, manifest: dict, ref: datasets.DatasetRef,
     dataset = mlflow.data.meta_dataset.MetaDataset(source=source, name=ref.name, digest=ref.version)
     mlflow.log_input(dataset, context="training")
     mlflow.log_dict(manifest, "dataset/manifest.json")
+    save_run_config(store, cfg, run.info.run_id)
     return run, None
+
+
+RUN_CONFIG_SECRET_FIELDS = {"store_uri", "mlflow_uri"}  # may hold credentials (user:password@host); the launcher fills them
+
+
+def save_run_config(store, cfg: TrainConfig, run_id: str) -> None:
+    """The validated config this run trains with (dataset pinned to its version, no URIs), and its
+    MLflow run, under checkpoints/<run>/config.json: what `indai train resume <run>` starts from."""
+    config = cfg.model_dump(mode="json", exclude=RUN_CONFIG_SECRET_FIELDS) | {"mlflow_run_id": run_id}
+    checkpoint.save_run_config(store, cfg.run.name, config)
 
 
 def choose_loader(cfg: TrainConfig, manifest: dict) -> str:
@@ -141,6 +156,10 @@ def choose_loader(cfg: TrainConfig, manifest: dict) -> str:
             raise UserError(f"{in_memory} loads the splits into memory: set data.loader: memory (or auto)")
         return "memory"
     if cfg.data.loader == "stream" or train_bytes(manifest) > cfg.data.stream_above_mb * 2**20:
+        if cfg.run.checkpoint_every_steps:
+            raise UserError(f"run.checkpoint_every_steps needs the memory loader, and the train split of {cfg.data.dataset} "
+                            f"{'is set to stream' if cfg.data.loader == 'stream' else 'streams (over data.stream_above_mb)'}: "
+                            "set data.loader: memory, or checkpoint at epoch ends (run.checkpoint_every)")
         return "stream"
     return "memory"
 

@@ -89,7 +89,19 @@ def warmup_cosine(total_steps: int, warmup_frac: float):
 
 
 class MetricBuffer:
-    """Collects metrics on rank 0 and sends them to MLflow in batches (one request per flush)."""
+    """Collects metrics on rank 0 and sends them to MLflow in batches (one request per flush).
+
+    A tracking server that restarts must neither lose metrics nor stop training. MLflow's client
+    retries each request itself (MLFLOW_HTTP_REQUEST_MAX_RETRIES, default 7, with backoff
+    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, default 2: about 4 minutes), so a flush rides out a short
+    restart alone. When a flush still fails because the server is away (no connection, a 5xx), its
+    metrics are kept, in order and with their first timestamps, and sent again by the next flush:
+    MLflow drops exact repeats, so a batch that arrived but whose answer was lost is not doubled.
+    At most MAX_PENDING are kept (the oldest are dropped beyond that, with a warning). Other errors
+    (a deleted run, a rejected metric) still raise.
+    """
+
+    MAX_PENDING = 100_000  # a few MB; hours of logging at the usual log_every
 
     def __init__(self, cfg: TrainConfig, enabled: bool):
         self.items: list = []
@@ -106,11 +118,40 @@ class MetricBuffer:
 
             self.items.append(Metric(key, float(value), int(time.time() * 1000), int(step)))
 
-    def flush(self) -> None:
-        if self.client is not None and self.items:
-            for i in range(0, len(self.items), 1000):  # MLflow accepts at most 1000 metrics a batch
-                self.client.log_batch(self.run_id, metrics=self.items[i: i + 1000])
-            self.items = []
+    def flush(self, last: bool = False) -> None:
+        """Send what is buffered; `last`: no later flush will resend what fails now."""
+        if self.client is None or not self.items:
+            return
+        sent = 0
+        try:
+            while sent < len(self.items):  # MLflow accepts at most 1000 metrics a batch
+                chunk = self.items[sent: sent + 1000]
+                self.client.log_batch(self.run_id, metrics=chunk)
+                sent += len(chunk)
+        except Exception as exc:
+            if not _tracking_server_away(exc):
+                raise
+            self.items = self.items[sent:]
+            dropped = max(0, len(self.items) - self.MAX_PENDING)
+            self.items = self.items[dropped:]
+            what = ("lost: this was the run's last flush" if last else "kept to send with the next flush"
+                    + (f", the oldest {dropped} dropped (at most {self.MAX_PENDING} are kept)" if dropped else ""))
+            print(f"MLflow did not take {len(self.items)} metrics ({str(exc).splitlines()[0][:200]}); {what}",
+                  file=sys.stderr, flush=True)
+            return
+        self.items = []
+
+
+def _tracking_server_away(exc: Exception) -> bool:
+    """Whether a failed MLflow request means the server is away (no connection, 5xx) rather than
+    a refusal (4xx) that sending again would only repeat."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, requests.RequestException):
+        return True
+    # a connection that never came, after MLflow's own retries, arrives as INTERNAL_ERROR (500)
+    return isinstance(exc, MlflowException) and exc.get_http_status_code() >= 500
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -172,6 +213,9 @@ def train_loop(config: dict) -> dict:
     tokenizer = model_tokenizer(cfg.model, store) if "text" in cfg.model.modalities else None
     if streaming and cfg.model.task != "classification":
         raise UserError(f"task {cfg.model.task} loads its splits into memory: set data.loader: memory")
+    if streaming and cfg.run.checkpoint_every_steps:
+        raise UserError("run.checkpoint_every_steps resumes at a position of the epoch's sample order, which a streamed "
+                        "split does not have: set data.loader: memory or drop run.checkpoint_every_steps")
     arrays = {s: datasets.load_split(store, ref, s, manifest)
               for s in ("train", "val", "test") if s in present and not (s == "train" and streaming)}
     if "image" in cfg.model.modalities:  # data.image_size: the model's size, not the ingested one
@@ -194,7 +238,7 @@ def train_loop(config: dict) -> dict:
         n_batches = max(1, split_size(manifest, "train") // (cfg.optim.batch_size * d.world))
         train_sampler = None
 
-        def train_batches(epoch: int):
+        def train_batches(epoch: int, skip: int = 0):  # skip: always 0 (no mid-epoch checkpoints when streaming)
             it = train_stream.iter_torch_batches(batch_size=cfg.optim.batch_size, drop_last=True,
                                                  local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
                                                  local_shuffle_seed=cfg.run.seed + epoch if cfg.data.shuffle_buffer else None)
@@ -205,8 +249,8 @@ def train_loop(config: dict) -> dict:
         train_loader = _loader(splits["train"], train_sampler, cfg, d.device)
         n_batches = len(train_loader)
 
-        def train_batches(epoch: int):
-            train_sampler.set_epoch(epoch)
+        def train_batches(epoch: int, skip: int = 0):
+            train_sampler.set_epoch(epoch, start=skip * cfg.optim.batch_size)  # a mid-epoch resume: after `skip` batches
             return clock.steps(train_loader)
     eval_loaders = {s: _loader(ds, ShardSampler(len(ds), d.rank, d.world, shuffle=False), cfg, d.device)
                     for s, ds in splits.items() if s != "train" or task.needs_fit}  # train: anomaly fits on it
@@ -225,27 +269,33 @@ def train_loop(config: dict) -> dict:
     engine, sched = build_engine(model, cfg, d, warmup_cosine(steps_per_epoch * cfg.optim.epochs, cfg.optim.warmup_frac),
                                  store, param_groups=groups)
 
-    start_epoch, step = 0, 0
+    start_epoch, step, start_batch = 0, 0, 0
     found = checkpoint.latest(store, cfg.run.name) if cfg.run.resume else None
     if found:
         state = checkpoint.load(engine, store, cfg.run.name, found[0])
-        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+        start_epoch, step, start_batch = checkpoint.resume_position(state)
         if d.rank == 0:
-            print(f"resumed run {cfg.run.name} from {found[0]} (epoch {start_epoch}, step {step})", file=sys.stderr, flush=True)
+            print(f"resumed run {cfg.run.name} from {found[0]} (epoch {start_epoch}, step {step}"
+                  + (f", batch {start_batch} of the epoch" if start_batch else "") + ")", file=sys.stderr, flush=True)
+    every_steps = cfg.run.checkpoint_every_steps
 
     metrics = MetricBuffer(cfg, enabled=d.rank == 0)
     val: dict = {}
     headline = tasks.HEADLINE[task.name]
     for epoch in range(start_epoch, cfg.optim.epochs):
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        skip = start_batch if epoch == start_epoch else 0  # batches this epoch ran before the checkpoint resumed from
+        batches_run = 0
         show_bar = cfg.run.progress and d.rank == 0 and not d.under_ray  # Ray relays worker output line by line
-        for batch in bar(train_batches(epoch), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", total=n_batches, enabled=show_bar):
+        for batch in bar(train_batches(epoch, skip), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", total=n_batches - skip,
+                         enabled=show_bar):
             batch = _to(batch, d.device)
             batch = task.train_batch(batch)  # anomaly: its self-supervised transforms
             loss = task.loss(_forward(engine, batch), batch)
             engine.backward(loss)
             engine.step()
             step += 1
+            batches_run += 1
             seen += batch["label"].shape[0]
             loss_sum = loss_sum + loss.detach().float()  # summed on the device: no host sync every step
             if step % cfg.run.log_every == 0:
@@ -255,9 +305,15 @@ def train_loop(config: dict) -> dict:
                 if d.rank == 0:
                     progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step,
                                    steps=steps_per_epoch * cfg.optim.epochs, loss=round(last_loss, 5))
+            if every_steps and step % every_steps == 0 and skip + batches_run < n_batches:  # the epoch's end saves its own
+                metrics.flush()  # what MLflow holds matches the checkpoint: a restart logs the later steps again
+                meta = {"epoch": epoch, "batch": skip + batches_run, "step": step, "mlflow_run_id": cfg.mlflow_run_id}
+                checkpoint.save(engine, store, cfg.run.name, checkpoint.mid_epoch_tag(epoch, skip + batches_run), meta, d.rank)
+                if d.rank == 0:
+                    checkpoint.prune(store, cfg.run.name, cfg.run.keep_checkpoints)
         loss_sum = float(loss_sum)
         took = time.perf_counter() - t0
-        metrics.add("epoch_train_loss", loss_sum / max(1, n_batches), step)
+        metrics.add("epoch_train_loss", loss_sum / max(1, batches_run), step)
         metrics.add("samples_per_s", seen * d.world / took, step)
         if "val" in eval_loaders:
             val = score("val")
@@ -266,12 +322,12 @@ def train_loop(config: dict) -> dict:
         metrics.flush()
         if d.rank == 0:
             progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step, steps=steps_per_epoch * cfg.optim.epochs,
-                           loss=round(loss_sum / max(1, n_batches), 5), val_accuracy=val.get("accuracy"))
-            print(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {loss_sum / max(1, n_batches):.4f}"
+                           loss=round(loss_sum / max(1, batches_run), 5), val_accuracy=val.get("accuracy"))
+            print(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {loss_sum / max(1, batches_run):.4f}"
                   + (f", val {headline} {val.get(headline, float('nan')):.4f}" if val else "") + f" ({took:.1f} s)",
                   file=sys.stderr, flush=True)
         last = epoch + 1 == cfg.optim.epochs
-        if (epoch + 1) % cfg.run.checkpoint_every == 0 or last:
+        if (epoch + 1) % cfg.run.checkpoint_every == 0 or last or (every_steps and step % every_steps == 0):
             meta = {"epoch": epoch, "step": step, "mlflow_run_id": cfg.mlflow_run_id,
                     "val_accuracy": val.get("accuracy")}
             checkpoint.save(engine, store, cfg.run.name, checkpoint.epoch_tag(epoch), meta, d.rank)
@@ -289,7 +345,7 @@ def train_loop(config: dict) -> dict:
         test = task.finish(score("test"), val)  # anomaly: the threshold from the validation normals
         for key, value in tasks.scalars(test).items():
             metrics.add(f"test_{key}", value, step)
-        metrics.flush()
+        metrics.flush(last=True)
         result["test"] = test
         if val:
             result["val"] = val

@@ -1,7 +1,13 @@
 """The shared inference service over HTTP with real members: served accuracy, OpenAPI,
 private/shared/consortium models (403, never 500), alias moves without restart while a
 pinned version stays, metering that adds up to the calls made, feedback, and 4xx for bad
-input without harm to the replicas."""
+input without harm to the replicas.
+
+As on the cluster, the platform database is PostgreSQL (a real server) and the model pool has two
+replicas; the last tests inject faults into this same app (issue 9): every route enumerated from
+the running app refuses bad tokens, a model replica SIGKILLed under a steady load (and, made
+certain on a small probe deployment, the ingress's own retry of a call a replica had accepted),
+the database stopped under a steady load."""
 import json
 
 import pytest
@@ -12,10 +18,26 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def members(services):
+def platform_db(services, postgres):
+    """A fresh database on the session's PostgreSQL server; INDAI_DB_URL points at it for this
+    module, so the ingress started by `serve_model` uses it too."""
+    from sqlalchemy import text
+
+    from indai.platform import db
+
+    with db.engine(postgres.url).connect() as c:
+        c.execution_options(isolation_level="AUTOCOMMIT").execute(text("CREATE DATABASE t_serve"))
+    url = postgres.url.rsplit("/", 1)[0] + "/t_serve"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("INDAI_DB_URL", url)
+        yield url
+
+
+@pytest.fixture(scope="module")
+def members(services, platform_db):
     from indai.platform import db, tenancy
 
-    eng = db.engine()
+    eng = db.engine(platform_db)
     db.upgrade(eng)
     for m, industry in (("steel-a", "steel"), ("auto-b", "automotive"), ("ship-c", "shipbuilding")):
         tenancy.add_member(eng, m, m.upper(), industry, "demand")
@@ -30,7 +52,7 @@ def members(services):
 def served(services, trained_model, members):
     from indai.platform.cli import serve_model
 
-    url = serve_model("it-cwru@champion")
+    url = serve_model("it-cwru@champion", replicas=2)
     yield url
     from ray import serve
 
@@ -243,3 +265,302 @@ def test_cli_predict_with_a_request_file(served, test_windows, services, members
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1] == ("indai: error: the model server refused the request (400): sensor window has "
                                                    "shape [1, 2], the model expects [2, 1024] (channels x samples)")
+
+
+# ---- issue 9: every route of the running ingress refuses bad tokens ----------------------------
+
+PUBLIC_ROUTES = {("GET", "/healthz"), ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/docs/oauth2-redirect"), ("GET", "/redoc")}
+MEMBER_ROUTES = {("GET", "/v1/models"), ("GET", "/v1/model"), ("POST", "/v1/predict"), ("POST", "/v1/feedback")}
+HTTP_METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+
+
+def app_routes(router, prefix: str = "") -> set[tuple[str, str]]:
+    """(method, path) of every route of a FastAPI app, inside included routers too: Serve's ingress
+    re-mounts the class's routes as an included router, which FastAPI >= 0.137 keeps nested, so the
+    app's flat `routes` list holds no API route at all. A route without methods (a websocket) is
+    listed as ("WEBSOCKET", path)."""
+    out = set()
+    for r in router.routes:
+        inner = getattr(r, "original_router", None)
+        if inner is not None:
+            out |= app_routes(inner, prefix + r.include_context.prefix)
+        else:
+            out |= {(m, prefix + r.path) for m in (getattr(r, "methods", None) or {"WEBSOCKET"}) - {"HEAD"}}
+    return out
+
+
+def published_routes(url: str) -> set[tuple[str, str]]:
+    """(method, path) of every operation the running ingress publishes in its OpenAPI document."""
+    doc = requests.get(f"{url}/openapi.json", timeout=30).json()
+    return {(m.upper(), path) for path, ops in doc["paths"].items() for m in ops if m.upper() in HTTP_METHODS}
+
+
+@pytest.mark.timeout(180, func_only=True)  # the bound is the test's own: the shared fixtures may train a model first
+def test_every_route_of_the_running_ingress_refuses_bad_tokens(served, members, test_windows):
+    """The routes come from the running app (its OpenAPI document) and from the app object the
+    replicas were built from (which also has the routes left out of OpenAPI); only the public ones
+    named here go without a token, so a route added later without the token check fails here."""
+    from datetime import timedelta
+
+    from sqlalchemy.orm import Session
+
+    from indai.platform import tenancy
+    from indai.serving.app import api
+
+    eng, tokens, _ = members
+    published, declared = published_routes(served), app_routes(api)
+    assert published and published <= declared, (published, declared)
+    routes = published | declared
+    assert routes >= MEMBER_ROUTES | PUBLIC_ROUTES, routes
+    for method, path in sorted(PUBLIC_ROUTES):
+        assert requests.request(method, served + path, timeout=30).status_code == 200, (method, path)
+
+    tenancy.set_model_access(eng, "it-cwru", owner="steel-a", visibility="private", process="bearing-line-2")
+    inst = good(test_windows)
+    wait("it-cwru private again", lambda: answers(served, tokens["u-auto-b"], [inst], 403), timeout=15, interval=0.3)
+    for user in ("u-old", "u-gone", "u-narrow"):
+        tenancy.add_user(eng, user, "steel-a", "researcher")
+    old_id, old = tenancy.create_token(eng, "u-old")
+    gone_id, gone = tenancy.create_token(eng, "u-gone")
+    _, narrow = tenancy.create_token(eng, "u-narrow", scopes=["jobs:read"])
+    tenancy.revoke_token(eng, gone_id)
+    with Session(eng) as s, s.begin():  # as if issued long ago
+        s.get(tenancy.Token, old_id).expires_at = tenancy.utcnow() - timedelta(days=1)
+    own = tokens["u-steel-a"]
+    own_request = call(served, own, [inst]).json()["request_id"]
+    samples = {("GET", "/v1/models"): {}, ("GET", "/v1/model"): {"params": {"model": "it-cwru@champion"}},
+               ("POST", "/v1/predict"): {"json": {"model": "it-cwru@champion", "instances": [inst]}},
+               ("POST", "/v1/feedback"): {"json": {"request_id": own_request, "rating": 50}}}
+    # another member's token: refused where the route concerns the owner's model or prediction
+    # (feedback says 404, so it does not tell whether someone else's request id exists)
+    other_member = {("GET", "/v1/models"): 200, ("GET", "/v1/model"): 403, ("POST", "/v1/predict"): 403, ("POST", "/v1/feedback"): 404}
+    refused = {"missing": ({}, 401), "not bearer": ({"Authorization": f"Basic {own}"}, 401),
+               "malformed": (bearer("not-a-token"), 401), "unknown": (bearer("indai_0000000000000000_" + "x" * 43), 401),
+               "expired": (bearer(old), 401), "revoked": (bearer(gone), 401), "lacks the scope": (bearer(narrow), 403),
+               "another member's": (bearer(tokens["u-auto-b"]), None)}
+    guarded = sorted(routes - PUBLIC_ROUTES)
+    checked = 0
+    for route in guarded:
+        assert route in samples and route in other_member, f"give {route} a sample request and its other-member answer in this test"
+        method, path = route
+        for why, (headers, status) in refused.items():
+            r = requests.request(method, served + path, headers=headers, timeout=60, **samples[route])
+            assert r.status_code == (status or other_member[route]), (method, path, why, r.status_code, r.text)
+            assert own not in r.text and old not in r.text and gone not in r.text
+            checked += 1
+        assert requests.request(method, served + path, headers=bearer(own), timeout=60, **samples[route]).status_code == 200, route
+    assert checked == len(guarded) * len(refused) >= 4 * 8
+    listed = requests.get(f"{served}/v1/models", headers=bearer(tokens["u-auto-b"]), timeout=30).json()["models"]
+    assert "it-cwru" not in [m["model"] for m in listed]
+
+
+# ---- issue 9: faults under a steady load -------------------------------------------------------
+
+def pool_replicas() -> dict[str, int]:
+    """Alive replicas of the model pool of the `indai` app, from Ray's state API: actor id -> pid
+    (the cluster is named, since other Ray instances may run on the same machine)."""
+    import ray
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=10_000,
+                         raise_on_missing_output=False)
+    return {a.actor_id: a.pid for a in actors if a.class_name == "ServeReplica:indai:ModelPool"}
+
+
+def running_pool_replicas() -> int:
+    from ray import serve
+
+    return serve.status().applications["indai"].deployments["ModelPool"].replica_states.get("RUNNING", 0)
+
+
+def healthz(url: str) -> dict:
+    return requests.get(f"{url}/healthz", timeout=30).json()
+
+
+def cpu_ticks(pid: int) -> int:
+    """CPU time (user + system, in clock ticks) a process has used so far, from /proc/<pid>/stat."""
+    from pathlib import Path
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def kill_while_computing(pid: int, requests_in_flight, timeout_s: float = 30) -> None:
+    """SIGKILL the process the moment its CPU time grows while requests are in flight: an idle
+    replica hardly uses any, so it is then most likely working on one of them (killed
+    mid-request, not between two)."""
+    import os
+    import signal
+    import time
+
+    deadline, last = time.monotonic() + timeout_s, cpu_ticks(pid)
+    while True:
+        now = cpu_ticks(pid)
+        if now > last and requests_in_flight():
+            break
+        assert time.monotonic() < deadline, f"replica {pid} did not compute while requests were in flight"
+        last = now
+        time.sleep(0.0005)
+    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(240, func_only=True)
+def test_a_model_replica_killed_under_load_fails_no_request(served, test_windows, members):
+    """SIGKILL the pool replica that does the work (the one whose CPU time grows under the load)
+    while a client sends 10 requests a second, at a moment when it computes and requests are in
+    flight: calls the dead replica had in hand fail inside the ingress with ActorDiedError and are
+    sent once more, to the other replica (which loads the model if it has not yet); calls not yet
+    sent are routed elsewhere by Serve. No request fails, and Serve starts a new replica in the
+    dead one's place."""
+    import os
+    import time
+
+    import numpy as np
+    from steady_load import SteadyLoad
+
+    eng, tokens, _ = members
+    own = tokens["u-steel-a"]
+    wait("steel-a may call its model", lambda: answers(served, own, [good(test_windows)], 200), timeout=30, interval=0.3)
+    before = pool_replicas()
+    assert len(before) == 2 and running_pool_replicas() == 2, before
+    retries_before = healthz(served)["pool_retries"]
+
+    with SteadyLoad(served, own, test_windows[0][:16], rate_per_s=10) as load:
+        cpu_before = {pid: cpu_ticks(pid) for pid in before.values()}
+        time.sleep(3)  # steady state first
+        work = {pid: cpu_ticks(pid) - cpu_before[pid] for pid in before.values()}
+        victim = max(work, key=work.get)
+        kill_while_computing(victim, lambda: load.in_flight() >= 1)
+        killed_at = load.now()
+
+        def restored() -> bool:
+            alive = pool_replicas()
+            return len(alive) == 2 and victim not in alive.values() and running_pool_replicas() == 2
+        wait("the replica restored", restored, timeout=150, interval=0.5)
+        restored_s = load.now() - killed_at
+        time.sleep(2)  # and served by the restored pool
+    failed = [s for s in load.sent if s.status != 200]
+    across = [s for s in load.sent if s.sent_s < killed_at < s.done_s]
+    after = [s for s in load.sent if s.sent_s >= killed_at]
+    retried = healthz(served)["pool_retries"] - retries_before
+    latency_ms = np.percentile([1000 * (s.done_s - s.sent_s) for s in load.sent], [50, 99])
+    print(f"\nreplica kill: {len(failed)} failed of {len(load.sent)} requests ({len(across)} in flight at the kill, "
+          f"{len(after)} sent after it); {retried} calls sent again by the ingress; replica restored in {restored_s:.1f} s; "
+          f"latency p50 {latency_ms[0]:.0f} ms, p99 {latency_ms[1]:.0f} ms; CPU ticks of the replicas in 3 s of load {work}")
+    assert failed == [], failed[:5]
+    assert len(across) >= 1 and len(after) >= 20 and len({s.request_id for s in load.sent}) == len(load.sent)
+    with pytest.raises(ProcessLookupError):
+        os.kill(victim, 0)
+
+
+@pytest.mark.timeout(180, func_only=True)
+def test_a_pool_call_whose_replica_dies_after_accepting_it_is_sent_once_more(served, tmp_path):
+    """The ingress's own retry, made certain: under load, Serve's router already re-sends the calls
+    a dead replica had not yet acknowledged, so which calls reach the ingress's retry is a matter of
+    timing. Here the replica is killed only after it has accepted the call and is working on it (a
+    deployment whose first call stalls and says so in a file), and the ingress's pool call
+    (`Ingress._ask_pool`, the code every predict goes through) answers from the other replica."""
+    import asyncio
+    import os
+    import signal
+    import threading
+    import time
+    import types
+    from pathlib import Path
+
+    from ray import serve
+
+    from indai.serving.app import Ingress
+
+    @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0.05})
+    class StallFirstCall:
+        def __init__(self, marker: str):
+            self.marker = Path(marker)
+
+        async def predict(self, instances: list) -> dict:
+            if not self.marker.exists():
+                self.marker.write_text(str(os.getpid()))
+                await asyncio.sleep(600)
+            return {"predictions": [os.getpid()]}
+
+    marker = tmp_path / "stalled-in"
+    handle = serve.run(StallFirstCall.bind(str(marker)), name="retry-probe", route_prefix=None)
+    try:
+        ingress = types.SimpleNamespace(pool=handle, pool_retries=0)
+        answer: dict = {}
+        caller = threading.Thread(target=lambda: answer.update(
+            asyncio.run(Ingress.func_or_class._ask_pool(ingress, "m/1", "predict", [{}]))))
+        caller.start()
+        wait("the first call stalled in a replica", lambda: marker.exists() and marker.read_text(), timeout=60, interval=0.05)
+        victim = int(marker.read_text())
+        time.sleep(2)  # the replica's "accepted" reaches the caller (it is sent before the call runs)
+        os.kill(victim, signal.SIGKILL)
+        caller.join(120)
+        assert not caller.is_alive()
+        assert ingress.pool_retries == 1 and answer["predictions"][0] not in (victim, None), (answer, victim)
+    finally:
+        serve.delete("retry-probe")
+
+
+@pytest.mark.timeout(240, func_only=True)
+def test_the_ingress_serves_while_the_database_is_down_and_meters_every_call_once(served, test_windows, members, postgres):
+    """PostgreSQL stopped for 8 s under a steady load (5 requests a second): tokens and the access
+    rule seen before ride out the outage (grace period), every request is answered 200, metering
+    buffers while its writes fail, and once the database is back the calls table holds exactly
+    the request ids that were answered, each once."""
+    import time
+
+    from sqlalchemy import select, text
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.orm import Session
+    from steady_load import SteadyLoad
+
+    from indai.platform import tenancy
+    from indai.platform.db import Call
+
+    eng, _, _ = members
+    tenancy.add_member(eng, "chem-e", "CHEM E", "chemicals", "demand")
+    tenancy.add_user(eng, "u-chem-e", "chem-e", "consumer")
+    _, token = tenancy.create_token(eng, "u-chem-e")
+    tenancy.set_model_access(eng, "it-cwru", owner="steel-a", visibility="shared", shared_with=["chem-e"], process="bearing-line-2")
+    inst = good(test_windows)
+    warmup: list[str] = []  # metered too (a 403 until the share is seen, then a 200)
+
+    def shared() -> bool:
+        r = call(served, token, [inst])
+        warmup.append(r.json()["request_id"])
+        return r.status_code == 200
+    wait("the share with chem-e", shared, timeout=30, interval=0.3)
+    start = healthz(served)["metering"]
+    with SteadyLoad(served, token, [inst], rate_per_s=5) as load:
+        time.sleep(2)
+        postgres.stop()
+        try:
+            down_at = load.now()
+            with pytest.raises(OperationalError):  # really down
+                with eng.connect() as c:
+                    c.execute(text("SELECT 1"))
+            time.sleep(8)  # several token re-checks (2 s), access-rule reloads (2 s) and metering flushes (1 s)
+            during = healthz(served)["metering"]
+            up_at = load.now()
+        finally:
+            postgres.start()
+        time.sleep(3)
+    answered = [s for s in load.sent if s.status == 200]
+    while_down = [s for s in answered if down_at <= s.sent_s < up_at]
+    print(f"\ndatabase down {up_at - down_at:.1f} s: {len(answered)} of {len(load.sent)} requests answered 200 "
+          f"({len(while_down)} while it was down); metering buffered {during['buffered']}, "
+          f"{during['failures'] - start['failures']} failed writes")
+    assert [s for s in load.sent if s.status != 200] == []
+    assert len(while_down) >= 20 and during["buffered"] > 0 and during["failures"] > start["failures"]
+    ids = {s.request_id for s in answered}
+
+    def metered() -> list[str]:
+        with Session(eng) as s:
+            return list(s.scalars(select(Call.request_id).where(Call.member_id == "chem-e")))
+    wait("metering caught up", lambda: len(metered()) >= len(ids) + len(warmup), timeout=30, interval=0.5)
+    time.sleep(2)  # a late or repeated write would land now
+    rows = metered()
+    assert len(rows) == len(ids) + len(warmup) and set(rows) == ids | set(warmup)
+    after = healthz(served)["metering"]
+    assert after["buffered"] == 0 and after["dropped"] == 0

@@ -8,7 +8,7 @@ import uuid
 import pytest
 from minio import Minio
 
-from indai.platform.storage import S3Store, StoreError, open_store
+from indai.platform.storage import S3Store, StoreError, StoreUnavailable, open_store
 from minio_server import free_port
 from store_checks import CHECKS
 
@@ -98,21 +98,23 @@ def test_wrong_credentials_give_a_store_error(minio):
 def test_unreachable_endpoint_gives_a_store_error():
     endpoint = f"127.0.0.1:{free_port()}"  # nothing listens there
     store = S3Store("s3://bucket", endpoint=endpoint, access_key="ak", secret_key="secretkey",
-                    secure=False)
+                    secure=False, retry_deadline_s=0.5)  # retried for half a second, then given up
     for call in (lambda: store.put_bytes("k", b"v"), lambda: store.get_bytes("k"),
                  lambda: store.list(), lambda: store.exists("k")):
-        with pytest.raises(StoreError) as err:
+        with pytest.raises(StoreUnavailable) as err:
             call()
         assert "unreachable" in str(err.value) and endpoint in str(err.value)
+        assert "gave up after" in str(err.value) and "INDAI_S3_RETRY_DEADLINE_S=0.5" in str(err.value)
 
 
 def test_store_survives_a_server_restart(minio, store):
     store.put_bytes("before", b"1")
     store.commit("v", {})
+    impatient = _store(minio, store.uri, retry_deadline_s=0)  # tries once
     minio.stop()
     try:
-        with pytest.raises(StoreError, match="unreachable"):
-            store.get_bytes("before")
+        with pytest.raises(StoreUnavailable, match="unreachable"):
+            impatient.get_bytes("before")
     finally:
         minio.start()
     assert store.get_bytes("before") == b"1"
