@@ -440,6 +440,8 @@ def test_ray_auth_token_reaches_every_ray_pod_and_the_gateway_only(k8s_cluster):
     for name, group in groups:
         pod = group["template"]["spec"]
         assert ray_auth_of(pod, ray_container(pod)) == (RAY_AUTH_ENV, token_mount("indai-secrets")), name
+        env = {e["name"]: e.get("value") for e in ray_container(pod).get("env", [])}
+        assert env.get("HF_HUB_OFFLINE") == env.get("TRANSFORMERS_OFFLINE") == "1", name  # weights from the mirror only
     scaler = spec["autoscalerOptions"]
     assert {e["name"]: e["value"] for e in scaler["env"]} == RAY_AUTH_ENV
     assert scaler["volumeMounts"] == [{"name": "ray-auth-token", "mountPath": RAY_TOKEN_DIR, "readOnly": True}]
@@ -467,6 +469,7 @@ def test_ray_auth_token_reaches_every_ray_pod_and_the_gateway_only(k8s_cluster):
     gw = wait("gateway", lambda: [p for p in pods(c, ns, "indai.io/component=gateway") if p["status"].get("phase") == "Running"])[0]
     assert ray_auth_of(gw["spec"], gw["spec"]["containers"][0]) == ({"INDAI_RAY_AUTH_TOKEN_PATH": RAY_TOKEN_FILE},
                                                                   token_mount("indai-secrets"))
+    assert {e["name"]: e.get("value") for e in gw["spec"]["containers"][0]["env"]}.get("HF_HUB_OFFLINE") == "1"
     # and nothing else: no other pod mounts or reads the key
     for p in pods(c, ns, "app.kubernetes.io/instance=indai"):
         if "rayAuthToken" in json.dumps(p["spec"]):

@@ -109,6 +109,10 @@ keep their schema version in an Alembic table of the same name. */}}
   valueFrom: {secretKeyRef: {name: {{ include "indai.s3Secret" . }}, key: secretKey}}
 - name: INDAI_MLFLOW_URI
   value: {{ include "indai.mlflowUri" . | quote }}
+{{- /* pretrained weights come from the platform's mirror only (platform/settings.py OFFLINE_ENV) */}}
+- {name: HF_HUB_OFFLINE, value: "1"}
+- {name: TRANSFORMERS_OFFLINE, value: "1"}
+- {name: HF_HUB_DISABLE_TELEMETRY, value: "1"}
 {{- if .Values.serve.enabled }}
 - name: INDAI_SERVE_URL
   value: http://{{ include "indai.fullname" . }}-ray-serve-svc:8000
