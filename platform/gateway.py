@@ -318,7 +318,7 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
                 mark_submitted(earlier.id)
             elif r.status_code != 404:
                 return _error(503, f"the Ray job server answered {r.status_code}: retry later with the same Idempotency-Key")
-            elif (utcnow() - tenancy._aware(earlier.created_at)).total_seconds() < IN_FLIGHT_S:
+            elif (utcnow() - tenancy.aware(earlier.created_at)).total_seconds() < IN_FLIGHT_S:
                 return JSONResponse(status_code=409, headers={"Retry-After": "2"},
                                     content={"detail": f"the submission with this Idempotency-Key (job {sid}) is still in progress: retry in a few seconds"})
             else:

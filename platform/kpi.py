@@ -576,11 +576,11 @@ def render_html(r: dict) -> str:
 def report_name(r: dict) -> str:
     """`kpi-<industry>[-<member>]-<from>-<to>`: one plain file name in the report folder, because the
     industry and member are checked as where they are created (indai.platform.tenancy) and the days parsed."""
-    from indai.platform.tenancy import INDUSTRIES, _check_id
+    from indai.platform.tenancy import INDUSTRIES, check_id
 
     if r["industry"] not in INDUSTRIES:
         raise UserError(f"industry {r['industry']!r} is not one of {', '.join(INDUSTRIES)}")
-    who = f"-{_check_id('member', r['member'])}" if r.get("member") else ""
+    who = f"-{check_id('member', r['member'])}" if r.get("member") else ""
     days = [parse_day(r["period"][k], f"period {k}").isoformat() for k in ("from", "to")]
     return f"kpi-{r['industry']}{who}-{days[0]}-{days[1]}"
 

@@ -51,7 +51,7 @@ class Principal:
             raise AuthError(f"token {self.token_id} lacks scope {scope!r}")
 
 
-def _check_id(kind: str, value: str) -> str:
+def check_id(kind: str, value: str) -> str:
     if not isinstance(value, str) or not ID_RE.fullmatch(value) or ".." in value:  # fullmatch: "$" alone lets "x\n" through
         raise UserError(f"{kind} id {value!r} is not valid: 2-64 lower-case letters, digits, '.', '_' or '-'")
     return value
@@ -68,7 +68,7 @@ def _hash(secret: str, salt: str) -> str:
 
 
 def add_member(eng: Engine, member_id: str, company: str, industry: str, role: str) -> None:
-    _check_id("member", member_id)
+    check_id("member", member_id)
     _choice("industry", industry, INDUSTRIES)
     _choice("member role", role, MEMBER_ROLES)
     if not company.strip() or len(company) > 200:
@@ -87,17 +87,17 @@ def list_members(eng: Engine) -> list[dict]:
 
 def set_member_disabled(eng: Engine, member_id: str, disabled: bool = True) -> None:
     with Session(eng) as s, s.begin():
-        m = s.get(Member, _check_id("member", member_id))
+        m = s.get(Member, check_id("member", member_id))
         if m is None:
             raise UserError(f"member {member_id!r} does not exist: `indai member ls` lists them")
         m.disabled = disabled
 
 
 def add_user(eng: Engine, user_id: str, member_id: str, role: str) -> None:
-    _check_id("user", user_id)
+    check_id("user", user_id)
     _choice("user role", role, USER_ROLES)
     with Session(eng) as s, s.begin():
-        if s.get(Member, _check_id("member", member_id)) is None:
+        if s.get(Member, check_id("member", member_id)) is None:
             raise UserError(f"member {member_id!r} does not exist: add it with `indai member add`")
         if s.get(User, user_id):
             raise UserError(f"user {user_id!r} already exists")
@@ -110,7 +110,7 @@ def create_token(eng: Engine, user_id: str, name: str = "default", days: int = 9
     if not 1 <= days <= 365:
         raise UserError("token lifetime must be 1-365 days")
     with Session(eng) as s, s.begin():
-        user = s.get(User, _check_id("user", user_id))
+        user = s.get(User, check_id("user", user_id))
         if user is None:
             raise UserError(f"user {user_id!r} does not exist: add it with `indai member user-add`")
         allowed = DEFAULT_SCOPES[user.role]
@@ -143,7 +143,7 @@ def list_tokens(eng: Engine, member_id: str | None = None) -> list[dict]:
                  "expires_at": t.expires_at.isoformat(), "revoked": t.revoked_at is not None} for t, u in s.execute(q)]
 
 
-def _aware(dt: datetime) -> datetime:
+def aware(dt: datetime) -> datetime:
     return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)  # SQLite drops the zone
 
 
@@ -170,8 +170,8 @@ def _principal_of(row) -> Principal:
     t, u, mem = row
     if t.revoked_at is not None:
         raise AuthError(f"token {t.id} was revoked")
-    if _aware(t.expires_at) <= utcnow():
-        raise AuthError(f"token {t.id} expired on {_aware(t.expires_at):%Y-%m-%d}")
+    if aware(t.expires_at) <= utcnow():
+        raise AuthError(f"token {t.id} expired on {aware(t.expires_at):%Y-%m-%d}")
     if u.disabled or mem.disabled:
         raise AuthError(f"{'member ' + mem.id if mem.disabled else 'user ' + u.id} is disabled")
     return Principal(user=u.id, member=mem.id, role=u.role, scopes=frozenset(t.scopes.split()), token_id=t.id)

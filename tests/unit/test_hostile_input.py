@@ -105,7 +105,7 @@ def check_mirror_name(name: str, root: Path) -> None:
 
 def check_member_id(member: str, root: Path) -> None:
     try:
-        tenancy._check_id("member", member)
+        tenancy.check_id("member", member)
     except UserError as e:
         check_refusal(e, "member id")
         return
@@ -268,7 +268,7 @@ def test_valid_names_pass_every_check(root):
     assert _parse_s3_uri("s3://my-bucket/team/a") == ("my-bucket", "team/a")
     assert datasets.parse_ref("cwru@0123456789abcdef") == datasets.DatasetRef("cwru", "0123456789abcdef")
     assert mirror.check_name("efficientnet-lite0") == "efficientnet-lite0"
-    assert tenancy._check_id("member", "steel-a") == "steel-a"
+    assert tenancy.check_id("member", "steel-a") == "steel-a"
     assert registry.parse_model_ref("cwru-bearing/12") == registry.ModelRef("cwru-bearing", version=12)
     assert gateway.valid_job_id("raysubmit_AbC123-x") and gateway.valid_package("gcs", "_ray_pkg_0123456789abcdef.zip")
     assert resolve_path(root, "sub/file.npz") == root.resolve() / "sub" / "file.npz"
@@ -292,7 +292,7 @@ def test_the_known_tricks_are_refused_where_they_matter(root):
         with pytest.raises(UserError, match="model|alias"):
             registry.parse_model_ref(bad)
     with pytest.raises(UserError, match="member id"):
-        tenancy._check_id("member", "steel-a\n")
+        tenancy.check_id("member", "steel-a\n")
     assert not gateway.valid_job_id("raysubmit_1\n") and not gateway.valid_package("gcs", "_ray_pkg_0123456789abcdef.zip\n")
     for bad in ("logs/../../etc/passwd.csv", "logs/a\x00.csv", "/etc/passwd"):
         with pytest.raises(UserError, match="must be relative"):
