@@ -62,15 +62,19 @@ def setup_distributed(cfg: TrainConfig) -> Dist:
 
         ctx = ray.train.get_context()
         rank, world, local = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
-    else:
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: its rendezvous (env://)
+        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
         if not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    else:
+        # one process: a private rendezvous on a free port, kept out of os.environ. Written there, it
+        # outlived the run and every child process inherited it: a second local run, started while
+        # this process group still held the port, failed with EADDRINUSE
+        rank, world, local = 0, 1, 0
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it (no port in it: harmless to inherit)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                    world_size=1)
     device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
