@@ -216,6 +216,32 @@ def _already_registered(name: str, run_id: str, step: int):
     return None
 
 
+def fetch_final(cfg: TrainConfig, store, into: Path) -> dict:
+    """Download the run's committed `final` checkpoint into `into`; its result.json."""
+    final = f"{checkpoint.prefix(cfg.run.name)}/{checkpoint.FINAL}"
+    if not store.is_committed(final):
+        raise UserError(f"run {cfg.run.name} has no committed final weights: training did not finish")
+    store.download_dir(final, into)
+    return json.loads((into / "result.json").read_text())
+
+
+def log_model_once(cfg: TrainConfig, run_id: str, step: int, pkg: Path, signature) -> int | None:
+    """Log the artefact folder `pkg` as the run's MLflow model and register it under
+    run.register_as, unless this run already registered these final weights (a re-run or a
+    resume registers once); the registered version, or None when the recipe registers nothing."""
+    import mlflow
+
+    name = cfg.run.register_as
+    existing = _already_registered(name, run_id, step) if name else None
+    if existing is not None:
+        return int(existing.version)
+    # the "model from code" file, found without importing (importing it registers a model)
+    pyfunc_file = importlib.util.find_spec("indai.platform.mlflow_pyfunc").origin
+    info = mlflow.pyfunc.log_model(name="model", python_model=str(pyfunc_file), artifacts={"indai_model": str(pkg)},
+                                   signature=signature, registered_model_name=name, pip_requirements=["indai"])
+    return int(info.registered_model_version) if name else None
+
+
 def log_and_register(cfg: TrainConfig, store, manifest: dict, run_id: str) -> tuple[int | None, dict]:
     """Build the exported program from the final weights and log it as an MLflow model."""
     import mlflow
@@ -228,13 +254,9 @@ def log_and_register(cfg: TrainConfig, store, manifest: dict, run_id: str) -> tu
     from indai.trainers.models.multimodal.export import card_inputs, export
     from indai.trainers.models.multimodal.text_hf import model_tokenizer
 
-    final = f"{checkpoint.prefix(cfg.run.name)}/{checkpoint.FINAL}"
-    if not store.is_committed(final):
-        raise UserError(f"run {cfg.run.name} has no committed final weights: training did not finish")
     with tempfile.TemporaryDirectory(prefix="indai-model-") as tmp:
         tmp = Path(tmp)
-        store.download_dir(final, tmp / "final")
-        result = json.loads((tmp / "final" / "result.json").read_text())
+        result = fetch_final(cfg, store, tmp / "final")
         mcfg = ModelConfig.model_validate_json((tmp / "final" / "model_config.json").read_text())
         # the trained weights go over a randomly initialised model of the same shape (adapters
         # included), then LoRA adapters are merged: the exported program is a plain model
@@ -252,19 +274,8 @@ def log_and_register(cfg: TrainConfig, store, manifest: dict, run_id: str) -> tu
                 "dataset": f"{manifest['name']}@{manifest['version']}", "recipe": cfg.recipe,
                 "run_id": run_id, "attribution": manifest.get("attribution", "")}
         write_card(pkg, card)
-        version = None
         name = cfg.run.register_as
-        existing = _already_registered(name, run_id, result["step"]) if name else None
-        if existing is not None:
-            version = int(existing.version)
-        else:
-            # the "model from code" file, found without importing (importing it registers a model)
-            pyfunc_file = importlib.util.find_spec("indai.platform.mlflow_pyfunc").origin
-            info = mlflow.pyfunc.log_model(name="model", python_model=str(pyfunc_file), artifacts={"indai_model": str(pkg)},
-                                           signature=mlflow_signature(card), registered_model_name=name,
-                                           pip_requirements=["indai"])
-            if name:
-                version = int(info.registered_model_version)
+        version = log_model_once(cfg, run_id, result["step"], pkg, mlflow_signature(card))
         if name and version:
             tag_registered(cfg, manifest, name, version, card["dataset"], result["step"])
     return version, result

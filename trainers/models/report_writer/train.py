@@ -11,7 +11,6 @@ checkpoints in the object store with resume) and the engine's strategy choice by
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import tempfile
@@ -211,22 +210,17 @@ def default_instruction(store, ref, manifest: dict) -> str:
 
 def log_and_register(cfg: TrainConfig, store, ref, manifest: dict, run_id: str) -> tuple[int | None, dict]:
     """Build the artefact from the final weights, log it as an MLflow model, register it once per run."""
-    import mlflow
     from safetensors.torch import load_file
 
     from indai.platform.mirror import read_card
     from indai.platform.report_format import mlflow_signature
-    from indai.trainers.launch import _already_registered, tag_registered
+    from indai.trainers.launch import fetch_final, log_model_once, tag_registered
     from indai.trainers.models.report_writer.config import ReportWriterConfig
     from indai.trainers.models.report_writer.export import card_inputs, export, load_trained
 
-    final = f"{checkpoint.prefix(cfg.run.name)}/{checkpoint.FINAL}"
-    if not store.is_committed(final):
-        raise UserError(f"run {cfg.run.name} has no committed final weights: training did not finish")
     with tempfile.TemporaryDirectory(prefix="indai-model-") as tmp:
         tmp = Path(tmp)
-        store.download_dir(final, tmp / "final")
-        result = json.loads((tmp / "final" / "result.json").read_text())
+        result = fetch_final(cfg, store, tmp / "final")
         mcfg = ReportWriterConfig.model_validate_json((tmp / "final" / "model_config.json").read_text())
         run_cfg = cfg.model_copy(update={"model": mcfg})
         model = build_model(run_cfg, store)
@@ -242,15 +236,8 @@ def log_and_register(cfg: TrainConfig, store, ref, manifest: dict, run_id: str) 
                 "attribution": manifest.get("attribution", "")}
         pkg = tmp / "indai_model"
         export(model, lm_folder(run_cfg, store), pkg, card)
-        name, version = cfg.run.register_as, None
-        existing = _already_registered(name, run_id, result["step"]) if name else None
-        if existing is not None:
-            version = int(existing.version)
-        else:
-            pyfunc_file = importlib.util.find_spec("indai.platform.mlflow_pyfunc").origin
-            info = mlflow.pyfunc.log_model(name="model", python_model=str(pyfunc_file), artifacts={"indai_model": str(pkg)},
-                                           signature=mlflow_signature(), registered_model_name=name, pip_requirements=["indai"])
-            version = int(info.registered_model_version) if name else None
+        name = cfg.run.register_as
+        version = log_model_once(cfg, run_id, result["step"], pkg, mlflow_signature())
         if name and version:
             tag_registered(cfg, manifest, name, version, card["dataset"], result["step"],
                            {"indai.family": "report_writer", "indai.lm": mcfg.lm})
