@@ -801,7 +801,8 @@ def parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="serve a registered model with Ray Serve (HTTP, OpenAPI at /openapi.json)")
     sv.add_argument("--model", help="name@alias or name/version")
-    sv.add_argument("--replicas", type=int, default=1)
+    sv.add_argument("--replicas", type=int, default=1,
+                    help="model pool replicas; with 2 or more a replica that dies fails no request (RELIABILITY.md)")
     sv.add_argument("--stop", action="store_true", help="stop Serve")
     sv.set_defaults(fn=cmd_serve)
 
