@@ -38,6 +38,7 @@ from indai.platform.config import Strict, load_config
 from indai.platform.connectors.sensors import read_recording, resample  # noqa: F401  (resample is public API)
 from indai.platform.errors import UserError
 from indai.platform.progress import bar
+from indai.platform.settings import MEMBER_ID_RE
 from indai.platform.storage import ObjectStore, StoreError
 
 SPLITS = ("train", "val", "test")
@@ -239,7 +240,8 @@ class DistributionRoot(Strict):
 
 class DatasetSpec(Strict):
     name: str = Field(description="dataset name; versions live under datasets/<name>/")
-    member: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="member that owns the data")
+    member: str = Field(pattern=f"^{MEMBER_ID_RE.pattern}$", description="member that owns the data (2-64 lower-case letters, "
+                                                                         "digits, '_' or '-', as `indai member add` made it)")
     description: str = ""
     attribution: str = Field(default="", description="licence and credit that travel with every version")
     modality: Literal["sensor", "records"] | None = Field(default=None, description="derived from the sources; kept for old specs")

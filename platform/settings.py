@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from indai.platform.errors import UserError
 
 SERVICES_FILE = "services.json"
+# a consortium member's id: in the platform database, dataset specs, de-identification key files
+# and store paths alike (one rule; tenancy.check_id applies it)
+MEMBER_ID_RE = re.compile(r"[a-z0-9][a-z0-9_-]{1,63}")
 
 
 def home() -> Path:
@@ -113,7 +117,7 @@ def member_secret(member: str, create: bool = True) -> bytes:
     import re
     import secrets as _secrets
 
-    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", member or ""):
+    if not MEMBER_ID_RE.fullmatch(member or ""):
         raise ValueError(f"member id {member!r} is not valid")
     folder = Path(os.environ.get("INDAI_SECRETS_DIR") or home() / "secrets")
     path = folder / f"{member}.key"

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from indai.platform.db import Member, Token, User, utcnow
 from indai.platform.errors import UserError
+from indai.platform.settings import MEMBER_ID_RE
 
 INDUSTRIES = ("steel", "automotive", "shipbuilding", "electronics", "chemicals", "bio", "other")
 MEMBER_ROLES = ("demand", "supplier", "research")  # demand company, AI supplier, research institute
@@ -52,6 +53,11 @@ class Principal:
 
 
 def check_id(kind: str, value: str) -> str:
+    """A member id (settings.MEMBER_ID_RE: no dots) or a user id (dots allowed, never two in a row)."""
+    if kind == "member":
+        if not isinstance(value, str) or not MEMBER_ID_RE.fullmatch(value):
+            raise UserError(f"member id {value!r} is not valid: 2-64 lower-case letters, digits, '_' or '-'")
+        return value
     if not isinstance(value, str) or not ID_RE.fullmatch(value) or ".." in value:  # fullmatch: "$" alone lets "x\n" through
         raise UserError(f"{kind} id {value!r} is not valid: 2-64 lower-case letters, digits, '.', '_' or '-'")
     return value

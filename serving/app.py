@@ -238,14 +238,13 @@ class Ingress:
         effects, so this cannot do anything twice. A second death is a 503, which clients retry."""
         from ray.exceptions import RayActorError
 
-        try:
-            return await getattr(self.pool.options(multiplexed_model_id=model_id), method).remote(*args)
-        except RayActorError:
-            self.pool_retries += 1
-        try:
-            return await getattr(self.pool.options(multiplexed_model_id=model_id), method).remote(*args)
-        except RayActorError:
-            raise Refused(503, "the model replica serving this request stopped: retry") from None
+        for attempt in (1, 2):
+            try:
+                return await getattr(self.pool.options(multiplexed_model_id=model_id), method).remote(*args)
+            except RayActorError:
+                if attempt == 2:
+                    raise Refused(503, "the model replica serving this request stopped: retry") from None
+                self.pool_retries += 1
 
     def _error(self, e: Refused, request_id: str) -> JSONResponse:
         headers = {"Retry-After": "1"} if e.status in (429, 503) else None
