@@ -114,7 +114,6 @@ def member_secret(member: str, create: bool = True) -> bytes:
     """The member's de-identification key (keyed pseudonyms, time shift). Kept in
     `INDAI_SECRETS_DIR` (default `$INDAI_HOME/secrets`; a mounted Secret on the cluster),
     created on first use, readable by the owner only; never written to a dataset."""
-    import re
     import secrets as _secrets
 
     if not MEMBER_ID_RE.fullmatch(member or ""):
