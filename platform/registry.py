@@ -116,3 +116,36 @@ def client_for_current():
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=mlflow.get_tracking_uri(), registry_uri=mlflow.get_registry_uri())
+
+
+def tracking_server_away(exc: Exception) -> bool:
+    """Whether a failed MLflow request means the server is away (no connection, a connection
+    broken mid-answer, 5xx) rather than a refusal (4xx) that sending again would only repeat."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, requests.RequestException):
+        return True
+    # a connection that never came, or broke while the answer was read ("IncompleteRead"),
+    # arrives from MLflow's client, after its own retries, as INTERNAL_ERROR (500)
+    return isinstance(exc, MlflowException) and exc.get_http_status_code() >= 500
+
+
+def while_server_away(read, what: str, deadline_s: float = 120.0):
+    """`read()` (a request that changes nothing), sent again with backoff while the tracking
+    server is away, until `deadline_s`. MLflow's client retries refused connections itself, but
+    not an answer cut off half-way by a server that died: that one surfaces here."""
+    import sys
+    import time
+
+    wait, end = 0.5, time.monotonic() + deadline_s
+    while True:
+        try:
+            return read()
+        except Exception as exc:
+            if not tracking_server_away(exc) or time.monotonic() + wait > end:
+                raise
+            print(f"MLflow did not answer {what} ({str(exc).splitlines()[0][:160]}); asking again in {wait:.1f} s",
+                  file=sys.stderr, flush=True)
+            time.sleep(wait)
+            wait = min(wait * 2, 10.0)

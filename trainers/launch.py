@@ -210,7 +210,8 @@ def run_workers(cfg: TrainConfig, settings: Settings, manifest: dict | None = No
 def _already_registered(name: str, run_id: str, step: int):
     """The version this run already registered for these final weights (a re-run registers once)."""
     c = registry.client_for_current()
-    for mv in c.search_model_versions(f"name='{name}'"):
+    versions = registry.while_server_away(lambda: c.search_model_versions(f"name='{name}'"), f"the versions of model {name}")
+    for mv in versions:
         if mv.run_id == run_id and (mv.tags or {}).get("indai.step") == str(step):
             return mv
     return None

@@ -133,7 +133,9 @@ class MetricBuffer:
                 self.client.log_batch(self.run_id, metrics=chunk)
                 sent += len(chunk)
         except Exception as exc:
-            if not _tracking_server_away(exc):
+            from indai.platform.registry import tracking_server_away
+
+            if not tracking_server_away(exc):
                 raise
             self.items = self.items[sent:]
             dropped = max(0, len(self.items) - self.MAX_PENDING)
@@ -146,16 +148,6 @@ class MetricBuffer:
         self.items = []
 
 
-def _tracking_server_away(exc: Exception) -> bool:
-    """Whether a failed MLflow request means the server is away (no connection, 5xx) rather than
-    a refusal (4xx) that sending again would only repeat."""
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(exc, requests.RequestException):
-        return True
-    # a connection that never came, after MLflow's own retries, arrives as INTERNAL_ERROR (500)
-    return isinstance(exc, MlflowException) and exc.get_http_status_code() >= 500
 
 
 def _to(batch: dict, device: torch.device) -> dict:

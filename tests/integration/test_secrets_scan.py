@@ -177,7 +177,7 @@ def mlflow_records(uri: str, scan: SecretScan) -> int:
     from mlflow import MlflowClient
     from mlflow.entities import ViewType
 
-    c = MlflowClient(uri)
+    c = MlflowClient(uri, registry_uri=uri)  # the demo's registry, not a global one an earlier test set
     experiments = c.search_experiments(view_type=ViewType.ALL)
     runs = 0
     for e in experiments:

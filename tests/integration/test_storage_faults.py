@@ -428,7 +428,7 @@ def test_metrics_logged_across_a_tracking_server_restart_are_all_kept(tracking, 
     failed = [line for line in err.read_text(errors="replace").splitlines() if line.startswith("MLflow did not take")]
     assert failed and all("kept to send with the next flush" in line for line in failed), failed
     assert "registered metrics-fault version 1" in out.read_text()
-    client = MlflowClient(server.uri)
+    client = MlflowClient(server.uri, registry_uri=server.uri)  # not a global registry an earlier test set
     run = only_run(client, "metrics-fault")
     total = json.loads(store.get_bytes("checkpoints/metrics-fault/final/result.json"))["step"]
     per_epoch = total // EPOCHS
@@ -468,7 +468,7 @@ def test_the_driver_rides_out_a_tracking_server_restart_and_registers_once(track
     assert registering not in before and after.count(registering) == 1  # after the restart, once
     assert after.count(b"PUT /api/2.0/mlflow-artifacts/artifacts/") >= 2  # the model's files, uploaded after it too
     assert "registered driver-fault version 1" in out.read_text()
-    client = MlflowClient(server.uri)
+    client = MlflowClient(server.uri, registry_uri=server.uri)  # not a global registry an earlier test set
     run = only_run(client, "driver-fault")
     registered_once(client, "driver-fault", run.info.run_id)
     version = client.get_model_version("driver-fault", "1")
