@@ -338,18 +338,26 @@ def log_reports(task: str, result: dict, classes: list[str], unit: str = "") -> 
         mlflow.log_metrics(reports.class_metrics(test, classes), step=int(result.get("step", 0)))
 
 
+def prepare(cfg: TrainConfig, settings: Settings, complete=None):
+    """What every family's driver starts from: the store, the dataset version it may read (the
+    access rule), the config completed from the manifest (`complete`, default this family's) with
+    the dataset pinned, and the tracking URI with the registry client set on it."""
+    store = open_store(settings.store_uri)
+    ref, manifest = datasets.open_for_job(store, datasets.parse_ref(cfg.data.dataset))
+    cfg = (complete or complete_from_manifest)(cfg, manifest)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"dataset": str(ref)})})
+    tracking = settings.require_mlflow()
+    registry.client(tracking)
+    return store, ref, manifest, cfg, tracking
+
+
 def train(cfg: TrainConfig, settings: Settings, parent_run_id: str | None = None) -> TrainResult:
     """Train `cfg` end to end; `parent_run_id`: an MLflow run this one is nested under."""
     if cfg.model.family == "report_writer":  # the LM family has its own driver (same run, registry and tags)
         from indai.trainers.models.report_writer.train import train as train_report_writer
 
         return train_report_writer(cfg, settings, parent_run_id)
-    store = open_store(settings.store_uri)
-    ref, manifest = datasets.open_for_job(store, datasets.parse_ref(cfg.data.dataset))
-    cfg = complete_from_manifest(cfg, manifest)
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"dataset": str(ref)})})
-    tracking = settings.require_mlflow()
-    registry.client(tracking)
+    store, ref, manifest, cfg, tracking = prepare(cfg, settings)
     run, resumed = _open_run(cfg, store, manifest, ref, parent_run_id)
     with run:
         run_id = run.info.run_id

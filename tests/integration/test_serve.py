@@ -17,6 +17,17 @@ from waiting import wait
 pytestmark = pytest.mark.integration
 
 
+
+def member_shared_it_cwru(eng, member: str, industry: str, role: str) -> str:
+    """A new member with one user of `role`, and it-cwru shared with it: that user's token."""
+    from indai.platform import tenancy
+
+    tenancy.add_member(eng, member, member.upper().replace("-", " "), industry, "demand")
+    tenancy.add_user(eng, f"u-{member}", member, role)
+    _, token = tenancy.create_token(eng, f"u-{member}")
+    tenancy.set_model_access(eng, "it-cwru", owner="steel-a", visibility="shared", shared_with=[member], process="bearing-line-2")
+    return token
+
 @pytest.fixture(scope="module")
 def platform_db(services, postgres):
     """A fresh database on the session's PostgreSQL server; INDAI_DB_URL points at it for this
@@ -167,14 +178,10 @@ def test_metering_adds_up_and_feedback_is_stored(served, test_windows, members):
     from sqlalchemy import func, select
     from sqlalchemy.orm import Session
 
-    from indai.platform import tenancy
     from indai.platform.db import Call, Feedback
 
     eng, tokens, _ = members
-    tenancy.add_member(eng, "elec-d", "ELEC D", "electronics", "demand")
-    tenancy.add_user(eng, "u-elec-d", "elec-d", "researcher")
-    _, token = tenancy.create_token(eng, "u-elec-d")
-    tenancy.set_model_access(eng, "it-cwru", owner="steel-a", visibility="shared", shared_with=["elec-d"], process="bearing-line-2")
+    token = member_shared_it_cwru(eng, "elec-d", "electronics", "researcher")
     inst = good(test_windows)
 
     def listed():  # the listing is not metered: wait on it until the share is seen
@@ -515,14 +522,10 @@ def test_the_ingress_serves_while_the_database_is_down_and_meters_every_call_onc
     from sqlalchemy.orm import Session
     from steady_load import SteadyLoad
 
-    from indai.platform import tenancy
     from indai.platform.db import Call
 
     eng, _, _ = members
-    tenancy.add_member(eng, "chem-e", "CHEM E", "chemicals", "demand")
-    tenancy.add_user(eng, "u-chem-e", "chem-e", "consumer")
-    _, token = tenancy.create_token(eng, "u-chem-e")
-    tenancy.set_model_access(eng, "it-cwru", owner="steel-a", visibility="shared", shared_with=["chem-e"], process="bearing-line-2")
+    token = member_shared_it_cwru(eng, "chem-e", "chemicals", "consumer")
     inst = good(test_windows)
     warmup: list[str] = []  # metered too (a 403 until the share is seen, then a 200)
 

@@ -247,15 +247,10 @@ def log_and_register(cfg: TrainConfig, store, ref, manifest: dict, run_id: str) 
 def train(cfg: TrainConfig, settings, parent_run_id: str | None = None):
     """`indai train` for the report writer: dataset -> workers -> MLflow model -> registry
     (`parent_run_id`: an MLflow run this one is nested under)."""
-    from indai.trainers.launch import TrainResult, _open_run, run_workers
+    from indai.trainers.launch import TrainResult, _open_run, prepare, run_workers
 
     stages = Stages()
-    store = open_store(settings.store_uri)
-    ref, manifest = datasets.open_for_job(store, datasets.parse_ref(cfg.data.dataset))
-    cfg = complete_from_manifest(cfg, manifest)
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"dataset": str(ref)})})
-    tracking = settings.require_mlflow()
-    registry.client(tracking)
+    store, ref, manifest, cfg, tracking = prepare(cfg, settings, complete_from_manifest)
     with stages.stage("open the MLflow run"):
         run, resumed = _open_run(cfg, store, manifest, ref, parent_run_id)
     with run:
