@@ -13,7 +13,11 @@ work unchanged, and forwards to the real job server only what passes:
 - a submission that carries an `Idempotency-Key` header is submitted at most once per member
   and key: the key is recorded with the job's row before Ray is asked, so a client that retries
   (a 503 while the database was down, or an answer lost to a timeout after Ray had the job)
-  gets the original submission back instead of a second job.
+  gets the original submission back instead of a second job. Keys are kept KEY_TTL_S (24 h,
+  as Stripe does); a key older than that names a new submission;
+- Ray's job server down answers 503 with Retry-After on every route that needs it (the routes
+  that do not, such as whoami, keep working); a submission Ray cannot have received (its
+  connection was refused or never opened) drops its reservation, so a retry submits at once.
 """
 from __future__ import annotations
 
@@ -26,8 +30,10 @@ import secrets
 import string
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import requests
+import urllib3
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -50,6 +56,8 @@ IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 # a reservation younger than this whose job Ray does not know yet is still being submitted by
 # the request that made it (Ray's answer takes at most a minute, plus its agent start-up waits)
 IN_FLIGHT_S = 300.0
+KEY_TTL_S = 24 * 3600.0  # how long an Idempotency-Key names its submission
+RAY_DOWN = "the Ray job server did not answer"
 DB_DOWN = "the platform database is unavailable: retry later"
 log = logging.getLogger("indai.gateway")
 FORBIDDEN_ENV = {"LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "RAY_ADDRESS"}
@@ -112,8 +120,19 @@ def recipe_of(entrypoint: str) -> str:
     return m.group(1) if m else "custom"
 
 
-def _error(status: int, detail: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"detail": detail})
+def _error(status: int, detail: str, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return JSONResponse(status_code=status, content={"detail": detail}, headers=headers)
+
+
+def never_reached(exc: requests.RequestException) -> bool:
+    """True when a request failed before a connection to the server was open (refused, no such
+    host, connect timeout), so the server cannot have received it; False when it may have (a
+    connection dropped or a read timeout after the request was sent)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    reason = getattr(exc.args[0], "reason", None) if isinstance(exc, requests.ConnectionError) and exc.args else None
+    return isinstance(reason, urllib3.exceptions.NewConnectionError)
 
 
 JOB_IDENTITY_ENV = ("INDAI_JOB_MEMBER", "INDAI_JOB_ROLE", "INDAI_JOB_USER")
@@ -143,7 +162,7 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
         return tenancy.verify(eng, auth[7:].strip() if auth.lower().startswith("bearer ") else None)
 
     def upstream(method: str, path: str, **kw) -> requests.Response:
-        return http.request(method, f"{ray_url}{path}", timeout=60, headers=upstream_headers, **kw)
+        return http.request(method, f"{ray_url}{path}", timeout=(10, 60), headers=upstream_headers, **kw)
 
     def owned(p: tenancy.Principal, job_id: str) -> dict | None:
         """Ray's record of the job if the principal may see it, else None (answered as 404)."""
@@ -173,6 +192,13 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
         except SQLAlchemyError:
             return _error(503, DB_DOWN)
         return await call_next(request)
+
+    @app.exception_handler(requests.RequestException)
+    async def ray_unreachable(request: Request, exc: requests.RequestException):
+        """Any route that needed Ray while its job server was down or hung: 503, never a 500."""
+        log.warning("%s %s: %s (%s)", request.method, request.url.path, RAY_DOWN, exc.__class__.__name__)
+        return _error(503, f"{RAY_DOWN} ({exc.__class__.__name__}): retry in a minute; if it persists, "
+                           "ask the platform admin whether the Ray head is running", retry_after=30)
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -233,10 +259,15 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
             return conflict
         try:
             r = post_job(payload)
-        except requests.RequestException as e:  # Ray may or may not have the job: keep the reservation
+        except requests.RequestException as e:
+            if never_reached(e):  # Ray cannot have the job: drop the reservation, a retry submits afresh
+                release(p.member, key, sid)
+                audit(p, "submit", sid, 503, f"Ray job server unreachable: {e.__class__.__name__}")
+                return _error(503, f"{RAY_DOWN} (unreachable): nothing was submitted; retry in a minute", retry_after=30)
+            # the request may have reached Ray: keep the reservation, so a retry with the key finds the job
             audit(p, "submit", sid, 503, f"Ray job server did not answer: {e.__class__.__name__}")
             then = "retry with the same Idempotency-Key" if key else f"look for job {sid} before submitting again"
-            return _error(503, f"the Ray job server did not answer; job {sid} may have been submitted: {then}")
+            return _error(503, f"{RAY_DOWN}; job {sid} may have been submitted: {then}", retry_after=30)
         if r.status_code == 200:
             settle(p, key, sid, body.entrypoint)
         else:
@@ -278,14 +309,21 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
         return r
 
     def find_key(member: str, key: str) -> SubmissionKey | None:
+        """The member's live record of the key (one older than KEY_TTL_S counts as gone)."""
         with Session(eng, expire_on_commit=False) as s:
-            return s.scalars(select(SubmissionKey).where(SubmissionKey.member_id == member, SubmissionKey.key == key)).first()
+            return s.scalars(select(SubmissionKey).where(SubmissionKey.member_id == member, SubmissionKey.key == key,
+                                                         SubmissionKey.created_at >= key_cutoff())).first()
+
+    def key_cutoff():
+        return utcnow() - timedelta(seconds=KEY_TTL_S)
 
     def reserve(p: tenancy.Principal, key: str | None, sid: str, fingerprint: str, payload: dict) -> JSONResponse | None:
         """Record the job (and its key) before Ray is asked, in one transaction. The unique
         constraint on (member, key) decides between two tries that race: the loser replays."""
         try:
             with Session(eng) as s, s.begin():
+                if key:  # expired keys go first: one of them may be the key a client now uses again
+                    s.execute(sql_delete(SubmissionKey).where(SubmissionKey.created_at < key_cutoff()))
                 s.add(Job(submission_id=sid, member_id=p.member, user_id=p.user, recipe=payload["metadata"]["indai.recipe"],
                           gpus=payload.get("entrypoint_num_gpus") or 0, submitted_at=utcnow()))
                 if key:
@@ -310,7 +348,7 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
             try:
                 r = upstream("GET", f"/api/jobs/{sid}")
             except requests.RequestException:
-                return _error(503, "the Ray job server did not answer: retry later with the same Idempotency-Key")
+                return _error(503, f"{RAY_DOWN}: retry later with the same Idempotency-Key", retry_after=30)
             if r.status_code == 200 and (r.json().get("metadata") or {}).get("indai.member") != p.member:
                 release(p.member, earlier.key, sid)  # a job of that id that is not this member's: not ours to name
                 return _error(400, f"submission refused: submission id {sid} is already used: choose another or leave it out")
@@ -346,7 +384,8 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
                         sid, e.__class__.__name__)
 
     def release(member: str, key: str | None, sid: str) -> None:
-        """Ray refused the job: drop its reservation so that a retry submits it afresh."""
+        """Ray refused the job or cannot have received it: drop its reservation so that a retry
+        submits it afresh."""
         try:
             with Session(eng) as s, s.begin():
                 if key:
@@ -467,19 +506,28 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
         except tenancy.AuthError:
             await ws.close(code=4401)
             return
-        if not await asyncio.to_thread(owned, p, job_id):
-            await ws.close(code=4404)
+        try:
+            if not await asyncio.to_thread(owned, p, job_id):
+                await ws.close(code=4404)
+                return
+        except requests.RequestException:  # accepted first, so the client sees the close code, 1013: try again later
+            await ws.accept()
+            await ws.close(code=1013, reason=RAY_DOWN[:120])
             return
         import aiohttp
 
         await ws.accept()
-        async with aiohttp.ClientSession(headers=upstream_headers) as session:
-            async with session.ws_connect(f"{ray_url.replace('http', 'ws', 1)}/api/jobs/{job_id}/logs/tail") as up:
-                async for msg in up:
-                    if msg.type == aiohttp.WSMsgType.TEXT:
-                        await ws.send_text(msg.data)
-                    else:
-                        break
+        try:
+            async with aiohttp.ClientSession(headers=upstream_headers) as session:
+                async with session.ws_connect(f"{ray_url.replace('http', 'ws', 1)}/api/jobs/{job_id}/logs/tail") as up:
+                    async for msg in up:
+                        if msg.type == aiohttp.WSMsgType.TEXT:
+                            await ws.send_text(msg.data)
+                        else:
+                            break
+        except aiohttp.ClientError:  # Ray went away while the log was followed
+            await ws.close(code=1013, reason=RAY_DOWN[:120])
+            return
         await ws.close()
 
     return app

@@ -54,7 +54,11 @@ def _transient(e: Exception) -> str | None:
     if isinstance(e, (requests.ConnectionError, ConnectionError)):
         return f"no answer from the gateway ({e.__class__.__name__})"
     if isinstance(e, requests.HTTPError) and e.response is not None and e.response.status_code in RETRY_STATUS:
-        return f"the gateway answered {e.response.status_code}"
+        try:
+            detail = str(e.response.json().get("detail", ""))[:300]
+        except (ValueError, AttributeError):
+            detail = ""
+        return f"the gateway answered {e.response.status_code}" + (f" ({detail})" if detail else "")
     m = re.match(r"Request failed with status code (\d{3})", str(e))  # Ray's JobSubmissionClient
     if m and int(m.group(1)) in RETRY_STATUS:
         return f"the gateway answered {m.group(1)} ({_detail(e)})"

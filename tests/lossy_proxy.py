@@ -4,7 +4,8 @@ go through?" retry. Not a test module.
 Requests pass through to the server unchanged. While `lose` is above zero, the next
 connection whose request starts with `lose_prefix` gets no answer: the proxy waits until the
 server has started answering (so the server has done all its work) and then closes the
-client's connection without passing a byte of it on.
+client's connection without passing a byte of it on. `down()` takes the server off the network
+(new connections are refused, open ones are cut) until `up()` listens on the same port again.
 """
 from __future__ import annotations
 
@@ -18,24 +19,50 @@ class LossyProxy:
         self.lose = 0
         self.lost = 0
         self._lock = threading.Lock()
-        self._listener = socket.socket()
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(16)
-        self.port = self._listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self._open: set[socket.socket] = set()
+        self.port = 0
         self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.up()
+        self.url = f"http://127.0.0.1:{self.port}"
 
-    def _accept(self) -> None:
+    def up(self) -> None:
+        """Listen (again, on the same port)."""
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        """Refuse new connections and cut the open ones, as a server that died would."""
+        self._shut(self._listener)  # shutdown wakes the accept() blocked on it; close alone would not
+        with self._lock:
+            cut, self._open = list(self._open), set()
+        for s in cut:
+            self._shut(s)
+
+    def _accept(self, listener: socket.socket) -> None:
         while not self._closed:
             try:
-                client, _ = self._listener.accept()
+                client, _ = listener.accept()
             except OSError:
                 return
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
+    @staticmethod
+    def _shut(s: socket.socket) -> None:
+        try:  # shutdown first: a plain close leaves the pump thread's recv blocked
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        s.close()
+
     def _serve(self, client: socket.socket) -> None:
         upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=120)
+        with self._lock:
+            self._open.update((client, upstream))
         client.settimeout(120)
         try:
             first = client.recv(65536)
@@ -55,12 +82,10 @@ class LossyProxy:
         except OSError:
             pass
         finally:
-            for s in (client, upstream):  # shutdown first: a plain close leaves the pump thread's recv blocked
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
+            with self._lock:
+                self._open.difference_update((client, upstream))
+            for s in (client, upstream):
+                self._shut(s)
 
     @staticmethod
     def _pump(src: socket.socket, dst: socket.socket) -> None:
@@ -72,4 +97,4 @@ class LossyProxy:
 
     def close(self) -> None:
         self._closed = True
-        self._listener.close()
+        self._shut(self._listener)

@@ -3,6 +3,7 @@ PostgreSQL: a retried POST with the same Idempotency-Key is answered with the jo
 try created (also when that first answer was lost to a client timeout after Ray had the job),
 never with a second job; and `indai train submit` rides out a stopped database by retrying.
 Every count below comes from Ray's own job list, read with Ray's token, not the gateway's."""
+import asyncio
 import io
 import os
 import subprocess
@@ -195,6 +196,159 @@ def test_malformed_keys_are_refused_before_anything_runs(gw, key):
     r = post(gw, "kim", job_body(marker), key)
     assert r.status_code == 400 and "Idempotency-Key header must be 16-128 letters" in r.json()["detail"], r.text
     assert ray_jobs(gw["ray"], marker) == []
+
+
+@pytest.fixture
+def gw_behind_proxy(gw):
+    """A second gateway on the same database whose way to Ray's job server runs through a
+    loopback proxy the test can take down (connections refused) or make lose Ray's answers,
+    with a member of its own that has no jobs yet."""
+    from lossy_proxy import LossyProxy
+    from servers import app_server
+
+    from indai.platform import tenancy
+    from indai.platform.gateway import Limits, build_gateway
+
+    member, user = f"ship-{uuid.uuid4().hex[:6]}", f"park-{uuid.uuid4().hex[:6]}"
+    tenancy.add_member(gw["eng"], member, "Ship C", "shipbuilding", "demand")
+    tenancy.add_user(gw["eng"], user, member, "researcher")
+    proxy = LossyProxy(int(gw["ray"]["url"].rsplit(":", 1)[1]), lose_prefix=b"POST /api/jobs/")
+    app = build_gateway(proxy.url, gw["eng"], Limits(concurrent_jobs=10, gpus_per_job=1), ray_token=gw["ray"]["token"])
+    try:
+        with app_server(app) as url:
+            yield dict(gw, url=url, proxy=proxy, user=user, member=member,
+                       tokens={**gw["tokens"], user: tenancy.create_token(gw["eng"], user)[1]})
+    finally:
+        proxy.close()
+
+
+def key_rows(gw: dict, key: str) -> list[tuple[str, str]]:
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from indai.platform.db import SubmissionKey
+
+    with Session(gw["eng"]) as s:
+        return [tuple(r) for r in s.execute(select(SubmissionKey.submission_id, SubmissionKey.state)
+                                             .where(SubmissionKey.key == key))]
+
+
+async def tail_close_code(url: str, sid: str, headers: dict) -> int | None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"{url.replace('http', 'ws', 1)}/api/jobs/{sid}/logs/tail", headers=headers) as ws:
+            await ws.receive(timeout=30)
+            return ws.close_code
+
+
+def test_ray_job_server_down_is_a_503_and_a_retry_submits_once(gw_behind_proxy):
+    """Ray's job server refuses connections under a running gateway. A submission it cannot have
+    received is answered 503 with Retry-After and leaves no reservation, so the retry after
+    Ray is back submits at once (no 409 wait). Every route that needs Ray answers 503 (not
+    500) meanwhile; whoami, which does not, keeps working."""
+    from sqlalchemy.orm import Session
+
+    from indai.platform.db import Job
+
+    g = gw_behind_proxy
+    user, marker, key = g["user"], f"raydown-{uuid.uuid4().hex[:12]}", str(uuid.uuid4())
+    auth = {"Authorization": f"Bearer {g['tokens'][user]}"}
+    g["proxy"].down()
+    try:
+        r = post(g, user, job_body(marker), key)
+        assert r.status_code == 503 and r.headers["retry-after"] == "30", r.text
+        assert "did not answer (unreachable): nothing was submitted" in r.json()["detail"]
+        assert key_rows(g, key) == []
+        with Session(g["eng"]) as s:
+            assert s.query(Job).filter_by(member_id=g["member"]).count() == 0  # the job's row went with the key
+        assert requests.get(f"{g['url']}/api/indai/whoami", headers=auth, timeout=30).json()["member"] == g["member"]
+    finally:
+        g["proxy"].up()
+    first = post(g, user, job_body(marker), key)
+    assert first.status_code == 200 and "idempotent-replayed" not in first.headers, first.text
+    sid = first.json()["submission_id"]
+    assert [j["submission_id"] for j in ray_jobs(g["ray"], marker)] == [sid]
+    assert key_rows(g, key) == [(sid, "submitted")]
+
+    g["proxy"].down()  # the member now has a job: its quota check is what needs Ray first
+    try:
+        for method, path in (("POST", "/api/jobs/"), ("GET", "/api/jobs/"), ("GET", f"/api/jobs/{sid}"),
+                             ("GET", f"/api/jobs/{sid}/logs"), ("POST", f"/api/jobs/{sid}/stop"), ("GET", "/api/version")):
+            body = job_body(marker + "-2") if path == "/api/jobs/" and method == "POST" else None
+            r = requests.request(method, f"{g['url']}{path}", json=body, headers=auth, timeout=60)
+            assert r.status_code == 503 and r.headers["retry-after"] == "30", (method, path, r.status_code, r.text)
+            assert r.json()["detail"].startswith("the Ray job server did not answer (ConnectionError): retry in a minute")
+        assert asyncio.run(tail_close_code(g["url"], sid, auth)) == 1013  # the log websocket: "try again later"
+    finally:
+        g["proxy"].up()
+    assert [j["submission_id"] for j in ray_jobs(g["ray"], marker)] == [sid]
+    assert requests.get(f"{g['url']}/api/jobs/{sid}", headers=auth, timeout=30).status_code == 200
+
+
+def test_rays_answer_lost_keeps_the_reservation_and_the_retry_finds_the_job(gw_behind_proxy):
+    """The connection to Ray drops after Ray took the job (its answer is lost on the way to
+    the gateway): the gateway cannot know, so it keeps the reservation and says the job may
+    exist; the retry with the same key finds it in Ray and answers with it. One job."""
+    g = gw_behind_proxy
+    user, marker, key = g["user"], f"raylost-{uuid.uuid4().hex[:12]}", str(uuid.uuid4())
+    g["proxy"].lose = 1
+    r = post(g, user, job_body(marker), key)
+    assert g["proxy"].lost == 1
+    assert r.status_code == 503 and "may have been submitted: retry with the same Idempotency-Key" in r.json()["detail"], r.text
+    [(sid, state)] = key_rows(g, key)
+    assert state == "pending" and sid in r.json()["detail"]
+    again = post(g, user, job_body(marker), key)
+    assert again.status_code == 200 and again.headers.get("idempotent-replayed") == "true", again.text
+    assert again.json()["submission_id"] == sid
+    assert [j["submission_id"] for j in ray_jobs(g["ray"], marker)] == [sid]
+    assert key_rows(g, key) == [(sid, "submitted")]
+
+
+def test_train_submit_rides_out_ray_coming_back(gw_behind_proxy):
+    """indai's client retrying through an outage of Ray's job server: it says so, and the
+    submission goes through once Ray is back (here after 2 s). One job."""
+    from indai.platform import submit
+
+    g = gw_behind_proxy
+    user, marker, key = g["user"], f"rayback-{uuid.uuid4().hex[:12]}", str(uuid.uuid4())
+    told = io.StringIO()
+    g["proxy"].down()
+    back = threading.Timer(2.0, g["proxy"].up)
+    back.start()
+    try:
+        sid = submit.with_retries(
+            "the submission",
+            lambda: submit.submitting_client(g["url"], g["tokens"][user], key, submit.TIMEOUT).submit_job(**job_body(marker)),
+            waits=(0.5, 1, 2, 4, 8), stream=told)
+    finally:
+        back.join()
+    assert "the gateway answered 503 (the Ray job server did not answer" in told.getvalue(), told.getvalue()
+    assert [j["submission_id"] for j in ray_jobs(g["ray"], marker)] == [sid]
+
+
+def test_a_key_older_than_its_lifetime_names_a_new_submission(gw):
+    """Keys are kept KEY_TTL_S (a day): the same key a day later is a new job, and the
+    expired record is gone from the table."""
+    from datetime import timedelta
+
+    from sqlalchemy.orm import Session
+
+    from indai.platform.db import SubmissionKey, utcnow
+    from indai.platform.gateway import KEY_TTL_S
+
+    marker, key = f"ttl-{uuid.uuid4().hex[:12]}", str(uuid.uuid4())
+    first = post(gw, "kim", job_body(marker), key)
+    assert first.status_code == 200, first.text
+    assert post(gw, "kim", job_body(marker), key).headers.get("idempotent-replayed") == "true"  # within its lifetime
+    with Session(gw["eng"]) as s, s.begin():
+        s.query(SubmissionKey).filter_by(key=key).update({"created_at": utcnow() - timedelta(seconds=KEY_TTL_S + 1)})
+    later = post(gw, "kim", job_body(marker), key)
+    assert later.status_code == 200 and "idempotent-replayed" not in later.headers, later.text
+    assert later.json()["submission_id"] != first.json()["submission_id"]
+    assert sorted(j["submission_id"] for j in ray_jobs(gw["ray"], marker)) == sorted(
+        [first.json()["submission_id"], later.json()["submission_id"]])
+    assert key_rows(gw, key) == [(later.json()["submission_id"], "submitted")]
 
 
 def test_train_submit_retries_while_the_database_is_down_and_submits_once(gw, postgres, cwru_dataset, repo):
