@@ -5,7 +5,8 @@ launch (`python -m indai.trainers.loop cfg.json`, alone or under torchrun), so t
 be measured where Ray is not installed. Inside, the model is wrapped by the engine that
 trainers.engine chooses by model size and free memory (torch DDP, or DeepSpeed ZeRO when the model
 states must be sharded; gloo on CPU, NCCL and bf16 autocast on GPU). It resumes from the
-run's latest committed checkpoint, logs metrics to MLflow in batches from rank 0, and finally
+run's latest committed checkpoint, logs metrics to MLflow from rank 0 in the background
+(trainers.tracking), and finally
 writes the trained weights (safetensors) as the run's `final` checkpoint. What the head learns,
 its loss and how a split is scored belong to the task (trainers.tasks: classification,
 regression, anomaly); the loop only calls that interface.
@@ -34,6 +35,7 @@ from indai.trainers import checkpoint, feed, finetune, tasks
 from indai.trainers.config import TrainConfig
 from indai.trainers.engine import build_engine, deepspeed_config, full_state_dict  # noqa: F401  (deepspeed_config: kept importable from here)
 from indai.trainers.streaming import split_size
+from indai.trainers.tracking import MetricBuffer
 from indai.trainers.data import ShardSampler, SplitDataset, resize_images
 from indai.trainers.models import create_model
 from indai.trainers.models.multimodal.text_hf import model_tokenizer
@@ -90,64 +92,6 @@ def warmup_cosine(total_steps: int, warmup_frac: float):
         progress = min(1.0, (step - warm) / max(1, total_steps - warm))
         return 0.5 * (1 + math.cos(math.pi * progress))
     return factor
-
-
-class MetricBuffer:
-    """Collects metrics on rank 0 and sends them to MLflow in batches (one request per flush).
-
-    A tracking server that restarts must neither lose metrics nor stop training. MLflow's client
-    retries each request itself (MLFLOW_HTTP_REQUEST_MAX_RETRIES, default 7, with backoff
-    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, default 2: about 4 minutes), so a flush rides out a short
-    restart alone. When a flush still fails because the server is away (no connection, a 5xx), its
-    metrics are kept, in order and with their first timestamps, and sent again by the next flush:
-    MLflow drops exact repeats, so a batch that arrived but whose answer was lost is not doubled.
-    At most MAX_PENDING are kept (the oldest are dropped beyond that, with a warning). Other errors
-    (a deleted run, a rejected metric) still raise.
-    """
-
-    MAX_PENDING = 100_000  # a few MB; hours of logging at the usual log_every
-
-    def __init__(self, cfg: TrainConfig, enabled: bool):
-        self.items: list = []
-        self.client = None
-        if enabled and cfg.mlflow_uri and cfg.mlflow_run_id:
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(tracking_uri=cfg.mlflow_uri)
-            self.run_id = cfg.mlflow_run_id
-
-    def add(self, key: str, value: float, step: int) -> None:
-        if self.client is not None:  # without a tracking URI mlflow is never imported (the GPU machine has none)
-            from mlflow.entities import Metric
-
-            self.items.append(Metric(key, float(value), int(time.time() * 1000), int(step)))
-
-    def flush(self, last: bool = False) -> None:
-        """Send what is buffered; `last`: no later flush will resend what fails now."""
-        if self.client is None or not self.items:
-            return
-        sent = 0
-        try:
-            while sent < len(self.items):  # MLflow accepts at most 1000 metrics a batch
-                chunk = self.items[sent: sent + 1000]
-                self.client.log_batch(self.run_id, metrics=chunk)
-                sent += len(chunk)
-        except Exception as exc:
-            from indai.platform.registry import tracking_server_away
-
-            if not tracking_server_away(exc):
-                raise
-            self.items = self.items[sent:]
-            dropped = max(0, len(self.items) - self.MAX_PENDING)
-            self.items = self.items[dropped:]
-            what = ("lost: this was the run's last flush" if last else "kept to send with the next flush"
-                    + (f", the oldest {dropped} dropped (at most {self.MAX_PENDING} are kept)" if dropped else ""))
-            print(f"MLflow did not take {len(self.items)} metrics ({str(exc).splitlines()[0][:200]}); {what}",
-                  file=sys.stderr, flush=True)
-            return
-        self.items = []
-
-
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -275,7 +219,9 @@ def train_loop(config: dict) -> dict:
                   + (f", batch {start_batch} of the epoch" if start_batch else "") + ")", file=sys.stderr, flush=True)
     every_steps = cfg.run.checkpoint_every_steps
 
-    metrics = MetricBuffer(cfg, enabled=d.rank == 0)
+    metrics = MetricBuffer(cfg, enabled=d.rank == 0)  # sent in the background (trainers.tracking)
+    if found:
+        metrics.restore(state.get("unsent_metrics"))  # what MLflow had not confirmed when the checkpoint was written
     val: dict = {}
     headline = tasks.HEADLINE[task.name]
     for epoch in range(start_epoch, cfg.optim.epochs):
@@ -302,8 +248,9 @@ def train_loop(config: dict) -> dict:
                     progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step,
                                    steps=steps_per_epoch * cfg.optim.epochs, loss=round(last_loss, 5))
             if every_steps and step % every_steps == 0 and skip + batches_run < n_batches:  # the epoch's end saves its own
-                metrics.flush()  # what MLflow holds matches the checkpoint: a restart logs the later steps again
-                meta = {"epoch": epoch, "batch": skip + batches_run, "step": step, "mlflow_run_id": cfg.mlflow_run_id}
+                metrics.flush()
+                meta = {"epoch": epoch, "batch": skip + batches_run, "step": step, "mlflow_run_id": cfg.mlflow_run_id,
+                        "unsent_metrics": metrics.unsent()}  # a restart sends these again and logs the later steps anew
                 checkpoint.save(engine, store, cfg.run.name, checkpoint.mid_epoch_tag(epoch, skip + batches_run), meta, d.rank)
                 if d.rank == 0:
                     checkpoint.prune(store, cfg.run.name, cfg.run.keep_checkpoints)
@@ -325,7 +272,7 @@ def train_loop(config: dict) -> dict:
         last = epoch + 1 == cfg.optim.epochs
         if (epoch + 1) % cfg.run.checkpoint_every == 0 or last or (every_steps and step % every_steps == 0):
             meta = {"epoch": epoch, "step": step, "mlflow_run_id": cfg.mlflow_run_id,
-                    "val_accuracy": val.get("accuracy")}
+                    "val_accuracy": val.get("accuracy"), "unsent_metrics": metrics.unsent()}
             checkpoint.save(engine, store, cfg.run.name, checkpoint.epoch_tag(epoch), meta, d.rank)
             if d.rank == 0:
                 checkpoint.prune(store, cfg.run.name, cfg.run.keep_checkpoints)
@@ -341,10 +288,10 @@ def train_loop(config: dict) -> dict:
         test = task.finish(score("test"), val)  # anomaly: the threshold from the validation normals
         for key, value in tasks.scalars(test).items():
             metrics.add(f"test_{key}", value, step)
-        metrics.flush(last=True)
         result["test"] = test
         if val:
             result["val"] = val
+    metrics.close()  # waits for the sender: the driver reads these metrics next
     state = full_state_dict(engine)  # every rank takes part in a ZeRO-3 gather
     if d.rank == 0:
         write_final(state, store, cfg, result)

@@ -401,24 +401,33 @@ def only_run(client, name: str):
 
 @pytest.mark.timeout(600)
 def test_metrics_logged_across_a_tracking_server_restart_are_all_kept(tracking, tmp_path):
-    """The server is SIGKILLed once the first epoch's metrics are in (the run prints the epoch's
-    line after its flush), and stays away until a flush has failed. MLflow's own retries are made short here (one retry, backoff
-    factor 1) so that the outage outlasts them and MetricBuffer's path is what is tested: keep the
-    batch, send it again with the next one. While the server starts again (seconds to half a minute
-    on a busy machine) the run is paused (SIGSTOP), so that flushes remain after the restart."""
+    """The server is SIGKILLed once the first epoch has ended, and stays away until a send has
+    failed and the run has finished another epoch after that failure: training goes on while
+    MLflow is away (the metrics are sent by a background thread, trainers.tracking). MLflow's own
+    retries are made short here (one retry, backoff factor 1) so that the outage outlasts them and
+    the sender's path is what is tested: keep the metrics, send them again. While the server
+    starts again (seconds to half a minute on a busy machine) the run is paused (SIGSTOP), so that
+    it cannot reach its end, whose last try would meet the server still away."""
     from mlflow.tracking import MlflowClient
 
     from indai.platform.storage import open_store
 
     server, dataset = tracking
     store = open_store(str(server.store_root))
-    proc, out, err = run_train(server, dataset, "metrics-fault", tmp_path, EPOCHS,
+    epochs = EPOCHS + 4  # room to pause the run after the outage has lasted an epoch (epochs take 0.2-5 s here)
+    proc, out, err = run_train(server, dataset, "metrics-fault", tmp_path, epochs,
                                MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
+
+    def trained_on_while_away() -> bool:
+        text = err.read_text(errors="replace")
+        failed = text.find("MLflow did not take")
+        return failed >= 0 and re.search(rf"(?m)^epoch \d+/{epochs}:", text[failed:]) is not None
+
     try:
-        wait_for("the first epoch's end", lambda: f"epoch 1/{EPOCHS}:" in err.read_text(errors="replace"), 300, proc, err)
+        wait_for("the first epoch's end", lambda: f"epoch 1/{epochs}:" in err.read_text(errors="replace"), 300, proc, err)
         server.kill()
         try:
-            wait_for("a failed flush", lambda: "MLflow did not take" in err.read_text(errors="replace"), 240, proc, err)
+            wait_for("a failed send, then an epoch's end", trained_on_while_away, 240, proc, err, every=0.05)
             os.killpg(proc.pid, signal.SIGSTOP)
         finally:
             try:
@@ -429,20 +438,58 @@ def test_metrics_logged_across_a_tracking_server_restart_are_all_kept(tracking, 
     finally:
         stop_group(proc)
 
-    failed = [line for line in err.read_text(errors="replace").splitlines() if line.startswith("MLflow did not take")]
-    assert failed and all("kept to send with the next flush" in line for line in failed), failed
+    said = err.read_text(errors="replace")
+    failed = [line for line in said.splitlines() if line.startswith("MLflow did not take")]
+    assert failed and all("kept, training goes on, sending again in" in line for line in failed), failed
+    assert "MLflow is back: the metrics kept for" in said and "lost (the server is still away)" not in said, said[-3000:]
     assert "registered metrics-fault version 1" in out.read_text()
     client = MlflowClient(server.uri, registry_uri=server.uri)  # not a global registry an earlier test set
     run = only_run(client, "metrics-fault")
     total = json.loads(store.get_bytes("checkpoints/metrics-fault/final/result.json"))["step"]
-    per_epoch = total // EPOCHS
+    per_epoch = total // epochs
     steps = lambda key: sorted(m.step for m in client.get_metric_history(run.info.run_id, key))  # noqa: E731
     # every step the loop logged, each once (a resent batch that had arrived is not doubled)
     assert steps("train_loss") == steps("lr") == list(range(2, total + 1, 2))
-    ends = [per_epoch * (e + 1) for e in range(EPOCHS)]
+    ends = [per_epoch * (e + 1) for e in range(epochs)]
     assert steps("epoch_train_loss") == steps("val_accuracy") == steps("samples_per_s") == ends
     assert steps("test_accuracy") == [total]
     registered_once(client, "metrics-fault", run.info.run_id)
+
+
+@pytest.mark.timeout(600)
+def test_training_goes_on_while_the_tracking_server_hangs(tracking, tmp_path):
+    """The server is frozen (SIGSTOP: the kernel still opens connections, nothing answers) once
+    the first epoch has ended. A send now waits for MLflow's request timeout (set to 600 s here),
+    but it waits in the sender's thread: the run ends two more epochs while the server hangs
+    (with the sends in the loop, the second epoch's end would have waited the 600 s). Thawed,
+    the server answers the request it held and takes the rest: every metric once."""
+    from mlflow.tracking import MlflowClient
+
+    from indai.platform.storage import open_store
+
+    server, dataset = tracking
+    store = open_store(str(server.store_root))
+    proc, out, err = run_train(server, dataset, "metrics-hang", tmp_path, EPOCHS, MLFLOW_HTTP_REQUEST_TIMEOUT="600")
+    try:
+        wait_for("the first epoch's end", lambda: f"epoch 1/{EPOCHS}:" in err.read_text(errors="replace"), 300, proc, err)
+        os.killpg(server.pid, signal.SIGSTOP)
+        try:
+            wait_for("two epochs' ends while the server hangs", lambda: f"epoch 3/{EPOCHS}:" in err.read_text(errors="replace"),
+                     240, proc, err)
+        finally:
+            os.killpg(server.pid, signal.SIGCONT)
+        assert proc.wait(timeout=300) == 0, err.read_text(errors="replace")[-3000:]
+    finally:
+        stop_group(proc)
+
+    assert "registered metrics-hang version 1" in out.read_text()
+    client = MlflowClient(server.uri, registry_uri=server.uri)
+    run = only_run(client, "metrics-hang")
+    total = json.loads(store.get_bytes("checkpoints/metrics-hang/final/result.json"))["step"]
+    steps = lambda key: sorted(m.step for m in client.get_metric_history(run.info.run_id, key))  # noqa: E731
+    assert steps("train_loss") == list(range(2, total + 1, 2))
+    assert steps("epoch_train_loss") == [total // EPOCHS * (e + 1) for e in range(EPOCHS)]
+    registered_once(client, "metrics-hang", run.info.run_id)
 
 
 @pytest.mark.timeout(600)

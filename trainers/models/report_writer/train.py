@@ -31,7 +31,8 @@ from indai.trainers import checkpoint
 from indai.trainers.config import TrainConfig
 from indai.trainers.data import ShardSampler
 from indai.trainers.engine import build_engine, full_state_dict
-from indai.trainers.loop import MetricBuffer, progress_event, setup_distributed, warmup_cosine
+from indai.trainers.loop import progress_event, setup_distributed, warmup_cosine
+from indai.trainers.tracking import MetricBuffer
 from indai.trainers.models.report_writer.data import InstructDataset, collate, to_device
 
 FINAL_WEIGHTS = "trained.safetensors"
@@ -113,7 +114,9 @@ def train_report_writer(config: dict) -> dict:
         start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
         if d.rank == 0:
             print(f"resumed run {cfg.run.name} from {found[0]} (epoch {start_epoch}, step {step})", file=sys.stderr, flush=True)
-    metrics = MetricBuffer(cfg, enabled=d.rank == 0)
+    metrics = MetricBuffer(cfg, enabled=d.rank == 0)  # sent in the background (trainers.tracking)
+    if found:
+        metrics.restore(state.get("unsent_metrics"))
     val: dict = {}
     for epoch in range(start_epoch, cfg.optim.epochs):
         sampler.set_epoch(epoch)
@@ -145,7 +148,8 @@ def train_report_writer(config: dict) -> dict:
             print(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {loss_sum / max(1, batches):.4f}"
                   + (f", val loss {val['loss']:.4f}" if val else "") + f" ({took:.1f} s)", file=sys.stderr, flush=True)
         if (epoch + 1) % cfg.run.checkpoint_every == 0 or epoch + 1 == cfg.optim.epochs:
-            meta = {"epoch": epoch, "step": step, "mlflow_run_id": cfg.mlflow_run_id, "val_loss": val.get("loss")}
+            meta = {"epoch": epoch, "step": step, "mlflow_run_id": cfg.mlflow_run_id, "val_loss": val.get("loss"),
+                    "unsent_metrics": metrics.unsent()}
             checkpoint.save(engine, store, cfg.run.name, checkpoint.epoch_tag(epoch), meta, d.rank)
             if d.rank == 0:
                 checkpoint.prune(store, cfg.run.name, cfg.run.keep_checkpoints)
@@ -158,7 +162,7 @@ def train_report_writer(config: dict) -> dict:
     if "test" in eval_loaders:
         result["test"] = evaluate(engine, eval_loaders["test"], d.device)
         metrics.add("test_loss", result["test"]["loss"], step)
-        metrics.flush()
+    metrics.close()  # waits for the sender: the driver reads these metrics next
     state = full_state_dict(engine)  # every rank takes part in a ZeRO-3 gather
     if d.rank == 0:
         write_final(state, store, cfg, result)
