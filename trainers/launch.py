@@ -239,8 +239,13 @@ def log_model_once(cfg: TrainConfig, run_id: str, step: int, pkg: Path, signatur
     # the "model from code" file, found without importing (importing it registers a model)
     pyfunc_file = importlib.util.find_spec("indai.platform.mlflow_pyfunc").origin
     info = mlflow.pyfunc.log_model(name="model", python_model=str(pyfunc_file), artifacts={"indai_model": str(pkg)},
-                                   signature=signature, registered_model_name=name, pip_requirements=["indai"])
-    return int(info.registered_model_version) if name else None
+                                   signature=signature, pip_requirements=["indai"])
+    if not name:
+        return None
+    # the tags that make a re-run find this version travel in the request that creates it: a
+    # run stopped after the registration cannot leave a version that the re-run would not know
+    version = mlflow.register_model(info.model_uri, name, tags={"indai.run": cfg.run.name, "indai.step": str(step)})
+    return int(version.version)
 
 
 def log_and_register(cfg: TrainConfig, store, manifest: dict, run_id: str) -> tuple[int | None, dict]:
