@@ -183,9 +183,12 @@ def _error_line(done: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.timeout(480)  # two training processes and four CLI calls; 204 s measured on 2 cores at load 20
-def test_killed_job_continues_with_indai_train_resume(services, cwru_dataset):
+@pytest.mark.parametrize("launcher, workers, steps", [("local", 1, 98), ("ray", 2, STEPS_PER_EPOCH)])
+def test_killed_job_continues_with_indai_train_resume(services, cwru_dataset, launcher, workers, steps):
     """SIGKILL the whole `indai train` process group after a mid-epoch checkpoint; `indai train
-    resume <run>` continues it with the saved config, in the same MLflow run, registered once."""
+    resume <run>` continues it with the saved config, in the same MLflow run, registered once.
+    Under the Ray launcher the killed process is Ray Train's driver: Ray ends the worker actors
+    it owned, and the resumed run starts a new worker group on the same cluster."""
     from mlflow.tracking import MlflowClient
 
     from indai.platform.storage import open_store
@@ -193,9 +196,9 @@ def test_killed_job_continues_with_indai_train_resume(services, cwru_dataset):
 
     name, version, _ = cwru_dataset
     store = open_store(services.store_uri)
-    run = "fault-job"
-    args = ["train", RECIPE, "--launcher", "local", f"data.dataset={name}", "optim.epochs=1", f"run.name={run}",
-            f"run.register_as={run}", "run.progress=false", "run.checkpoint_every_steps=20"]
+    run = f"fault-job-{launcher}"
+    args = ["train", RECIPE, "--launcher", launcher, f"data.dataset={name}", "optim.epochs=1", f"run.name={run}",
+            f"run.register_as={run}", "run.progress=false", "run.checkpoint_every_steps=20", f"run.workers={workers}"]
     proc = subprocess.Popen([*INDAI, *map(str, args)], env=_env(services.home), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -217,19 +220,19 @@ def test_killed_job_continues_with_indai_train_resume(services, cwru_dataset):
     assert saved["run"]["checkpoint_every_steps"] == 20 and saved["mlflow_run_id"] == before[1]["mlflow_run_id"]
     assert "store_uri" not in saved and "mlflow_uri" not in saved and services.mlflow_uri not in json.dumps(saved)
 
-    assert "is not valid" in _error_line(_indai("train", "resume", "../fault-job", home=services.home))
-    assert "no run named 'fault-jobs'" in _error_line(_indai("train", "resume", "fault-jobs", home=services.home))
+    assert "is not valid" in _error_line(_indai("train", "resume", f"../{run}", home=services.home))
+    assert f"no run named '{run}s'" in _error_line(_indai("train", "resume", f"{run}s", home=services.home))
 
     done = _indai("train", "resume", run, home=services.home)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming run {run} (MLflow run {saved['mlflow_run_id']}) from checkpoint {before[0]}" in done.stderr
     step = before[1]["step"]
-    assert f"(epoch 0, step {step}, batch {step} of the epoch)" in done.stderr  # one process: a batch is a step
+    assert f"(epoch 0, step {step}, batch {step} of the epoch)" in done.stderr  # a step is a batch on each worker
     assert f"registered {run} version 1" in done.stdout
     result = json.loads(next(ln for ln in done.stdout.splitlines() if ln.startswith("[indai] result "))[len("[indai] result "):])
     assert result["run_id"] == saved["mlflow_run_id"] and result["test_accuracy"] >= 0.9
     final = store.read_commit(f"checkpoints/{run}/final")
-    assert final["step"] == 98  # 6264 windows in batches of 64 on one process: the epoch's 98 steps, none twice
+    assert final["step"] == steps  # 6264 windows in batches of 64 per worker: the epoch's steps, none twice
 
     again = _error_line(_indai("train", "resume", run, home=services.home))
     assert f"run '{run}' already finished: registered {run} version 1" in again
