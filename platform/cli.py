@@ -371,7 +371,7 @@ def cmd_mirror_show(a) -> int:
 
 # ---- serving --------------------------------------------------------------------------------
 
-def serve_model(model: str | None, replicas: int = 1) -> str:
+def serve_model(model: str | None, replicas: int = 1, ingress_replicas: int = 1) -> str:
     import ray
     from ray import serve
 
@@ -381,7 +381,8 @@ def serve_model(model: str | None, replicas: int = 1) -> str:
     from indai.platform import db
 
     s = _settings()
-    args = ServeArgs(model=model, mlflow_uri=s.require_mlflow(), db_url=db.database_url(), num_replicas=replicas)
+    args = ServeArgs(model=model, mlflow_uri=s.require_mlflow(), db_url=db.database_url(), num_replicas=replicas,
+                     ingress_replicas=ingress_replicas)
     app = build_app(args)
     if not ray.is_initialized():
         services.use_ray_auth()
@@ -424,7 +425,7 @@ def cmd_serve(a) -> int:
         return 0
     if not a.model:
         raise UserError("name the model to serve: indai serve --model name@alias (or name/version)")
-    url = serve_model(a.model, a.replicas)
+    url = serve_model(a.model, a.replicas, a.ingress_replicas)
     print(f"serving {a.model} at {url}/v1/predict (OpenAPI: {url}/openapi.json, docs: {url}/docs)")
     return 0
 
@@ -803,6 +804,9 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", help="name@alias or name/version")
     sv.add_argument("--replicas", type=int, default=1,
                     help="model pool replicas; with 2 or more a replica that dies fails no request (RELIABILITY.md)")
+    sv.add_argument("--ingress-replicas", type=int, default=1,
+                    help="replicas of the HTTP ingress (authentication, metering); with 2 or more one that dies costs "
+                         "only the requests it held (RELIABILITY.md)")
     sv.add_argument("--stop", action="store_true", help="stop Serve")
     sv.set_defaults(fn=cmd_serve)
 

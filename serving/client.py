@@ -5,7 +5,9 @@ would), then reports the accuracy of the served answers and the request latency.
 
 `post_predict` retries what a restart or an overload causes: answers 429, 502, 503 and 504, and
 connections that were refused or dropped, up to RETRIES times, waiting as the server's
-Retry-After says, else 0.2 s doubled each time (with jitter, at most MAX_WAIT_S). A prediction has
+Retry-After says, else 0.2 s doubled each time (with jitter, at most MAX_WAIT_S). A 500 is tried
+once more: it is what Serve's proxy answers for a call whose ingress replica died while holding
+it (RELIABILITY.md), and a second 500 is final (an error of the server stays one). A prediction has
 no side effect but its metering row, so sending it again is safe; an attempt that reached the
 ingress is metered under its own request id with its own status. A read timeout is not retried
 (the server may still be working on it: sending it again would double the load)."""
@@ -46,6 +48,7 @@ class Evaluation:
 
 RETRIES = 4
 RETRY_STATUSES = (429, 502, 503, 504)  # come back later: overload, a restarting replica or proxy, the database down
+RETRY_ONCE = (500,)  # an ingress replica that died holding the call; twice is a real error
 BACKOFF_S = 0.2
 MAX_WAIT_S = 10.0
 
@@ -62,6 +65,7 @@ def post_predict(base_url: str, instances: list[dict], token: str | None = None,
     http = session or requests
     body = {"instances": instances, **({"model": model} if model else {})}
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    seen_once = False  # a RETRY_ONCE answer came already
     for attempt in range(RETRIES + 1):
         try:
             r = http.post(f"{base_url.rstrip('/')}/v1/predict", json=body, headers=headers, timeout=timeout)
@@ -73,7 +77,9 @@ def post_predict(base_url: str, instances: list[dict], token: str | None = None,
             continue
         except requests.RequestException as e:
             raise UserError(f"the model server at {base_url} did not answer ({type(e).__name__}): is `indai serve` running?") from None
-        if r.status_code not in RETRY_STATUSES or attempt == RETRIES:
+        once = r.status_code in RETRY_ONCE and not seen_once
+        seen_once = seen_once or r.status_code in RETRY_ONCE
+        if attempt == RETRIES or not (r.status_code in RETRY_STATUSES or once):
             break
         time.sleep(retry_wait(attempt, r.headers.get("Retry-After")))
     if r.status_code != 200:

@@ -460,6 +460,81 @@ def test_a_model_replica_killed_under_load_fails_no_request(served, test_windows
         os.kill(victim, 0)
 
 
+def ingress_replicas(app: str) -> dict[str, int]:
+    """Alive replicas of an app's HTTP ingress: actor id -> pid."""
+    import ray
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=10_000,
+                         raise_on_missing_output=False)
+    return {a.actor_id: a.pid for a in actors if a.class_name == f"ServeReplica:{app}:Ingress"}
+
+
+@pytest.mark.timeout(420, func_only=True)
+def test_an_ingress_replica_killed_under_load_fails_only_the_calls_it_held(served, test_windows, members):
+    """SIGKILL the HTTP ingress (authentication, access rules, metering) at a moment it computes
+    while a client sends 10 requests a second, with one ingress replica and then with two, in an
+    app of its own (route /ha, one pool replica). The calls the dead replica held are answered 500
+    by Serve's proxy (its answer for a replica that died holding a call; measured: the 1 call in
+    flight, each time); indai's client sends a 500 once more, and that try is answered. Every
+    other request is answered 200: the proxy holds what it cannot hand to a live replica. With one
+    replica those requests wait for the restart; with two the other replica answers them, so no
+    request sent before the restart waits as long as the restart takes."""
+    import time
+
+    import numpy as np
+    from ray import serve
+    from steady_load import SteadyLoad
+
+    from indai.platform import db
+    from indai.platform.cli import _settings
+    from indai.serving.app import ServeArgs, build_app
+    from indai.serving.client import post_predict
+
+    eng, tokens, _ = members
+    own, url, app = tokens["u-steel-a"], f"{served}/ha", "indai-ha"
+    try:
+        for count in (1, 2):
+            args = ServeArgs(model="it-cwru@champion", mlflow_uri=_settings().require_mlflow(), db_url=db.database_url(),
+                             name=app, route_prefix="/ha", ingress_replicas=count, num_replicas=1, num_cpus=0.1)
+            serve.run(build_app(args), name=app, route_prefix="/ha")
+            wait("the /ha app answers", lambda: answers(url, own, [good(test_windows)], 200), timeout=60, interval=0.3)
+            before = ingress_replicas(app)
+            assert len(before) == count, before
+            with SteadyLoad(url, own, test_windows[0][:16], rate_per_s=10, timeout_s=120) as load:
+                cpu_before = {pid: cpu_ticks(pid) for pid in before.values()}
+                time.sleep(3)
+                work = {pid: cpu_ticks(pid) - cpu_before[pid] for pid in before.values()}
+                victim = max(work, key=work.get)
+                kill_while_computing(victim, lambda: load.in_flight() >= 1)
+                killed_at = load.now()
+
+                def restored() -> bool:
+                    alive = ingress_replicas(app)
+                    return len(alive) == count and victim not in alive.values()
+                wait("the ingress restored", restored, timeout=150, interval=0.2)
+                restored_s = load.now() - killed_at
+                time.sleep(2)
+            failed = [s for s in load.sent if s.status != 200]
+            across = [s for s in load.sent if s.sent_s < killed_at < s.done_s]
+            after = [s for s in load.sent if killed_at <= s.sent_s < killed_at + restored_s]
+            waited = max(s.done_s - s.sent_s for s in after)
+            p50, p99 = np.percentile([1000 * (s.done_s - s.sent_s) for s in load.sent], [50, 99])
+            print(f"\ningress kill, {count} replica(s): {len(failed)} failed of {len(load.sent)} requests ({len(across)} in "
+                  f"flight at the kill, {len(after)} sent before the restart); ingress restored in {restored_s:.1f} s; "
+                  f"longest wait of a request sent meanwhile {waited:.2f} s; latency p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+            # the calls the dead replica held: Serve's proxy answers them 500 (what it does for a replica that
+            # died with a call in hand); none other fails, and indai's client sends a 500 once more
+            assert all(s.status == 500 and s.sent_s <= killed_at + restored_s for s in failed), failed[:5]
+            for _ in failed:
+                assert post_predict(url, test_windows[0][:16], token=own)["predictions"]
+            assert len(across) >= 1 and len(after) >= 10, (len(across), len(after))
+            if count == 2:
+                assert waited < restored_s, (waited, restored_s)  # the other replica answered; nobody waited for the restart
+    finally:
+        serve.delete(app)
+
+
 @pytest.mark.timeout(180, func_only=True)
 def test_a_pool_call_whose_replica_dies_after_accepting_it_is_sent_once_more(served, tmp_path):
     """The ingress's own retry, made certain: under load, Serve's router already re-sends the calls

@@ -1,6 +1,6 @@
 """The client's retries (serving/client.py) against a real HTTP server on loopback that answers
-a scripted sequence: dropped connections and 429/502/503/504 are retried with backoff, other
-answers are final, and the number of tries is bounded."""
+a scripted sequence: dropped connections and 429/502/503/504 are retried with backoff, a 500
+once, other answers are final, and the number of tries is bounded."""
 import json
 import socket
 import threading
@@ -79,12 +79,29 @@ def test_tries_are_bounded_and_the_last_answer_is_reported():
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 413, 422, 500])
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 413, 422])
 def test_final_answers_are_not_retried(status):
     with Scripted([status]) as server:
         with pytest.raises(UserError, match=f"refused the request \\({status}\\)"):
             client.post_predict(server.url, [{"text": "x"}])
     assert server.posts == 1
+
+
+@pytest.mark.timeout(30)
+def test_a_500_is_tried_once_more_and_a_second_is_final():
+    """Serve's proxy answers 500 for a call whose ingress replica died holding it: one more try
+    reaches a live replica. A server that answers 500 again has a real error: no third try."""
+    with Scripted([500]) as server:
+        assert client.post_predict(server.url, [{"text": "x"}])["predictions"][0]["label"] == "ok"
+    assert server.posts == 2
+    with Scripted([500, 500, 500]) as server:
+        with pytest.raises(UserError, match=r"refused the request \(500\): scripted 500"):
+            client.post_predict(server.url, [{"text": "x"}])
+    assert server.posts == 2
+    with Scripted([503, 500, 503, 500, 500]) as server:  # one more try after the first 500, wherever it comes
+        with pytest.raises(UserError, match=r"\(500\)"):
+            client.post_predict(server.url, [{"text": "x"}])
+    assert server.posts == 4
 
 
 def test_waits_follow_retry_after_else_grow_and_are_capped():
