@@ -20,7 +20,7 @@ from pathlib import Path
 import requests
 
 from indai.platform.errors import UserError
-from indai.platform.settings import OFFLINE_ENV, SERVICES_FILE, home, read_services, write_services
+from indai.platform.settings import OFFLINE_ENV, RAY_SERVE_ENV, SERVICES_FILE, home, read_services, write_services
 
 DEFAULT_PORTS = {"mlflow": 5000, "ray_gcs": 6380, "dashboard": 8265, "serve": 8000}
 # `ray start` options whose defaults are fixed ports shared by every Ray on the machine
@@ -143,7 +143,7 @@ def start_ray(root: Path, gcs_port: int, dashboard_port: int, num_cpus: int) -> 
     # every Ray process of this cluster inherits the tag, so `indai down` stops exactly these
     # job drivers inherit this environment: they find `indai` (this environment's bin folder first
     # on PATH), the platform's services (INDAI_HOME) and Ray's token
-    env = dict(os.environ, **OFFLINE_ENV, RAY_USAGE_STATS_ENABLED="0", INDAI_RAY_TAG=tmp.name, RAY_AUTH_MODE="token",
+    env = dict(os.environ, **OFFLINE_ENV, **RAY_SERVE_ENV, RAY_USAGE_STATS_ENABLED="0", INDAI_RAY_TAG=tmp.name, RAY_AUTH_MODE="token",
                RAY_AUTH_TOKEN_PATH=str(token_file), INDAI_HOME=str(root),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     # ... but not the platform database's URL and password: members' jobs run in these processes

@@ -54,6 +54,12 @@ class Settings:
 # cluster, every job the gateway submits and every process that loads mirrored weights.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
+# Ray Serve's controller replaces an HTTP proxy after 3 failed health checks in a row, one every
+# 10 s by default: a proxy that died refused every request for about 30 s (measured). One every
+# 2 s brings that to the few seconds `indai.serving.client` retries over (RELIABILITY.md). Set
+# for the embedded Ray cluster and the chart's Ray pods.
+RAY_SERVE_ENV = {"RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "2"}
+
 
 def go_offline() -> None:
     """Put OFFLINE_ENV into this process. huggingface_hub reads HF_HUB_OFFLINE once, when it is

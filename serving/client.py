@@ -46,7 +46,7 @@ class Evaluation:
                 f"p99 {self.percentile(99):.1f} ms; {self.n / self.seconds:.1f} requests/s; model version {self.model_version}")
 
 
-RETRIES = 4
+RETRIES = 7  # waits of 11-23 s in all: more than the ~7 s Serve takes to replace a dead HTTP proxy
 RETRY_STATUSES = (429, 502, 503, 504)  # come back later: overload, a restarting replica or proxy, the database down
 RETRY_ONCE = (500,)  # an ingress replica that died holding the call; twice is a real error
 BACKOFF_S = 0.2

@@ -535,6 +535,62 @@ def test_an_ingress_replica_killed_under_load_fails_only_the_calls_it_held(serve
         serve.delete(app)
 
 
+def serve_actor_pids(class_name: str) -> list[int]:
+    """Pids of the alive actors of one of Serve's own classes (ServeController, ProxyActor)."""
+    import ray
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=10_000,
+                         raise_on_missing_output=False)
+    return [a.pid for a in actors if a.class_name == class_name]
+
+
+@pytest.mark.timeout(300, func_only=True)
+def test_the_serve_controller_and_the_http_proxy_killed_under_load(served, test_windows, members):
+    """Serve's own processes, each SIGKILLed under 10 requests a second (a client without
+    retries, so every failure is counted). The controller (control plane only): replicas and the
+    proxy go on serving while Ray restarts it; no request fails. The HTTP proxy (the only one on
+    this one-node cluster; a cluster has one on every node): its port refuses connections until
+    the controller replaces it, after 3 failed health checks 2 s apart (RAY_SERVE_ENV, set by
+    `indai up` and the chart; 10 s apart by default, about 30 s without the port); the requests
+    sent in that window fail without an answer, all others are answered. indai's client retries
+    refused connections for 11-23 s in all (serving/client.py); the window measured here is 6-7 s."""
+    import os
+    import signal
+    import time
+
+    from steady_load import SteadyLoad
+
+    eng, tokens, _ = members
+    own = tokens["u-steel-a"]
+    wait("steel-a may call its model", lambda: answers(served, own, [good(test_windows)], 200), timeout=60, interval=0.3)
+    for target in ("ServeController", "ProxyActor"):
+        [victim] = serve_actor_pids(target)
+        with SteadyLoad(served, own, test_windows[0][:16], rate_per_s=10) as load:
+            time.sleep(2)
+            os.kill(victim, signal.SIGKILL)
+            killed_at = load.now()
+            wait(f"a new {target}", lambda: (pids := serve_actor_pids(target)) and victim not in pids, timeout=120, interval=0.1)
+
+            def answered() -> bool:
+                try:
+                    return answers(served, own, [good(test_windows)], 200)
+                except requests.ConnectionError:  # no proxy on the port yet
+                    return False
+            wait("an answer through it", answered, timeout=60, interval=0.1)
+            back_s = load.now() - killed_at
+            time.sleep(3)
+        failed = [s for s in load.sent if s.status != 200]
+        print(f"\n{target} killed: {len(failed)} failed of {len(load.sent)} requests; serving again after {back_s:.1f} s"
+              + (f"; failures sent from {failed[0].sent_s - killed_at:.2f} s to {failed[-1].sent_s - killed_at:.2f} s after the kill, "
+                 f"statuses {sorted({s.status for s in failed})}" if failed else ""))
+        if target == "ServeController":
+            assert failed == [], failed[:5]
+        else:
+            assert failed and all(s.status == 0 and killed_at - 0.5 <= s.sent_s <= killed_at + back_s for s in failed), failed[:5]
+        assert [s for s in load.sent if s.sent_s > killed_at + back_s and s.status != 200] == []
+
+
 @pytest.mark.timeout(180, func_only=True)
 def test_a_pool_call_whose_replica_dies_after_accepting_it_is_sent_once_more(served, tmp_path):
     """The ingress's own retry, made certain: under load, Serve's router already re-sends the calls

@@ -444,6 +444,7 @@ def test_ray_auth_token_reaches_every_ray_pod_and_the_gateway_only(k8s_cluster):
         assert ray_auth_of(pod, ray_container(pod)) == (RAY_AUTH_ENV, token_mount("indai-secrets")), name
         env = {e["name"]: e.get("value") for e in ray_container(pod).get("env", [])}
         assert env.get("HF_HUB_OFFLINE") == env.get("TRANSFORMERS_OFFLINE") == "1", name  # weights from the mirror only
+        assert env.get("RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S") == "2", name  # a dead proxy is replaced in seconds
     scaler = spec["autoscalerOptions"]
     assert {e["name"]: e["value"] for e in scaler["env"]} == RAY_AUTH_ENV
     assert scaler["volumeMounts"] == [{"name": "ray-auth-token", "mountPath": RAY_TOKEN_DIR, "readOnly": True}]

@@ -113,6 +113,8 @@ keep their schema version in an Alembic table of the same name. */}}
 - {name: HF_HUB_OFFLINE, value: "1"}
 - {name: TRANSFORMERS_OFFLINE, value: "1"}
 - {name: HF_HUB_DISABLE_TELEMETRY, value: "1"}
+{{- /* a dead Serve HTTP proxy is replaced after 3 health checks: 2 s apart, not 10 (platform/settings.py RAY_SERVE_ENV) */}}
+- {name: RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S, value: "2"}
 {{- if .Values.serve.enabled }}
 - name: INDAI_SERVE_URL
   value: http://{{ include "indai.fullname" . }}-ray-serve-svc:8000
