@@ -553,7 +553,8 @@ def test_the_serve_controller_and_the_http_proxy_killed_under_load(served, test_
     this one-node cluster; a cluster has one on every node): its port refuses connections until
     the controller replaces it, after 3 failed health checks 2 s apart (RAY_SERVE_ENV, set by
     `indai up` and the chart; 10 s apart by default, about 30 s without the port); the requests
-    sent in that window fail without an answer, all others are answered. indai's client retries
+    sent in that window fail without an answer (or, rarely, with a 404 from the new proxy before
+    it has the routes), all others are answered. indai's client retries
     refused connections for 11-23 s in all (serving/client.py); the window measured here is 6-7 s."""
     import os
     import signal
@@ -587,7 +588,10 @@ def test_the_serve_controller_and_the_http_proxy_killed_under_load(served, test_
         if target == "ServeController":
             assert failed == [], failed[:5]
         else:
-            assert failed and all(s.status == 0 and killed_at - 0.5 <= s.sent_s <= killed_at + back_s for s in failed), failed[:5]
+            # no answer while the port is closed; a new proxy that has not yet got the route table
+            # from the controller answers 404 for a moment (seen once in 4 runs, with the 10 s period)
+            assert failed and all(s.status in (0, 404) and killed_at - 0.5 <= s.sent_s <= killed_at + back_s for s in failed), \
+                failed[:5]
         assert [s for s in load.sent if s.sent_s > killed_at + back_s and s.status != 200] == []
 
 
