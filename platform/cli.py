@@ -685,6 +685,14 @@ def cmd_kpi_usage(a) -> int:
 
 # ---- parser ---------------------------------------------------------------------------------
 
+def replica_count(text: str) -> int:
+    """A replica count from the command line: refused by argparse with the range (as ServeArgs
+    would refuse it later, after the services were asked, with a traceback)."""
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a replica count: give a whole number from 1 to 64")
+    return int(text)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="indai", description="indai: train, register and serve multimodal models for an industrial AI consortium.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -802,9 +810,9 @@ def parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="serve a registered model with Ray Serve (HTTP, OpenAPI at /openapi.json)")
     sv.add_argument("--model", help="name@alias or name/version")
-    sv.add_argument("--replicas", type=int, default=1,
+    sv.add_argument("--replicas", type=replica_count, default=1,
                     help="model pool replicas; with 2 or more a replica that dies fails no request (RELIABILITY.md)")
-    sv.add_argument("--ingress-replicas", type=int, default=1,
+    sv.add_argument("--ingress-replicas", type=replica_count, default=1,
                     help="replicas of the HTTP ingress (authentication, metering); with 2 or more one that dies costs "
                          "only the requests it held (RELIABILITY.md)")
     sv.add_argument("--stop", action="store_true", help="stop Serve")

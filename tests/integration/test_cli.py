@@ -35,6 +35,14 @@ def test_every_command_has_help(cmd, tmp_path):
     assert done.returncode == 0 and "usage: indai" in done.stdout
 
 
+@pytest.mark.parametrize("flag, value", [("--replicas", "0"), ("--ingress-replicas", "65"), ("--replicas", "two"),
+                                         ("--ingress-replicas", "-1")])
+def test_serve_replica_counts_are_checked_before_anything_runs(flag, value, tmp_path):
+    done = indai("serve", "--model", "m@champion", flag, value, home=tmp_path, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"argument {flag}: '{value}' is not a replica count: give a whole number from 1 to 64" in done.stderr
+
+
 def test_ingest_errors_are_one_line_and_leave_nothing(tmp_path):
     (tmp_path / "bad.yaml").write_text("name: x\nsensor: [unclosed\n")
     assert "not valid YAML at line" in error_line(indai("data", "ingest", tmp_path / "bad.yaml", home=tmp_path))

@@ -363,15 +363,21 @@ def test_every_route_of_the_running_ingress_refuses_bad_tokens(served, members, 
 
 # ---- issue 9: faults under a steady load -------------------------------------------------------
 
-def pool_replicas() -> dict[str, int]:
-    """Alive replicas of the model pool of the `indai` app, from Ray's state API: actor id -> pid
-    (the cluster is named, since other Ray instances may run on the same machine)."""
+def alive_actors(class_name: str) -> dict[str, int]:
+    """Alive actors of one class, from Ray's state API: actor id -> pid (the cluster is named,
+    since other Ray instances may run on the same machine). Serve's replicas are of class
+    `ServeReplica:<app>:<deployment>`; its own processes `ServeController` and `ProxyActor`."""
     import ray
     from ray.util.state import list_actors
 
     actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=10_000,
                          raise_on_missing_output=False)
-    return {a.actor_id: a.pid for a in actors if a.class_name == "ServeReplica:indai:ModelPool"}
+    return {a.actor_id: a.pid for a in actors if a.class_name == class_name}
+
+
+def pool_replicas() -> dict[str, int]:
+    """Alive replicas of the model pool of the `indai` app: actor id -> pid."""
+    return alive_actors("ServeReplica:indai:ModelPool")
 
 
 def running_pool_replicas() -> int:
@@ -460,16 +466,6 @@ def test_a_model_replica_killed_under_load_fails_no_request(served, test_windows
         os.kill(victim, 0)
 
 
-def ingress_replicas(app: str) -> dict[str, int]:
-    """Alive replicas of an app's HTTP ingress: actor id -> pid."""
-    import ray
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=10_000,
-                         raise_on_missing_output=False)
-    return {a.actor_id: a.pid for a in actors if a.class_name == f"ServeReplica:{app}:Ingress"}
-
-
 @pytest.mark.timeout(420, func_only=True)
 def test_an_ingress_replica_killed_under_load_fails_only_the_calls_it_held(served, test_windows, members):
     """SIGKILL the HTTP ingress (authentication, access rules, metering) at a moment it computes
@@ -499,7 +495,7 @@ def test_an_ingress_replica_killed_under_load_fails_only_the_calls_it_held(serve
                              name=app, route_prefix="/ha", ingress_replicas=count, num_replicas=1, num_cpus=0.1)
             serve.run(build_app(args), name=app, route_prefix="/ha")
             wait("the /ha app answers", lambda: answers(url, own, [good(test_windows)], 200), timeout=60, interval=0.3)
-            before = ingress_replicas(app)
+            before = alive_actors(f"ServeReplica:{app}:Ingress")
             assert len(before) == count, before
             with SteadyLoad(url, own, test_windows[0][:16], rate_per_s=10, timeout_s=120) as load:
                 cpu_before = {pid: cpu_ticks(pid) for pid in before.values()}
@@ -510,7 +506,7 @@ def test_an_ingress_replica_killed_under_load_fails_only_the_calls_it_held(serve
                 killed_at = load.now()
 
                 def restored() -> bool:
-                    alive = ingress_replicas(app)
+                    alive = alive_actors(f"ServeReplica:{app}:Ingress")
                     return len(alive) == count and victim not in alive.values()
                 wait("the ingress restored", restored, timeout=150, interval=0.2)
                 restored_s = load.now() - killed_at
@@ -535,16 +531,6 @@ def test_an_ingress_replica_killed_under_load_fails_only_the_calls_it_held(serve
         serve.delete(app)
 
 
-def serve_actor_pids(class_name: str) -> list[int]:
-    """Pids of the alive actors of one of Serve's own classes (ServeController, ProxyActor)."""
-    import ray
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=10_000,
-                         raise_on_missing_output=False)
-    return [a.pid for a in actors if a.class_name == class_name]
-
-
 @pytest.mark.timeout(300, func_only=True)
 def test_the_serve_controller_and_the_http_proxy_killed_under_load(served, test_windows, members):
     """Serve's own processes, each SIGKILLed under 10 requests a second (a client without
@@ -566,12 +552,13 @@ def test_the_serve_controller_and_the_http_proxy_killed_under_load(served, test_
     own = tokens["u-steel-a"]
     wait("steel-a may call its model", lambda: answers(served, own, [good(test_windows)], 200), timeout=60, interval=0.3)
     for target in ("ServeController", "ProxyActor"):
-        [victim] = serve_actor_pids(target)
+        [victim] = list(alive_actors(target).values())
         with SteadyLoad(served, own, test_windows[0][:16], rate_per_s=10) as load:
             time.sleep(2)
             os.kill(victim, signal.SIGKILL)
             killed_at = load.now()
-            wait(f"a new {target}", lambda: (pids := serve_actor_pids(target)) and victim not in pids, timeout=120, interval=0.1)
+            wait(f"a new {target}", lambda: (pids := alive_actors(target).values()) and victim not in pids, timeout=120,
+                 interval=0.1)
 
             def answered() -> bool:
                 try:
