@@ -142,32 +142,47 @@ def assemble(prefix, prompts: list[list[int]], embed, pad_id: int, responses: li
     embedding. Each row is [prefix][prompt][response]. Training (`responses` given) pads on the
     right and labels only the response tokens (prefix, prompt and padding are IGNORE);
     generation pads on the left, so every row ends where decoding continues. Positions count
-    attended tokens only, so a row's positions do not depend on its padding.
+    attended tokens only, so a row's positions do not depend on its padding; padded positions
+    hold zeros.
+
+    The layout (ids, mask, labels, where each row starts) is built on the host and reaches the
+    device in one copy (pinned, asynchronous on CUDA): no per-row transfers, each of which would
+    make the host wait for the device and leave the GPU idle while the next batch is assembled.
     """
     import torch
 
     train = responses is not None
     device = embed.weight.device
     toks = [p + (responses[i] if train else []) for i, p in enumerate(prompts)]
-    ids = torch.full((len(toks), max(1, max(len(t) for t in toks))), pad_id, dtype=torch.long, device=device)
-    for i, t in enumerate(toks):
-        ids[i, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
-    token_embeds = embed(ids)  # one call: under ZeRO-3 the embedding is gathered once
-    p = prefix.shape[1] if prefix is not None else 0
+    b, p = len(toks), prefix.shape[1] if prefix is not None else 0
+    width = max(1, max(len(t) for t in toks))
     longest = p + max(len(t) for t in toks)
-    b, h = len(toks), token_embeds.shape[-1]
-    x = torch.zeros((b, longest, h), dtype=token_embeds.dtype, device=device)
-    attn = torch.zeros((b, longest), dtype=torch.long, device=device)
-    labels = torch.full((b, longest), IGNORE, dtype=torch.long, device=device)
+    lengths = np.array([p + len(t) for t in toks])
+    shift = np.zeros(b, dtype=np.int64) if train else longest - lengths  # left padding moves each row right
+    cols = np.arange(p + width)
+    # host layout, one array: ids (right-aligned after the prefix), mask, labels, gather index
+    host = np.zeros((4, b, p + width), dtype=np.int64)
+    host[0] = pad_id
+    host[2] = IGNORE
     for i, t in enumerate(toks):
-        n = p + len(t)
-        start = 0 if train else longest - n
-        if p:
-            x[i, start: start + p] = prefix[i].to(x.dtype)
-        x[i, start + p: start + n] = token_embeds[i, : len(t)]
-        attn[i, start: start + n] = 1
+        host[0, i, p: p + len(t)] = t
         if train:
-            labels[i, p + len(prompts[i]): n] = torch.tensor(responses[i], dtype=torch.long, device=device)
+            start = p + len(prompts[i])
+            host[2, i, start: start + len(responses[i])] = responses[i]
+    host[1] = (cols >= shift[:, None]) & (cols < (shift + lengths)[:, None])
+    host[3] = np.clip(cols - shift[:, None], 0, p + width - 1)  # position k of a row holds the unshifted column k - shift
+    packed = torch.from_numpy(host)
+    if device.type == "cuda":
+        packed = packed.pin_memory()
+    packed = packed.to(device, non_blocking=True)
+    ids, attn, labels, index = packed[0, :, p:], packed[1, :, :longest], packed[2, :, :longest], packed[3, :, :longest]
+    token_embeds = embed(ids)  # one call: under ZeRO-3 the embedding is gathered once
+    x = token_embeds if prefix is None else torch.cat([prefix.to(token_embeds.dtype), token_embeds], 1)
+    if train:  # right padding: every row already starts at column 0
+        x = x[:, :longest]
+    else:
+        x = x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    x = x * attn.unsqueeze(-1).to(x.dtype)  # padding holds zeros, as the model never attends to it
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     return x, attn, positions, labels
 

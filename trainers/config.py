@@ -102,7 +102,8 @@ class RunConfig(Strict):
     log_every: int = Field(default=25, ge=1, description="steps between metric batches sent to MLflow")
     progress: bool = True
     compile: bool = Field(default=False, description="torch.compile the model inside the engine (pays on GPU for long runs; "
-                                                     "the first steps compile)")
+                                                     "the first steps compile). The report writer compiles by regions: "
+                                                     "each decoder layer and prefix encoder")
     channels_last: Literal["auto", "on", "off"] = Field(default="auto", description="image inputs in channels_last memory format "
                                                                                      "(parameters stay contiguous); auto = on with CUDA")
     timing_skip: int = Field(default=10, ge=0, description="steps left out of the steady-state throughput the loop reports "

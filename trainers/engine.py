@@ -153,6 +153,23 @@ def build_optimizer(model: torch.nn.Module, cfg, fused: bool, param_groups: list
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=fused or None)
 
 
+def compile_regions(model: torch.nn.Module) -> str | None:
+    """Regional compilation (`run.compile` for a model that has `compile_regions()`): each region
+    is compiled in place, and repeated blocks of one class (an LM's decoder layers) share one
+    compiled graph, so compiling takes seconds instead of minutes. A model whose forward takes
+    Python values that change every batch (the report writer's token id lists) needs it: compiled
+    whole, it would recompile on every new batch. Returns what was compiled, or None when the
+    model names no regions and is compiled whole."""
+    regions = getattr(model, "compile_regions", None)
+    if regions is None:
+        return None
+    kinds: dict[str, int] = {}
+    for module in regions():
+        module.compile()
+        kinds[type(module).__name__] = kinds.get(type(module).__name__, 0) + 1
+    return "regions " + ", ".join(f"{n} x {k}" for k, n in kinds.items())
+
+
 def build_engine(model: torch.nn.Module, cfg, d, lr_lambda: Callable[[int], float], store=None,
                  param_groups: list | None = None):
     """(engine, lr scheduler) for `model` (already on d.device) under the strategy `decide`
@@ -168,14 +185,18 @@ def build_engine(model: torch.nn.Module, cfg, d, lr_lambda: Callable[[int], floa
     if choice.uses_deepspeed:
         import deepspeed
 
+        regional = cfg.run.compile and compile_regions(model)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                config=deepspeed_config(cfg, cuda, choice), dist_init_required=False)
-        if cfg.run.compile:
+        if cfg.run.compile and not regional:
             engine.compile()
     else:
+        regional = cfg.run.compile and compile_regions(model)
         engine = TorchEngine(model, opt, sched, device=d.device, world=d.world, rank=d.rank,
                              grad_accum=cfg.optim.grad_accum, clip=cfg.optim.clip, bf16=bf16_enabled(cfg, cuda),
-                             compile=cfg.run.compile)
+                             compile=cfg.run.compile and not regional)
+    if cfg.run.compile and d.rank == 0:
+        print(f"[indai] compile: {regional or 'the whole model'}", file=sys.stderr, flush=True)
     engine.indai_strategy = choice.strategy  # recorded with each checkpoint (trainers.checkpoint.save)
     return engine, sched
 

@@ -93,14 +93,22 @@ class IndexBatches:
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
 
-    def fetch(self, idx: list[int]) -> dict[str, torch.Tensor]:
+    def fetch(self, idx: list[int] | torch.Tensor) -> dict[str, torch.Tensor]:
+        """One batch; `idx` a list, or a tensor on the split's device."""
         if self.fast:
-            return gather(self.ds, torch.as_tensor(idx, dtype=torch.long, device=self.ds.label.device), self.pin)
-        batch = default_collate([self.ds[i] for i in idx])
+            return gather(self.ds, torch.as_tensor(idx, dtype=torch.long), self.pin)
+        batch = default_collate([self.ds[int(i)] for i in idx])
         return {k: v.pin_memory() for k, v in batch.items()} if self.pin else batch
 
     def __iter__(self):
         order = list(iter(self.sampler))
+        where = self.ds.label.device if self.fast else torch.device("cpu")
+        if where.type == "cuda":
+            # the epoch's order reaches a device-resident split in one asynchronous copy from pinned
+            # memory. Indices made on the device from a list at every step were a pageable copy, and
+            # that makes the host wait until the GPU has finished all work queued so far: the loop
+            # could never queue a step ahead of the one the GPU was running.
+            order = torch.as_tensor(order, dtype=torch.long).pin_memory().to(where, non_blocking=True)
         for i in range(0, len(order), self.batch_size):
             yield self.fetch(order[i: i + self.batch_size])
 

@@ -1,28 +1,33 @@
 #!/usr/bin/env bash
-# The prepared GPU check: one call of the lent GPU machine, about 6 minutes, everything under $OUT.
+# The prepared GPU check: one call of the lent GPU machine, 8-9 minutes, everything under $OUT.
 #
-#   run(command="bash bench/gpu/run.sh", carry=[".whl"], timeout_s=540)
+#   run(command="bash bench/gpu/run.sh", carry=[".whl"], timeout_s=560)
 #
-# Steps, each with its own time limit, all inside INDAI_GPU_BUDGET seconds (default 450; a step
-# that would not fit in what is left is skipped and says so):
-#   1. setup     source bench/gpu/setup.sh: the carried wheels (.whl/), DeepSpeed built from its
+# Steps, each with its own time limit, all inside INDAI_GPU_BUDGET seconds (default 500; a step
+# that would not fit in what is left is skipped and says so). INDAI_GPU_STEPS picks the steps after
+# setup, in this order (default "tests train rw"; the LM steps were measured in stop 12):
+#   setup        source bench/gpu/setup.sh: the carried wheels (.whl/), DeepSpeed built from its
 #                source (TORCH_CUDA_ARCH_LIST=9.0, DS_BUILD_OPS=0), the trimmed Ray, indai
 #                importable from this checkout; all into /tmp/site                   (<= 150 s)
-#   2. tests     python3 -m pytest tests/gpu                                           (<= 120 s)
-#   3. train     bench/train_throughput.py --shape reference --models fusion: plain PyTorch,
-#                indai loop without Ray (strategy auto), indai with DeepSpeed ZeRO-0, and indai
-#                under Ray Train only if `import ray.train` works here                 (<= 150 s)
-#   4. llm       bench/llm_throughput.py: the ~1.1B Llama, full fine-tuning and LoRA, plain (<= 90 s)
-#   5. llm-ds    the same through DeepSpeed ZeRO-2, only if DeepSpeed imports          (<= 90 s)
-#   6. extra     INDAI_GPU_COMPILE=1: plain loops with torch.compile (fusion model and the LM)
+#   tests        python3 -m pytest tests/gpu                                           (<= 150 s)
+#   train        bench/train_throughput.py --shape reference --models fusion, 2 rounds: plain
+#                PyTorch, indai (device-resident split), indai_host_feed, and indai under Ray
+#                Train only if `import ray.train` works (ZeRO-0: add INDAI_GPU_ZERO0=1) (<= 240 s)
+#   rw           bench/report_writer_throughput.py: the report writer (~1.1B LM + prefix
+#                encoders) eager and compiled, against a plain LoRA loop            (<= 150 s)
+#   llm          bench/llm_throughput.py: the ~1.1B Llama, full fine-tuning and LoRA, plain (<= 90 s)
+#   llm-ds       the same through DeepSpeed ZeRO-2, only if DeepSpeed imports          (<= 90 s)
+#   compile      plain loops with torch.compile (fusion model and the LM)              (<= 300 s)
 # Output: $OUT/results/*.jsonl (bench/_record.py lines), $OUT/logs/<step>.log, $OUT/summary.txt.
 # A dry run of the script's logic on a CPU machine: PYTHON=.venv/bin/python INDAI_GPU_SHAPE=small
-# INDAI_GPU_LLM_ARGS='--shape tiny --steps 2 --warmup 1' OUT=/tmp/gpu-dry bash bench/gpu/run.sh
+# INDAI_GPU_RW_SHAPE=tiny INDAI_GPU_LLM_ARGS='--shape tiny --steps 2 --warmup 1' OUT=/tmp/gpu-dry bash bench/gpu/run.sh
 set -o pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/indai-gpu-out}
-BUDGET=${INDAI_GPU_BUDGET:-450}
+BUDGET=${INDAI_GPU_BUDGET:-500}
 SHAPE=${INDAI_GPU_SHAPE:-reference}
+RW_SHAPE=${INDAI_GPU_RW_SHAPE:-reference}
+STEPS=" ${INDAI_GPU_STEPS:-tests train rw} "
 read -r -a LLM_ARGS <<< "${INDAI_GPU_LLM_ARGS:-}"
 mkdir -p "$OUT/logs" "$OUT/results"
 export INDAI_BENCH_RESULTS="$OUT/results" PYTHON=${PYTHON:-python3} TORCH_CUDA_ARCH_LIST=9.0
@@ -74,25 +79,29 @@ HAVE_DS=0; HAVE_RAY=0
 echo "== deepspeed importable: $HAVE_DS; ray.train importable: $HAVE_RAY" | tee -a "$STATUS"
 [ "$HAVE_RAY" = 1 ] || echo "== Ray Train does not import here: the indai-under-Ray way is skipped (no Ray numbers from this run)" | tee -a "$STATUS"
 
-# 2. GPU tests
-step tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/gpu --junitxml="$OUT/logs/tests-gpu.xml"
+wanted() { [[ "$STEPS" == *" $1 "* ]]; }
 
-# 3. the fusion model three ways
-ways=(plain indai indai_host_feed)
-[ "$HAVE_DS" = 1 ] && ways+=(indai_zero0)
-[ "$HAVE_RAY" = 1 ] && ways+=(indai_ray)
-step train 150 "$PYTHON" bench/train_throughput.py --shape "$SHAPE" --models fusion --ways "${ways[@]}" --note "bench/gpu/run.sh"
+wanted tests && step tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/gpu --junitxml="$OUT/logs/tests-gpu.xml"
 
-# 4./5. the ~1.1B LM
-step llm 90 "$PYTHON" bench/llm_throughput.py --engines plain "${LLM_ARGS[@]}" --note "bench/gpu/run.sh"
-if [ "$HAVE_DS" = 1 ]; then
-  step llm-ds 90 "$PYTHON" bench/llm_throughput.py --engines deepspeed --ds-stage 2 "${LLM_ARGS[@]}" --note "bench/gpu/run.sh"
-else
-  echo "== llm-ds: skipped, DeepSpeed does not import" | tee -a "$STATUS"
+if wanted train; then
+  ways=(plain indai indai_host_feed)
+  [ "$HAVE_DS" = 1 ] && [ "${INDAI_GPU_ZERO0:-0}" = 1 ] && ways+=(indai_zero0)
+  [ "$HAVE_RAY" = 1 ] && ways+=(indai_ray)
+  step train 240 "$PYTHON" bench/train_throughput.py --shape "$SHAPE" --models fusion --repeats 2 --ways "${ways[@]}" --note "bench/gpu/run.sh"
 fi
 
-# 6. optional: torch.compile
-if [ "${INDAI_GPU_COMPILE:-0}" = 1 ]; then
+wanted rw && step rw 150 "$PYTHON" bench/report_writer_throughput.py --shape "$RW_SHAPE" --note "bench/gpu/run.sh"
+
+wanted llm && step llm 90 "$PYTHON" bench/llm_throughput.py --engines plain "${LLM_ARGS[@]}" --note "bench/gpu/run.sh"
+if wanted llm-ds; then
+  if [ "$HAVE_DS" = 1 ]; then
+    step llm-ds 90 "$PYTHON" bench/llm_throughput.py --engines deepspeed --ds-stage 2 "${LLM_ARGS[@]}" --note "bench/gpu/run.sh"
+  else
+    echo "== llm-ds: skipped, DeepSpeed does not import" | tee -a "$STATUS"
+  fi
+fi
+
+if wanted compile; then
   step train-compile 150 "$PYTHON" bench/train_throughput.py --shape "$SHAPE" --models fusion --ways plain_compile indai_compile --note "bench/gpu/run.sh compile"
   step llm-compile 150 "$PYTHON" bench/llm_throughput.py --engines plain --modes full --compile "${LLM_ARGS[@]}" --note "bench/gpu/run.sh compile"
 fi
@@ -114,6 +123,13 @@ for path in sorted(Path(sys.argv[1]).glob("*.jsonl")):
             else:
                 print(f"{r['engine']:<9} {r['mode']:<5} batch {r['batch']} compile {r['compile']}: {r['tokens_per_s']:>9.0f} tokens/s "
                       f"{r['tflops']:>6.1f} TFLOP/s MFU {r['mfu']:.3f} (GPU.md count {r['mfu_gpu_md']}) peak {r['peak_memory_gib']} GiB")
+        elif path.stem == "report_writer_throughput":
+            if "error" in r:
+                print(f"{r['way']:<14} batch {r['batch']}: {r['error'][:80]}")
+            else:
+                print(f"{r['way']:<14} batch {r['batch']} ckpt {r['grad_ckpt']}: {r['tokens_per_s']:>9.0f} tokens/s "
+                      f"{r['step_ms']:>8.1f} ms/step {r['tflops']:>6.1f} TFLOP/s MFU {r['mfu']:.3f} /lm_lora {r['ratio_to_lm_lora']} "
+                      f"peak {r['peak_memory_gib']} GiB warm-up {r['warmup_s']} s")
         else:
             print(json.dumps(r)[:300])
 EOF

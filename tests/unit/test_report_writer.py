@@ -189,3 +189,45 @@ def test_config_refuses_unknown_lora_targets_and_train_config_dispatches_by_fami
     assert isinstance(TrainConfig.model_validate(rw.model_dump(mode="json")).model, ReportWriterConfig)
     trainable = {n for n, p in writer(lm_folder, ["sensor"]).named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("prefix.") for n in trainable)
+
+
+def test_left_padded_batches_keep_each_row_where_it_ends(lm_folder):
+    """Generation's layout: each row's prefix and prompt end at the last column, padding (zeros,
+    never attended) in front; the embeddings are the row's own, whatever the others' lengths."""
+    model = writer(lm_folder, ["sensor"])
+    tok = model.tokens
+    prompts = [prompt_ids(tok, "Summarise.", "PUMP LEAK", 96)[0], prompt_ids(tok, "요약하세요.", "엔진 과열 " * 6, 96)[0]]
+    assert len(prompts[0]) != len(prompts[1])
+    prefix = model.prefix_embeddings(2, sensor=torch.randn(2, 2, 128), mask=torch.ones(2, 3))
+    embed = model.lm.get_input_embeddings()
+    x, attn, pos, labels = assemble(prefix, prompts, embed, tok.pad)
+    k, longest = prefix.shape[1], prefix.shape[1] + max(map(len, prompts))
+    assert x.shape[:2] == attn.shape == pos.shape == (2, longest) and labels.eq(IGNORE).all()
+    for i, ids in enumerate(prompts):
+        start = longest - k - len(ids)
+        assert attn[i, :start].eq(0).all() and attn[i, start:].eq(1).all() and x[i, :start].eq(0).all()
+        assert pos[i, start:].tolist() == list(range(k + len(ids)))
+        torch.testing.assert_close(x[i, start: start + k], prefix[i])
+        torch.testing.assert_close(x[i, start + k:], embed(torch.tensor(ids)))
+
+
+def test_the_frozen_lm_is_held_in_bf16_while_adapters_and_prefixes_train_in_fp32(lm_folder):
+    from indai.trainers.models.report_writer.model import hold_frozen_in_bf16
+
+    model = writer(lm_folder, ["sensor"]).train()
+    frozen = sum(p.numel() for p in model.lm.parameters() if not p.requires_grad)
+    assert hold_frozen_in_bf16(model.lm) == frozen > 0
+    assert all(p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16) for p in model.lm.parameters())
+    assert all(p.dtype == torch.float32 for p in model.prefix.parameters())  # encoders (BatchNorm too) are left alone
+    assert all(b.dtype == torch.float32 for n, b in model.lm.named_buffers() if "inv_freq" in n)
+    tok = model.tokens
+    prompts = [prompt_ids(tok, "Summarise the fault.", "Work order: PUMP LEAK", 96)[0]] * 2
+    responses = [tok.encode("Likely fault: a leak.") + [tok.eos_id]] * 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, n = model(prompts, responses, sensor=torch.randn(2, 2, 128), mask=torch.ones(2, 3))
+    loss.backward()
+    assert torch.isfinite(loss) and int(n) == 2 * len(responses[0])
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None and g.dtype == torch.float32 for g in grads.values())
+    assert any(g.abs().sum() > 0 for name, g in grads.items() if "lora_B" in name)  # A has none while B is 0
+    assert hold_frozen_in_bf16(model.lm) == 0  # nothing left to cast

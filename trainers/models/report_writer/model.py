@@ -83,6 +83,20 @@ def add_lora(lm, cfg: ReportWriterConfig):
     return get_peft_model(lm, lcfg)
 
 
+def hold_frozen_in_bf16(module: nn.Module) -> int:
+    """Frozen fp32 parameters of `module` (the LM) become bf16; trainable ones (the adapters) stay
+    fp32. Under bf16 autocast a weight that needs no gradient is cast again at every use (autocast
+    caches only the casts of trainable leaves): a frozen fp32 LM paid a full copy of itself in each
+    forward, recomputation and backward, and held twice the memory. Returns the parameters cast.
+    For training only: export merges the adapters into the mirror's own weights."""
+    n = 0
+    for p in module.parameters():
+        if not p.requires_grad and p.dtype == torch.float32:
+            p.data = p.data.to(torch.bfloat16)
+            n += p.numel()
+    return n
+
+
 class ReportWriter(nn.Module):
     def __init__(self, cfg: ReportWriterConfig, lm_folder: Path, store=None, load_pretrained: bool = True):
         """`lm_folder`: the LM's mirror folder; `load_pretrained=False` builds the LM and image
@@ -111,6 +125,13 @@ class ReportWriter(nn.Module):
         self.tokens = Tokens.from_folder(lm_folder / "tokenizer.json", json.loads((lm_folder / "config.json").read_text()),
                                          json.loads(gen.read_text()) if gen.is_file() else None)
 
+    def compile_regions(self) -> list[nn.Module]:
+        """What `run.compile` compiles (trainers.engine.compile_regions): each decoder layer of the
+        LM, one graph reused by all of them, and each prefix encoder. The forward itself takes
+        Python lists of ids and stays eager."""
+        layers = [m for m in self.lm.modules() if type(m).__name__.endswith("DecoderLayer")]
+        return layers + [self.prefix[m] for m in self.prefix]
+
     def prefix_embeddings(self, n: int, sensor=None, image=None, mask=None) -> torch.Tensor | None:
         inputs = {"sensor": sensor, "image": image}
         parts = []
@@ -127,8 +148,14 @@ class ReportWriter(nn.Module):
                 mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss over the response tokens, number of those tokens)."""
         prefix = self.prefix_embeddings(len(prompts), sensor, image, mask)
-        x, attn, pos, labels = assemble(prefix, prompts, self.lm.get_input_embeddings(), self.tokens.pad, responses)
-        logits = self.lm(inputs_embeds=x, attention_mask=attn, position_ids=pos, use_cache=False).logits
+        x, _, _, labels = assemble(prefix, prompts, self.lm.get_input_embeddings(), self.tokens.pad, responses)
+        # Rows are padded on the right, so under causal attention no scored token sees padding, and
+        # the default positions (0, 1, ...) are each row's own: the LM runs without a mask or
+        # position ids. The loss is the same (a test compares it with the masked call); attention
+        # runs in SDPA's causal flash kernel instead of a masked one, and no [B, 1, L, L] mask is
+        # built. (Either way Hugging Face reads one value on the host per forward: a mask that
+        # might be all ones, or positions that might be packed sequences.)
+        logits = self.lm(inputs_embeds=x, use_cache=False).logits
         target = labels[:, 1:]
         n = (target != -100).sum()
         loss = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),

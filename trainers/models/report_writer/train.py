@@ -30,10 +30,11 @@ from indai.platform.storage import open_store
 from indai.trainers import checkpoint
 from indai.trainers.config import TrainConfig
 from indai.trainers.data import ShardSampler
-from indai.trainers.engine import build_engine, full_state_dict
+from indai.trainers.engine import bf16_enabled, build_engine, full_state_dict
 from indai.trainers.loop import progress_event, setup_distributed, warmup_cosine
 from indai.trainers.tracking import MetricBuffer
 from indai.trainers.models.report_writer.data import InstructDataset, collate, to_device
+from indai.trainers.models.report_writer.model import hold_frozen_in_bf16
 
 FINAL_WEIGHTS = "trained.safetensors"
 
@@ -106,6 +107,11 @@ def train_report_writer(config: dict) -> dict:
                     for s, ds in splits.items() if s != "train"}
     steps_per_epoch = max(1, len(train_loader) // cfg.optim.grad_accum)
     engine, sched = build_engine(model, cfg, d, warmup_cosine(steps_per_epoch * cfg.optim.epochs, cfg.optim.warmup_frac), store)
+    if cuda and bf16_enabled(cfg, cuda) and engine.zero_optimization_stage() < 3:  # ZeRO-3 holds the weights partitioned
+        cast = hold_frozen_in_bf16(model.lm)
+        if d.rank == 0:
+            print(f"[indai] the frozen LM is held in bf16 ({cast / 1e6:.1f} M parameters); adapters train in fp32",
+                  file=sys.stderr, flush=True)
 
     start_epoch, step = 0, 0
     found = checkpoint.latest(store, cfg.run.name) if cfg.run.resume else None
@@ -120,21 +126,23 @@ def train_report_writer(config: dict) -> dict:
     val: dict = {}
     for epoch in range(start_epoch, cfg.optim.epochs):
         sampler.set_epoch(epoch)
-        t0, tokens, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
+        t0, batches = time.perf_counter(), 0
+        sums = torch.zeros(2, dtype=torch.float64, device=d.device)  # loss, response tokens: summed on the device
         show_bar = cfg.run.progress and d.rank == 0 and not d.under_ray
         for batch in bar(train_loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", total=len(train_loader), enabled=show_bar):
             loss, n = engine(**_inputs(to_device(batch, d.device)))
             engine.backward(loss)
             engine.step()
             step, batches = step + 1, batches + 1
-            tokens += int(n)
-            loss_sum += loss.item()
+            sums += torch.stack([loss.detach().double(), n.double()])  # no host sync every step
             if step % cfg.run.log_every == 0:
-                metrics.add("train_loss", loss.item(), step)
+                last_loss = loss.item()
+                metrics.add("train_loss", last_loss, step)
                 metrics.add("lr", sched.get_last_lr()[0], step)
                 if d.rank == 0:
                     progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step, steps=steps_per_epoch * cfg.optim.epochs,
-                                   loss=round(loss.item(), 5))
+                                   loss=round(last_loss, 5))
+        loss_sum, tokens = sums.tolist()
         took = time.perf_counter() - t0
         metrics.add("epoch_train_loss", loss_sum / max(1, batches), step)
         metrics.add("response_tokens_per_s", tokens * d.world / took, step)
