@@ -100,7 +100,7 @@ def run_in_process(cfg) -> dict:
         torch.cuda.reset_peak_memory_stats()
     launched = time.time()
     out = train_loop(cfg.model_dump(mode="json"))
-    return with_startup(out["timing"], launched)
+    return dict(with_startup(out["timing"], launched), profile=out.get("profile"))
 
 
 def run_torchrun(cfg, store, workdir: Path, threads: int) -> dict:
@@ -115,7 +115,8 @@ def run_torchrun(cfg, store, workdir: Path, threads: int) -> dict:
                           env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    return with_startup(final_result(store, cfg.run.name)["timing"], launched)
+    result = final_result(store, cfg.run.name)
+    return dict(with_startup(result["timing"], launched), profile=result.get("profile"))
 
 
 def start_ray(num_cpus: int, num_gpus: int) -> float:
@@ -137,7 +138,8 @@ def run_ray(cfg, store, manifest: dict, home: Path) -> dict:
     settings = Settings(store_uri=store.uri, mlflow_uri=None, ray_address=None, serve_url=None, home=home)
     launched = time.time()
     run_workers(cfg, settings, manifest)
-    return with_startup(final_result(store, cfg.run.name)["timing"], launched)
+    result = final_result(store, cfg.run.name)
+    return dict(with_startup(result["timing"], launched), profile=result.get("profile"))
 
 
 def ray_importable() -> bool:

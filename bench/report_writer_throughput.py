@@ -143,6 +143,20 @@ def timed(step, warmup: int, steps: int, cuda: bool) -> tuple[float, float]:
     return warm, (time.perf_counter() - t0) / steps
 
 
+def profiled(step, cfg, device, steps: int) -> dict | None:
+    """`steps` more steps under torch.profiler (trainers.profiling, as run.profile_steps records
+    them): how busy the GPU was and the costliest operators; None when `steps` is 0."""
+    if not steps:
+        return None
+    from indai.trainers.profiling import Profile
+
+    run = cfg.run.model_copy(update={"timing_skip": 0, "profile_steps": steps})
+    recorder = Profile(cfg.model_copy(update={"run": run}), 0, device)
+    for _ in recorder.steps(range(steps)):
+        step()
+    return recorder.finish()
+
+
 def run_lm_lora(s: dict, cfg, folder: Path, device, batch: int, a) -> dict:
     import torch
 
@@ -182,7 +196,7 @@ def run_lm_lora(s: dict, cfg, folder: Path, device, batch: int, a) -> dict:
     flops, counted = count_flops(step, model.gradient_checkpointing_disable if ckpt else (lambda: None), on)
     warm, secs = timed(step, a.warmup, a.steps, cuda)
     return {"flops_per_step": flops, "counted_flops_per_step": counted, "warmup_s": warm, "step_s": secs,
-            "tokens_per_step": ids.numel(),
+            "profile": profiled(step, cfg, device, a.profile), "tokens_per_step": ids.numel(),
             "response_tokens_per_step": batch * s["response"], "trainable": sum(p.numel() for p in params),
             "final_loss": float(step().item())}
 
@@ -228,7 +242,7 @@ def run_indai(s: dict, cfg, folder: Path, device, batch: int, a) -> dict:
 
     warm, secs = timed(step, a.warmup, a.steps, cuda)
     return {"flops_per_step": flops, "counted_flops_per_step": counted, "warmup_s": warm, "step_s": secs,
-            "tokens_per_step": batch * (cfg.model.sensor.tokens + cfg.model.image.tokens + s["prompt"] + s["response"]),
+            "profile": profiled(step, cfg, device, a.profile), "tokens_per_step": batch * (cfg.model.sensor.tokens + cfg.model.image.tokens + s["prompt"] + s["response"]),
             "response_tokens_per_step": batch * s["response"], "strategy": engine.indai_strategy,
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "final_loss": float(last["loss"].item())}
@@ -244,6 +258,8 @@ def main() -> None:
     ap.add_argument("--grad-ckpt", choices=["flavour", "on", "off"], default="flavour",
                     help="gradient checkpointing of the LM (the base flavour has it on)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="after the measured steps, STEPS more under torch.profiler: how busy the GPU was, the costliest operators")
     ap.add_argument("--note", default="")
     a = ap.parse_args()
     import torch
@@ -282,7 +298,7 @@ def main() -> None:
                             "flops_per_step": r["flops_per_step"], "counted_flops_per_step": r["counted_flops_per_step"],
                             "tflops": round(r["flops_per_step"] / secs / 1e12, 3),
                             "mfu": round(r["flops_per_step"] / secs / PEAK_BF16, 4), "trainable": r["trainable"],
-                            "strategy": r.get("strategy"), "final_loss": round(r["final_loss"], 4),
+                            "strategy": r.get("strategy"), "final_loss": round(r["final_loss"], 4), "profile": r["profile"],
                             "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None})
             rows.append(row)
             gc.collect()
@@ -304,6 +320,10 @@ def main() -> None:
         pk = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
         print(f"{r['way']:<15}{r['batch']:>6}{r['tokens_per_s']:>11.0f}{r['response_tokens_per_s']:>11.0f}{r['step_ms']:>9.1f}"
               f"{r['tflops']:>9.2f}{r['mfu']:>7.3f}{ratio:>9}{pk:>10}")
+        if r["profile"]:
+            busy = r["profile"]["device_busy"]
+            print(f"{'':<15}profiled: {r['profile']['wall_ms_per_step']} ms/step" + (f", device busy {busy}" if busy is not None else "")
+                  + "; " + ", ".join(f"{t['op']} {t['ms_per_step']} ms" for t in r["profile"]["top"][:3]))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def plain_loop(cfg, store, compile_model: bool) -> dict:
     from indai.trainers.feed import channels_last_enabled, gather
     from indai.trainers.loop import warmup_cosine
     from indai.trainers.models import create_model
+    from indai.trainers.profiling import Profile
 
     device = torch.device("cuda:0" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
@@ -74,9 +75,10 @@ def plain_loop(cfg, store, compile_model: bool) -> dict:
     order = torch.as_tensor(list(ShardSampler(len(data["label"]), 0, 1, shuffle=True, seed=cfg.run.seed)), device=device)
     inputs = [k for k in ("sensor", "image", "text", "mask") if k in data]
     model.train()
+    profile = Profile(cfg, 0, device, store)  # --profile: the same recorder as the indai loop's run.profile_steps
     launched = time.time()
     t0 = None
-    for i in range(n_steps):
+    for i in profile.steps(range(n_steps)):
         if i == cfg.run.timing_skip:
             if cuda:
                 torch.cuda.synchronize()
@@ -103,7 +105,7 @@ def plain_loop(cfg, store, compile_model: bool) -> dict:
            "skipped_steps": cfg.run.timing_skip, "steady_steps": measured, "steady_seconds": round(secs, 4),
            "samples_per_s": round(measured * bs / secs, 2), "step_ms_mean": round(1000 * secs / measured, 3),
            "peak_memory_gib": round(peak, 3) if peak is not None else None, "startup_s": None,
-           "final_loss": round(loss.item(), 4), "launched_unix": launched}
+           "final_loss": round(loss.item(), 4), "launched_unix": launched, "profile": profile.finish()}
     del model, opt, data, forward
     gc.collect()
     if cuda:
@@ -144,6 +146,9 @@ def main() -> None:
                          "threads waiting for a core), with one a steady 12 ms")
     ap.add_argument("--repeats", type=int, default=1, help="rounds of all ways; medians are reported")
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. 'shared machine')")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="after the rounds, run each way once more with STEPS steps under torch.profiler (run.profile_steps; "
+                         "not counted in the throughput): how busy the GPU was and the costliest operators, per way")
     a = ap.parse_args()
     import torch
 
@@ -184,6 +189,14 @@ def main() -> None:
                     runs[way].append(r)
                     print(f"{model} {way} (round {rnd + 1}): {r['samples_per_s']} samples/s, {r['step_ms_mean']} ms/step "
                           f"({time.perf_counter() - t0:.1f} s in all)", file=sys.stderr)
+            profiles = {}
+            for way in ways if a.profile else []:  # an extra run each: the profiler slows the steps it records
+                run_cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": f"bench-{model}-profile",
+                                                                                    "profile_steps": a.profile})})
+                profiles[way] = run_way(way, run_cfg, store, manifest, Path(tmp), cuda, a.threads).get("profile")
+                busy = (profiles[way] or {}).get("device_busy")
+                print(f"{model} {way} (profiled): {(profiles[way] or {}).get('wall_ms_per_step')} ms/step"
+                      + (f", device busy {busy}" if busy is not None else ""), file=sys.stderr)
             for way, rs in runs.items():
                 ratios = {}
                 # compiled indai against the compiled plain loop when both ran, else against plain
@@ -202,7 +215,8 @@ def main() -> None:
                        "ratio_to_plain": ratios.get("ratio_to_plain", 1.0 if way == "plain" else None),
                        "ratio_to_indai": ratios.get("ratio_to_indai"),
                        "ray_start_s": round(ray_start, 2) if ray_start is not None and way == "indai_ray" else None,
-                       "gpu": torch.cuda.get_device_name(0) if cuda else None, "note": a.note}
+                       "gpu": torch.cuda.get_device_name(0) if cuda else None, "note": a.note,
+                       "profile": profiles.get(way)}
                 rows.append(row)
                 write("train_throughput", row)
     if ray_start is not None:
@@ -214,6 +228,13 @@ def main() -> None:
         fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
         print(f"{r['model']:<8}{r['way']:<15}{r['samples_per_s']:>11.1f}{r['step_ms']:>10.1f}"
               f"{fmt(r['peak_memory_gib']):>10}{fmt(r['ratio_to_plain']):>8}{fmt(r['ratio_to_indai']):>8}")
+    if any(r["profile"] for r in rows):
+        print(f"\n{'model':<8}{'way':<15}{'profiled ms/step':>17}{'device busy':>13}  costliest operators (ms per step)")
+        for r in rows:
+            pr = r["profile"] or {}
+            busy = f"{pr['device_busy']:.3f}" if pr.get("device_busy") is not None else "-"
+            top = ", ".join(f"{t['op']} {t['ms_per_step']}" for t in pr.get("top", [])[:3])
+            print(f"{r['model']:<8}{r['way']:<15}{pr.get('wall_ms_per_step', '-'):>17}{busy:>13}  {top}")
 
 
 if __name__ == "__main__":

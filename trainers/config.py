@@ -108,6 +108,11 @@ class RunConfig(Strict):
                                                                                      "(parameters stay contiguous); auto = on with CUDA")
     timing_skip: int = Field(default=10, ge=0, description="steps left out of the steady-state throughput the loop reports "
                                                            "(compilation, allocator and cuDNN warm-up)")
+    profile_steps: int = Field(default=0, ge=0, le=200, description="record this many train steps after the warm-up "
+                                                                  "(timing_skip) with torch.profiler: a trace per rank beside the "
+                                                                  "checkpoints, and a summary (ms per step, how busy the GPU "
+                                                                  "was, the costliest operators) in the log, result and MLflow; "
+                                                                  "0: off")
 
     @field_validator("name")
     @classmethod

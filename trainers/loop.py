@@ -35,6 +35,7 @@ from indai.trainers import checkpoint, feed, finetune, tasks
 from indai.trainers.config import TrainConfig
 from indai.trainers.engine import build_engine, deepspeed_config, full_state_dict  # noqa: F401  (deepspeed_config: kept importable from here)
 from indai.trainers.streaming import split_size
+from indai.trainers.profiling import Profile, record_profile
 from indai.trainers.tracking import MetricBuffer
 from indai.trainers.data import ShardSampler, SplitDataset, resize_images
 from indai.trainers.models import create_model
@@ -171,6 +172,7 @@ def train_loop(config: dict) -> dict:
               for s, a in arrays.items()}
     del arrays
     clock = feed.StepClock(cfg.run.timing_skip, d.world, d.device)  # steady-state throughput, in the result
+    profile = Profile(cfg, d.rank, d.device, store)  # run.profile_steps (trainers.profiling)
     if streaming:  # Ray Data streams the train split's shards from the object store (trainers.streaming)
         import ray.train
 
@@ -183,7 +185,7 @@ def train_loop(config: dict) -> dict:
                                                  local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
                                                  local_shuffle_seed=cfg.run.seed + epoch if cfg.data.shuffle_buffer else None)
             # equal steps on every worker keeps collectives in lockstep
-            return clock.steps(feed.to_device(itertools.islice(it, n_batches), cfg, d.device))
+            return profile.steps(clock.steps(feed.to_device(itertools.islice(it, n_batches), cfg, d.device)))
     else:
         train_sampler = ShardSampler(len(splits["train"]), d.rank, d.world, shuffle=True, seed=cfg.run.seed)
         train_loader = _loader(splits["train"], train_sampler, cfg, d.device)
@@ -191,7 +193,7 @@ def train_loop(config: dict) -> dict:
 
         def train_batches(epoch: int, skip: int = 0):
             train_sampler.set_epoch(epoch, start=skip * cfg.optim.batch_size)  # a mid-epoch resume: after `skip` batches
-            return clock.steps(train_loader)
+            return profile.steps(clock.steps(train_loader))
     eval_loaders = {s: _loader(ds, ShardSampler(len(ds), d.rank, d.world, shuffle=False), cfg, d.device)
                     for s, ds in splits.items() if s != "train" or task.needs_fit}  # train: anomaly fits on it
 
@@ -282,6 +284,10 @@ def train_loop(config: dict) -> dict:
             ray.train.report({"epoch": epoch, "step": step, **{f"val_{k}": v for k, v in tasks.scalars(val).items()}})
 
     result = {"step": step, "timing": clock.summary()}
+    profiled = profile.finish()
+    if profiled:
+        result["profile"] = profiled
+        record_profile(metrics, profiled, step)
     if "test" in eval_loaders:
         if task.needs_fit and not val and "val" in eval_loaders:  # resumed after the last epoch: calibrate again
             val = score("val")

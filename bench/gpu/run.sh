@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# The prepared GPU check: one call of the lent GPU machine, 8-9 minutes, everything under $OUT.
+# The prepared GPU check: one call of the lent GPU machine, 9-10 minutes, everything under $OUT.
 #
-#   run(command="bash bench/gpu/run.sh", carry=[".whl"], timeout_s=560)
+#   run(command="bash bench/gpu/run.sh", carry=[".whl"], timeout_s=590)
 #
-# Steps, each with its own time limit, all inside INDAI_GPU_BUDGET seconds (default 500; a step
+# Steps, each with its own time limit, all inside INDAI_GPU_BUDGET seconds (default 540; a step
 # that would not fit in what is left is skipped and says so). INDAI_GPU_STEPS picks the steps after
-# setup, in this order (default "tests train rw"; the LM steps were measured in stop 12):
+# setup, in this order (default "train rw tests": the measurements first; the LM steps were
+# measured in stop 12):
 #   setup        source bench/gpu/setup.sh: the carried wheels (.whl/), DeepSpeed built from its
 #                source (TORCH_CUDA_ARCH_LIST=9.0, DS_BUILD_OPS=0), the trimmed Ray, indai
 #                importable from this checkout; all into /tmp/site                   (<= 150 s)
-#   tests        python3 -m pytest tests/gpu                                           (<= 150 s)
 #   train        bench/train_throughput.py --shape reference --models fusion, 2 rounds: plain
 #                PyTorch, indai (device-resident split), indai_host_feed, and indai under Ray
-#                Train only if `import ray.train` works (ZeRO-0: add INDAI_GPU_ZERO0=1) (<= 240 s)
+#                Train only if `import ray.train` works (ZeRO-0: add INDAI_GPU_ZERO0=1); then
+#                each way once more with 5 steps under torch.profiler (--profile 5): how busy
+#                the GPU was, and the costliest operators                           (<= 270 s)
 #   rw           bench/report_writer_throughput.py: the report writer (~1.1B LM + prefix
-#                encoders) eager and compiled, against a plain LoRA loop            (<= 150 s)
+#                encoders) eager and compiled, against a plain LoRA loop, then 3 steps of
+#                each under torch.profiler (--profile 3)                            (<= 150 s)
+#   tests        python3 -m pytest tests/gpu, the host-wait counts first            (<= 150 s)
 #   llm          bench/llm_throughput.py: the ~1.1B Llama, full fine-tuning and LoRA, plain (<= 90 s)
 #   llm-ds       the same through DeepSpeed ZeRO-2, only if DeepSpeed imports          (<= 90 s)
 #   compile      plain loops with torch.compile (fusion model and the LM)              (<= 300 s)
@@ -24,10 +28,10 @@
 set -o pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/indai-gpu-out}
-BUDGET=${INDAI_GPU_BUDGET:-500}
+BUDGET=${INDAI_GPU_BUDGET:-540}
 SHAPE=${INDAI_GPU_SHAPE:-reference}
 RW_SHAPE=${INDAI_GPU_RW_SHAPE:-reference}
-STEPS=" ${INDAI_GPU_STEPS:-tests train rw} "
+STEPS=" ${INDAI_GPU_STEPS:-train rw tests} "
 read -r -a LLM_ARGS <<< "${INDAI_GPU_LLM_ARGS:-}"
 mkdir -p "$OUT/logs" "$OUT/results"
 export INDAI_BENCH_RESULTS="$OUT/results" PYTHON=${PYTHON:-python3} TORCH_CUDA_ARCH_LIST=9.0
@@ -81,16 +85,17 @@ echo "== deepspeed importable: $HAVE_DS; ray.train importable: $HAVE_RAY" | tee 
 
 wanted() { [[ "$STEPS" == *" $1 "* ]]; }
 
-wanted tests && step tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/gpu --junitxml="$OUT/logs/tests-gpu.xml"
-
 if wanted train; then
   ways=(plain indai indai_host_feed)
   [ "$HAVE_DS" = 1 ] && [ "${INDAI_GPU_ZERO0:-0}" = 1 ] && ways+=(indai_zero0)
   [ "$HAVE_RAY" = 1 ] && ways+=(indai_ray)
-  step train 240 "$PYTHON" bench/train_throughput.py --shape "$SHAPE" --models fusion --repeats 2 --ways "${ways[@]}" --note "bench/gpu/run.sh"
+  step train 270 "$PYTHON" bench/train_throughput.py --shape "$SHAPE" --models fusion --repeats 2 --profile 5 --ways "${ways[@]}" --note "bench/gpu/run.sh"
 fi
 
-wanted rw && step rw 150 "$PYTHON" bench/report_writer_throughput.py --shape "$RW_SHAPE" --note "bench/gpu/run.sh"
+wanted rw && step rw 150 "$PYTHON" bench/report_writer_throughput.py --shape "$RW_SHAPE" --profile 3 --note "bench/gpu/run.sh"
+
+wanted tests && step tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_host_waits.py tests/gpu \
+  --junitxml="$OUT/logs/tests-gpu.xml"
 
 wanted llm && step llm 90 "$PYTHON" bench/llm_throughput.py --engines plain "${LLM_ARGS[@]}" --note "bench/gpu/run.sh"
 if wanted llm-ds; then
@@ -117,6 +122,10 @@ for path in sorted(Path(sys.argv[1]).glob("*.jsonl")):
         if path.stem == "train_throughput":
             print(f"{r['model']:<7} {r['way']:<14} {r['samples_per_s']:>9.1f} samples/s {r['step_ms']:>8.1f} ms/step "
                   f"peak {r['peak_memory_gib']} GiB  /plain {r['ratio_to_plain']}  /indai {r['ratio_to_indai']}  {r['gpu']}")
+            pr = r.get("profile") or {}
+            if pr:
+                print(f"        profiled: {pr.get('wall_ms_per_step')} ms/step, device busy {pr.get('device_busy')}; "
+                      + ", ".join(f"{t['op']} {t['ms_per_step']} ms" for t in pr.get("top", [])[:5]))
         elif path.stem == "llm_throughput":
             if "error" in r:
                 print(f"{r['engine']:<9} {r['mode']:<5} batch {r['batch']}: {r['error'][:80]}")
@@ -130,6 +139,10 @@ for path in sorted(Path(sys.argv[1]).glob("*.jsonl")):
                 print(f"{r['way']:<14} batch {r['batch']} ckpt {r['grad_ckpt']}: {r['tokens_per_s']:>9.0f} tokens/s "
                       f"{r['step_ms']:>8.1f} ms/step {r['tflops']:>6.1f} TFLOP/s MFU {r['mfu']:.3f} /lm_lora {r['ratio_to_lm_lora']} "
                       f"peak {r['peak_memory_gib']} GiB warm-up {r['warmup_s']} s")
+                pr = r.get("profile") or {}
+                if pr:
+                    print(f"        profiled: {pr.get('wall_ms_per_step')} ms/step, device busy {pr.get('device_busy')}; "
+                          + ", ".join(f"{t['op']} {t['ms_per_step']} ms" for t in pr.get("top", [])[:5]))
         else:
             print(json.dumps(r)[:300])
 EOF

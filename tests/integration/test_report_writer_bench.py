@@ -51,13 +51,14 @@ def test_counted_flops_of_full_fine_tuning_are_the_lm_bench_s_6n_plus_causal_att
 def test_the_report_writer_bench_runs_its_three_ways_on_cpu(tmp_path):
     env = dict(os.environ, INDAI_BENCH_RESULTS=str(tmp_path), PYTHONUNBUFFERED="1")
     out = subprocess.run([sys.executable, "bench/report_writer_throughput.py", "--shape", "tiny", "--grad-ckpt", "on",
-                          "--note", "test"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+                          "--profile", "2", "--note", "test"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "[indai] compile: regions 2 x LlamaDecoderLayer, 2 x PrefixEncoder" in out.stderr
     rows = {r["way"]: r for r in map(json.loads, (tmp_path / "report_writer_throughput.jsonl").read_text().splitlines())}
     assert set(rows) == {"lm_lora", "indai", "indai_compile"}
     for r in rows.values():
         assert "error" not in r and r["grad_ckpt"] is True and r["note"] == "test"
+        assert r["profile"]["steps"] == 2 and r["profile"]["device_busy"] is None and r["profile"]["top"]  # CPU: no kernels
         assert r["tokens_per_s"] > 0 and r["flops_per_step"] > 0 and torch.isfinite(torch.tensor(r["final_loss"]))
         assert r["mfu"] == pytest.approx(r["flops_per_step"] / (r["step_ms"] / 1000) / 989e12, rel=0.01, abs=1e-4)
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * (r["prefix_tokens"] + r["prompt_tokens"] + r["response_tokens"])
@@ -67,4 +68,5 @@ def test_the_report_writer_bench_runs_its_three_ways_on_cpu(tmp_path):
     assert rows["indai"]["trainable"] > rows["lm_lora"]["trainable"]  # adapters + prefix encoders and projections
     assert rows["lm_lora"]["ratio_to_lm_lora"] == 1.0 and rows["indai"]["strategy"] == "ddp"
     table = out.stdout.splitlines()
-    assert table[0].split()[:3] == ["way", "batch", "tokens/s"] and [line.split()[0] for line in table[1:]] == list(rows)
+    assert table[0].split()[:3] == ["way", "batch", "tokens/s"]
+    assert [line.split()[0] for line in table[1:]] == [w for way in rows for w in (way, "profiled:")]

@@ -33,10 +33,10 @@ def test_torchrun_zero3_two_processes_and_resume(tmp_path, monkeypatch):
                                              progress=False)
     assert manifest["split"]["records"]["train"] == 32
 
-    def run(epochs: int) -> subprocess.CompletedProcess:
+    def run(epochs: int, *extra: str) -> subprocess.CompletedProcess:
         cfg = load_config(TrainConfig, REPO / "trainers/recipes/report_writer_debug.yaml",
                           [f"data.dataset={name}@{version}", f"optim.epochs={epochs}", "optim.batch_size=8",
-                           "deepspeed.strategy=zero3", "run.name=plain-rw", "run.progress=false"])
+                           "deepspeed.strategy=zero3", "run.name=plain-rw", "run.progress=false", *extra])
         cfg = complete_from_manifest(cfg, manifest).model_copy(update={"store_uri": store.uri})
         path = tmp_path / "cfg.json"
         path.write_text(cfg.model_dump_json())
@@ -47,10 +47,15 @@ def test_torchrun_zero3_two_processes_and_resume(tmp_path, monkeypatch):
         assert done.returncode == 0, done.stderr[-3000:]
         return done
 
-    first = run(1)
+    first = run(1, "run.timing_skip=0", "run.profile_steps=2")
     assert "strategy: zero3 as configured" in first.stderr
     # 32 records / 2 ranks / 8 per batch = 2 steps an epoch
-    assert json.loads([ln for ln in first.stdout.splitlines() if ln.startswith("{")][-1])["step"] == 2
+    result = json.loads([ln for ln in first.stdout.splitlines() if ln.startswith("{")][-1])
+    assert result["step"] == 2
+    # run.profile_steps: both steps of each rank recorded, one trace per rank beside the checkpoints
+    assert result["profile"]["steps"] == 2 and result["profile"]["top"], result["profile"]
+    assert "[indai] profile: 2 step(s) from step 0" in first.stderr
+    assert {f"checkpoints/plain-rw/profile/rank-{r}.trace.json.gz" for r in (0, 1)} <= set(store.list("checkpoints/plain-rw/profile"))
     files = store.list("checkpoints/plain-rw/epoch-00000")
     assert sum("zero_pp_rank" in f and "model_states" in f for f in files) == 2, files  # parameters sharded: one file per rank
     again = run(2)

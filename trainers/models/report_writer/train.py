@@ -32,6 +32,7 @@ from indai.trainers.config import TrainConfig
 from indai.trainers.data import ShardSampler
 from indai.trainers.engine import bf16_enabled, build_engine, full_state_dict
 from indai.trainers.loop import progress_event, setup_distributed, warmup_cosine
+from indai.trainers.profiling import Profile, record_profile
 from indai.trainers.tracking import MetricBuffer
 from indai.trainers.models.report_writer.data import InstructDataset, collate, to_device
 from indai.trainers.models.report_writer.model import hold_frozen_in_bf16
@@ -121,6 +122,7 @@ def train_report_writer(config: dict) -> dict:
         if d.rank == 0:
             print(f"resumed run {cfg.run.name} from {found[0]} (epoch {start_epoch}, step {step})", file=sys.stderr, flush=True)
     metrics = MetricBuffer(cfg, enabled=d.rank == 0)  # sent in the background (trainers.tracking)
+    profile = Profile(cfg, d.rank, d.device, store)  # run.profile_steps (trainers.profiling)
     if found:
         metrics.restore(state.get("unsent_metrics"))
     val: dict = {}
@@ -129,7 +131,8 @@ def train_report_writer(config: dict) -> dict:
         t0, batches = time.perf_counter(), 0
         sums = torch.zeros(2, dtype=torch.float64, device=d.device)  # loss, response tokens: summed on the device
         show_bar = cfg.run.progress and d.rank == 0 and not d.under_ray
-        for batch in bar(train_loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", total=len(train_loader), enabled=show_bar):
+        for batch in bar(profile.steps(train_loader), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", total=len(train_loader),
+                         enabled=show_bar):
             loss, n = engine(**_inputs(to_device(batch, d.device)))
             engine.backward(loss)
             engine.step()
@@ -167,6 +170,10 @@ def train_report_writer(config: dict) -> dict:
             ray.train.report({"epoch": epoch, "step": step, "val_loss": val.get("loss")})
 
     result: dict = {"step": step}
+    profiled = profile.finish()
+    if profiled:
+        result["profile"] = profiled
+        record_profile(metrics, profiled, step)
     if "test" in eval_loaders:
         result["test"] = evaluate(engine, eval_loaders["test"], d.device)
         metrics.add("test_loss", result["test"]["loss"], step)
