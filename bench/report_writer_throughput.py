@@ -164,7 +164,8 @@ def run_lm_lora(s: dict, cfg, folder: Path, device, batch: int, a) -> dict:
 
     cuda = device.type == "cuda"
     torch.manual_seed(0)
-    lm = load_lm(folder, load_weights=False)
+    with torch.device(device):  # random init where it runs: initialising 1.1B parameters on the CPU takes a while
+        lm = load_lm(folder, load_weights=False)
     for p in lm.parameters():
         p.requires_grad_(False)
     ckpt = cfg.model.gradient_checkpointing
@@ -213,7 +214,8 @@ def run_indai(s: dict, cfg, folder: Path, device, batch: int, a) -> dict:
     cuda = device.type == "cuda"
     d = setup_distributed(cfg)
     torch.manual_seed(0)
-    model = ReportWriter(cfg.model, folder, load_pretrained=False).to(device)
+    with torch.device(device):
+        model = ReportWriter(cfg.model, folder, load_pretrained=False).to(device)
     if cuda:  # as train_report_writer does on CUDA with bf16 (before the engine here: the FLOP count runs first)
         hold_frozen_in_bf16(model.lm)
     model.train()

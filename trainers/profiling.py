@@ -28,6 +28,7 @@ import time
 import torch
 
 TOP = 8
+STEP_RANGE = "indai step "  # each profiled step's named range in the trace
 
 
 class Profile:
@@ -57,7 +58,7 @@ class Profile:
                 if self.profiler is None and self.recorded is None and self.seen == self.first:
                     self._start()
                 if self.profiler is not None:  # each step a named range in the trace
-                    self.mark = torch.profiler.record_function(f"indai step {self.seen}")
+                    self.mark = torch.profiler.record_function(f"{STEP_RANGE}{self.seen}")
                     self.mark.__enter__()
             self.seen += 1
             yield batch
@@ -109,7 +110,8 @@ class Profile:
             span = max(end for _, end in kernels) - min(start for start, _ in kernels)
             busy = round(_union(kernels) / span, 4) if span > 0 else None
         key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        averages = sorted(prof.key_averages(), key=lambda a: getattr(a, key), reverse=True)
+        averages = sorted((a for a in prof.key_averages() if not a.key.startswith(STEP_RANGE)),  # not our own ranges
+                          key=lambda a: getattr(a, key), reverse=True)
         top = [{"op": a.key, "ms_per_step": round(getattr(a, key) / 1000 / max(1, steps), 3)}
                for a in averages[:TOP] if getattr(a, key) > 0]
         self.result = {"rank": self.rank, "first_step": self.first, "steps": steps,

@@ -50,6 +50,7 @@ def test_the_window_holds_the_steps_asked_for_and_ends_with_the_epoch(store_and_
     assert profile["device_busy"] is None and profile["wall_ms_per_step"] > 0  # no GPU here
     assert profile["top"] and all(t["ms_per_step"] > 0 for t in profile["top"])
     assert any(t["op"].startswith("aten::") for t in profile["top"])
+    assert not any(t["op"].startswith("indai step") for t in profile["top"])  # the step ranges are not operators
     assert profile["trace"] == f"checkpoints/{run}/profile/rank-0.trace.json.gz"
     assert step_ranges(store, run) == sorted(f"indai step {n}" for n in recorded)
     assert f"[indai] profile: {len(recorded)} step(s) from step {skip}:" in capfd.readouterr().err
