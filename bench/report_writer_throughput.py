@@ -266,6 +266,8 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
+    from indai.trainers.profiling import describe
+
     s = SHAPES[a.shape]
     a.steps, a.warmup = a.steps or s["steps"], a.warmup if a.warmup is not None else s["warmup"]
     cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
@@ -323,9 +325,7 @@ def main() -> None:
         print(f"{r['way']:<15}{r['batch']:>6}{r['tokens_per_s']:>11.0f}{r['response_tokens_per_s']:>11.0f}{r['step_ms']:>9.1f}"
               f"{r['tflops']:>9.2f}{r['mfu']:>7.3f}{ratio:>9}{pk:>10}")
         if r["profile"]:
-            busy = r["profile"]["device_busy"]
-            print(f"{'':<15}profiled: {r['profile']['wall_ms_per_step']} ms/step" + (f", device busy {busy}" if busy is not None else "")
-                  + "; " + ", ".join(f"{t['op']} {t['ms_per_step']} ms" for t in r["profile"]["top"][:3]))
+            print(f"{'':<15}profiled: {describe(r['profile'])}")
 
 
 if __name__ == "__main__":

@@ -229,13 +229,12 @@ def main() -> None:
         print(f"{r['model']:<8}{r['way']:<15}{r['samples_per_s']:>11.1f}{r['step_ms']:>10.1f}"
               f"{fmt(r['peak_memory_gib']):>10}{fmt(r['ratio_to_plain']):>8}{fmt(r['ratio_to_indai']):>8}")
     if any(r["profile"] for r in rows):
-        print(f"\n{'model':<8}{'way':<15}{'profiled ms/step':>17}{'device busy':>13}  costliest operators (ms per step)")
-        for r in rows:
-            pr = r["profile"] or {}
-            busy = f"{pr['device_busy']:.3f}" if pr.get("device_busy") is not None else "-"
-            top = ", ".join(f"{t['op']} {t['ms_per_step']}" for t in pr.get("top", [])[:3])
-            print(f"{r['model']:<8}{r['way']:<15}{pr.get('wall_ms_per_step', '-'):>17}{busy:>13}  {top}")
+        from indai.trainers.profiling import describe
 
+        print("\nprofiled (an extra run of each way):")
+        for r in rows:
+            if r["profile"]:
+                print(f"{r['model']:<8}{r['way']:<15} {describe(r['profile'])}")
 
 if __name__ == "__main__":
     main()

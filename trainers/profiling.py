@@ -118,9 +118,7 @@ class Profile:
                        "wall_ms_per_step": round(1000 * wall / max(1, steps), 3), "device_busy": busy,
                        "top": top, "trace": self._save(prof)}
         if self.rank == 0:
-            busy_text = f", device busy {100 * busy:.1f} %" if busy is not None else ""
-            print(f"[indai] profile: {steps} step(s) from step {self.first}: {self.result['wall_ms_per_step']} ms/step"
-                  f"{busy_text}; most time: " + ", ".join(f"{t['op']} {t['ms_per_step']} ms" for t in top[:3])
+            print(f"[indai] profile: {steps} step(s) from step {self.first}: {describe(self.result)}"
                   + (f"; trace {self.result['trace']}" if self.result["trace"] else ""), file=sys.stderr, flush=True)
 
     def _save(self, prof) -> str | None:
@@ -136,6 +134,13 @@ class Profile:
         finally:
             os.unlink(path)
         return key
+
+
+def describe(profiled: dict, ops: int = 3) -> str:
+    """One line: ms per step, how busy the GPU was (if one ran), the costliest operators."""
+    busy = profiled["device_busy"]
+    return (f"{profiled['wall_ms_per_step']} ms/step" + (f", device busy {100 * busy:.1f} %" if busy is not None else "")
+            + "; most time: " + ", ".join(f"{t['op']} {t['ms_per_step']} ms" for t in profiled["top"][:ops]))
 
 
 def record_profile(metrics, profiled: dict, step: int) -> None:
