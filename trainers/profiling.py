@@ -103,14 +103,17 @@ class Profile:
         self.recorded = (prof, self.seen - self.first, wall)
 
     def _summarise(self, prof, steps: int, wall: float) -> None:
+        # kernels and copies; a named range (record_function) is mirrored on the GPU's timeline as a
+        # user annotation spanning its kernels and the gaps between them: not device work
         kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start]
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation
+                   and e.time_range.end > e.time_range.start]
         busy = None
         if kernels:
             span = max(end for _, end in kernels) - min(start for start, _ in kernels)
             busy = round(_union(kernels) / span, 4) if span > 0 else None
         key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        averages = sorted((a for a in prof.key_averages() if not a.key.startswith(STEP_RANGE)),  # not our own ranges
+        averages = sorted((a for a in prof.key_averages() if not a.is_user_annotation),  # operators, not named ranges
                           key=lambda a: getattr(a, key), reverse=True)
         top = [{"op": a.key, "ms_per_step": round(getattr(a, key) / 1000 / max(1, steps), 3)}
                for a in averages[:TOP] if getattr(a, key) > 0]
