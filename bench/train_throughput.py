@@ -152,6 +152,8 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
+    from indai.trainers.profiling import describe
+
     cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
     if not cuda:
         torch.set_num_threads(a.threads)
@@ -194,9 +196,7 @@ def main() -> None:
                 run_cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": f"bench-{model}-profile",
                                                                                     "profile_steps": a.profile})})
                 profiles[way] = run_way(way, run_cfg, store, manifest, Path(tmp), cuda, a.threads).get("profile")
-                busy = (profiles[way] or {}).get("device_busy")
-                print(f"{model} {way} (profiled): {(profiles[way] or {}).get('wall_ms_per_step')} ms/step"
-                      + (f", device busy {busy}" if busy is not None else ""), file=sys.stderr)
+                print(f"{model} {way} (profiled): {describe(profiles[way]) if profiles[way] else 'no profile'}", file=sys.stderr)
             for way, rs in runs.items():
                 ratios = {}
                 # compiled indai against the compiled plain loop when both ran, else against plain
@@ -229,12 +229,11 @@ def main() -> None:
         print(f"{r['model']:<8}{r['way']:<15}{r['samples_per_s']:>11.1f}{r['step_ms']:>10.1f}"
               f"{fmt(r['peak_memory_gib']):>10}{fmt(r['ratio_to_plain']):>8}{fmt(r['ratio_to_indai']):>8}")
     if any(r["profile"] for r in rows):
-        from indai.trainers.profiling import describe
-
         print("\nprofiled (an extra run of each way):")
         for r in rows:
             if r["profile"]:
                 print(f"{r['model']:<8}{r['way']:<15} {describe(r['profile'])}")
+
 
 if __name__ == "__main__":
     main()
