@@ -72,7 +72,8 @@ def trained_model(services, cwru_dataset):
     name, version, _ = cwru_dataset
     cfg = load_config(TrainConfig, REPO / "trainers" / "recipes" / "cwru_sensor.yaml",
                       [f"data.dataset={name}@{version}", "optim.epochs=2", "run.name=it-cwru",
-                       "run.register_as=it-cwru", "run.alias=champion", "run.progress=false"])
+                       "run.register_as=it-cwru", "run.alias=champion", "run.progress=false",
+                       "run.timing_skip=2", "run.profile_steps=2"])
     return cfg, train(cfg, services)
 
 

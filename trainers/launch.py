@@ -23,6 +23,7 @@ from indai.platform.storage import open_store
 from indai.trainers import checkpoint, tasks
 from indai.trainers.config import TrainConfig
 from indai.trainers.loop import train_loop
+from indai.trainers.profiling import log_traces
 
 
 @dataclass
@@ -370,6 +371,7 @@ def train(cfg: TrainConfig, settings: Settings, parent_run_id: str | None = None
         if resumed:
             print(f"resuming run {cfg.run.name} (MLflow run {run_id}) from checkpoint {resumed}", file=sys.stderr)
         run_workers(cfg, settings, manifest)
+        log_traces(cfg, store)  # run.profile_steps: the workers' traces beside the run's plots
         version, result = log_and_register(cfg, store, manifest, run_id)
         test = result.get("test") or {}
         if test:

@@ -2,9 +2,9 @@
 
 After the warm-up (`run.timing_skip` steps), `run.profile_steps` steps of each rank run under
 torch.profiler (CPU, and CUDA kernels on a GPU). Each rank's trace goes to the object store
-beside the run's checkpoints, `checkpoints/<run>/profile/rank-<r>.trace.json.gz` (open it in
-Perfetto or chrome://tracing), and rank 0 prints a summary, which also goes into the run's
-result and MLflow:
+beside the run's checkpoints, `checkpoints/<run>/profile/rank-<r>.trace.json.gz`, and `indai
+train` also logs it to the MLflow run (artifacts under profile/; open it in Perfetto or
+chrome://tracing). Rank 0 prints a summary, which also goes into the run's result and MLflow:
 
 - wall milliseconds per profiled step;
 - on a GPU, how busy the device was: the time some kernel or copy ran, over the span from the
@@ -137,6 +137,22 @@ class Profile:
         finally:
             os.unlink(path)
         return key
+
+
+def log_traces(cfg, store) -> int:
+    """The driver's part (inside the run's MLflow run): each rank's trace of this run as an MLflow
+    artifact under profile/, so it is found beside the run's plots. Returns how many."""
+    if not cfg.run.profile_steps:
+        return 0
+    import mlflow
+
+    keys = sorted(k for k in store.list(f"checkpoints/{cfg.run.name}/profile/") if k.endswith(".trace.json.gz"))
+    with tempfile.TemporaryDirectory(prefix="indai-profile-") as tmp:
+        for key in keys:
+            local = os.path.join(tmp, key.rsplit("/", 1)[-1])
+            store.get_file(key, local)
+            mlflow.log_artifact(local, artifact_path="profile")
+    return len(keys)
 
 
 def describe(profiled: dict, ops: int = 3) -> str:

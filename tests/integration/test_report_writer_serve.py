@@ -28,7 +28,7 @@ def trained(services, tmp_path_factory, repo):
     assert cli.main(["data", "instruct", f"{name}@{version}", "--max-records", "64", "--as", "it-nestor-instruct", "--quiet"]) == 0
     cfg = cli.load_train_config(str(repo / "trainers" / "recipes" / "report_writer_debug.yaml"),
                                 ["data.dataset=it-nestor-instruct@latest", "run.name=it-report-writer", f"run.register_as={MODEL}",
-                                 "run.progress=false", "run.checkpoint_every=5"])
+                                 "run.progress=false", "run.checkpoint_every=5", "run.timing_skip=1", "run.profile_steps=1"])
     return cfg, train(cfg, services)
 
 
@@ -45,6 +45,10 @@ def test_training_lowers_the_loss_and_registers_the_model(trained, services):
     assert result.task == "report" and result.test_metrics["loss"] < 0.7 * val[0]
     run = client.get_run(result.run_id)
     assert run.data.params["model.family"] == "report_writer" and run.data.params["strategy.chosen"] == "zero2"
+    # run.profile_steps=1: one profiled step per worker, its trace an artifact of the run
+    traces = {a.path for a in client.list_artifacts(result.run_id, "profile")}
+    assert traces == {f"profile/rank-{r}.trace.json.gz" for r in range(cfg.run.workers)}
+    assert run.data.metrics["profile_ms_per_step"] > 0
     mv = client.get_model_version(MODEL, "1")
     assert mv.tags["indai.family"] == "report_writer" and mv.tags["indai.lm"] == "tiny-llama-rw"
     assert mv.tags["indai.dataset"].startswith("it-nestor-instruct@")

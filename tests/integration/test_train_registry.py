@@ -27,6 +27,10 @@ def test_ray_train_run_is_logged_registered_and_aliased(services, cwru_dataset, 
     assert inputs and inputs[0].dataset.name == name and inputs[0].dataset.digest == version
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert "confusion_matrix_test.png" in artifacts and "dataset" in artifacts
+    # run.profile_steps=2: each Ray Train worker's trace beside the plots, the summary as metrics
+    traces = {a.path for a in client.list_artifacts(result.run_id, "profile")}
+    assert traces == {"profile/rank-0.trace.json.gz", "profile/rank-1.trace.json.gz"}
+    assert run.data.metrics["profile_ms_per_step"] > 0 and "profile_device_busy" not in run.data.metrics  # no GPU
 
     mv = client.get_model_version_by_alias("it-cwru", "champion")
     assert int(mv.version) == 1 and mv.run_id == result.run_id

@@ -32,7 +32,7 @@ from indai.trainers.config import TrainConfig
 from indai.trainers.data import ShardSampler
 from indai.trainers.engine import bf16_enabled, build_engine, full_state_dict
 from indai.trainers.loop import progress_event, setup_distributed, warmup_cosine
-from indai.trainers.profiling import Profile, record_profile
+from indai.trainers.profiling import Profile, log_traces, record_profile
 from indai.trainers.tracking import MetricBuffer
 from indai.trainers.models.report_writer.data import InstructDataset, collate, to_device
 from indai.trainers.models.report_writer.model import hold_frozen_in_bf16
@@ -279,6 +279,7 @@ def train(cfg: TrainConfig, settings, parent_run_id: str | None = None):
             print(f"resuming run {cfg.run.name} (MLflow run {run_id}) from checkpoint {resumed}", file=sys.stderr)
         with stages.stage(f"train ({cfg.run.launcher} launcher, {cfg.run.workers if cfg.run.launcher == 'ray' else 1} worker(s))"):
             run_workers(cfg, settings, manifest, loop=train_report_writer)
+            log_traces(cfg, store)  # run.profile_steps: the workers' traces beside the run's metrics
         with stages.stage("merge, export and register"):
             version, result = log_and_register(cfg, store, ref, manifest, run_id)
     print(stages.summary(), file=sys.stderr, flush=True)
