@@ -231,7 +231,7 @@ def run_indai(s: dict, cfg, folder: Path, device, batch: int, a) -> dict:
         model.zero_grad(set_to_none=True)
 
     flops, counted = count_flops(eager_step, model.lm.gradient_checkpointing_disable if ckpt else (lambda: None),
-                        (lambda: model.lm.gradient_checkpointing_enable(**kwargs)) if ckpt else (lambda: None))
+                                 (lambda: model.lm.gradient_checkpointing_enable(**kwargs)) if ckpt else (lambda: None))
     engine, _ = build_engine(model, cfg, d, lambda step: 1.0)
     last = {}
 
@@ -243,8 +243,9 @@ def run_indai(s: dict, cfg, folder: Path, device, batch: int, a) -> dict:
         return loss
 
     warm, secs = timed(step, a.warmup, a.steps, cuda)
+    prefix = cfg.model.sensor.tokens + cfg.model.image.tokens
     return {"flops_per_step": flops, "counted_flops_per_step": counted, "warmup_s": warm, "step_s": secs,
-            "profile": profiled(step, cfg, device, a.profile), "tokens_per_step": batch * (cfg.model.sensor.tokens + cfg.model.image.tokens + s["prompt"] + s["response"]),
+            "profile": profiled(step, cfg, device, a.profile), "tokens_per_step": batch * (prefix + s["prompt"] + s["response"]),
             "response_tokens_per_step": batch * s["response"], "strategy": engine.indai_strategy,
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "final_loss": float(last["loss"].item())}
