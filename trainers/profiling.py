@@ -125,6 +125,8 @@ class Profile:
                   + (f"; trace {self.result['trace']}" if self.result["trace"] else ""), file=sys.stderr, flush=True)
 
     def _save(self, prof) -> str | None:
+        """The trace's key in the store, or None. A trace that cannot be saved is reported, not
+        raised: the run's final weights are written after this, and a diagnostic must not cost them."""
         if self.store is None:
             return None
         key = f"checkpoints/{self.run}/profile/rank-{self.rank}.trace.json.gz"
@@ -134,6 +136,10 @@ class Profile:
             prof.export_chrome_trace(path)
             with open(path, "rb") as f:
                 self.store.put_bytes(key, gzip.compress(f.read(), compresslevel=5))
+        except Exception as e:  # noqa: BLE001  (any store or file error: the run goes on)
+            print(f"[indai] profile: the trace of rank {self.rank} was not saved to {key}: {type(e).__name__}: {e}",
+                  file=sys.stderr, flush=True)
+            return None
         finally:
             os.unlink(path)
         return key
@@ -147,11 +153,16 @@ def log_traces(cfg, store) -> int:
     import mlflow
 
     keys = sorted(k for k in store.list(f"checkpoints/{cfg.run.name}/profile/") if k.endswith(".trace.json.gz"))
-    with tempfile.TemporaryDirectory(prefix="indai-profile-") as tmp:
-        for key in keys:
-            local = os.path.join(tmp, key.rsplit("/", 1)[-1])
-            store.get_file(key, local)
-            mlflow.log_artifact(local, artifact_path="profile")
+    try:
+        with tempfile.TemporaryDirectory(prefix="indai-profile-") as tmp:
+            for key in keys:
+                local = os.path.join(tmp, key.rsplit("/", 1)[-1])
+                store.get_file(key, local)
+                mlflow.log_artifact(local, artifact_path="profile")
+    except Exception as e:  # noqa: BLE001  (registration comes next: a diagnostic must not cost it)
+        print(f"[indai] profile: the traces were not logged to MLflow ({type(e).__name__}: {e}); they stay in the "
+              f"store under checkpoints/{cfg.run.name}/profile/", file=sys.stderr, flush=True)
+        return 0
     return len(keys)
 
 

@@ -60,3 +60,17 @@ def test_no_profile_unless_asked(store_and_ref):
     store, ref = store_and_ref
     out = train_loop(config(store, ref, "not-profiled", 2, 0))
     assert "profile" not in out and not store.list("checkpoints/not-profiled/profile")
+
+
+def test_a_trace_that_cannot_be_saved_costs_the_run_nothing(store_and_ref, capfd):
+    """The store refuses the trace (a file stands where its folder must go): the run still
+    writes its final weights, and says what was not saved."""
+    store, ref = store_and_ref
+    blocker = store.root / "checkpoints" / "profiled-blocked" / "profile"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a folder")
+    out = train_loop(config(store, ref, "profiled-blocked", 2, 2))
+    assert out["profile"]["steps"] == 2 and out["profile"]["trace"] is None
+    assert store.is_committed("checkpoints/profiled-blocked/final")
+    err = capfd.readouterr().err
+    assert "[indai] profile: the trace of rank 0 was not saved to checkpoints/profiled-blocked/profile/rank-0.trace.json.gz" in err
