@@ -182,16 +182,15 @@ def build_engine(model: torch.nn.Module, cfg, d, lr_lambda: Callable[[int], floa
         torch.backends.cudnn.benchmark = True  # fixed input shapes: autotune convolutions once
     opt = build_optimizer(model, cfg, fused=cuda and not choice.offload, param_groups=param_groups)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    regional = cfg.run.compile and compile_regions(model)  # None: the engine compiles the whole model
     if choice.uses_deepspeed:
         import deepspeed
 
-        regional = cfg.run.compile and compile_regions(model)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                config=deepspeed_config(cfg, cuda, choice), dist_init_required=False)
         if cfg.run.compile and not regional:
             engine.compile()
     else:
-        regional = cfg.run.compile and compile_regions(model)
         engine = TorchEngine(model, opt, sched, device=d.device, world=d.world, rank=d.rank,
                              grad_accum=cfg.optim.grad_accum, clip=cfg.optim.clip, bf16=bf16_enabled(cfg, cuda),
                              compile=cfg.run.compile and not regional)
