@@ -6,6 +6,12 @@ same run restarted by Ray Train, `indai train` run again, or a new process) take
 committed tag and ignores anything half-written. DeepSpeed's own files are loaded only from
 checkpoints this platform wrote for this run; user-supplied files never reach torch.load.
 
+A checkpoint leaves out the parameters training does not change (a frozen backbone, the frozen
+LM under LoRA adapters: 2.2 GB of a 1.1B report writer against its ~50 MB of adapters): a resumed
+run builds them again from the same pretrained weights. What it left out is recorded with a
+fingerprint of each such tensor, and a resume whose rebuilt model differs there (the mirror entry
+replaced, the tune policy changed) is refused rather than trained on other weights.
+
 Tags say how far the run had got: `epoch-00002` after the third epoch ended (validated), and,
 with run.checkpoint_every_steps, `epoch-00002-batch-000025` after 25 batches of it, so a restart
 loses at most that interval of steps and resumes at that position of the epoch's sample order. Tags
@@ -19,7 +25,10 @@ import re
 import tempfile
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
+
+from indai.platform.errors import UserError
 
 from indai.platform.storage import ObjectStore
 
@@ -78,11 +87,79 @@ def _barrier() -> None:
         dist.barrier()
 
 
+# ---- frozen parameters: left out, fingerprinted --------------------------------------------------
+
+_CHUNK = 1 << 22  # elements summed at a time: 32 MiB of float64 however large the tensor
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def frozen_fingerprint(module: torch.nn.Module) -> dict[str, list[float]]:
+    """{name: [elements, sum |x|, sum x^2]} of each parameter that needs no gradient, over its
+    values rounded to bf16 and summed in float64, so a model that holds its frozen weights in bf16
+    (the report writer on a GPU) and one that holds them in fp32 agree. Under ZeRO-3 each rank sums
+    its own partition and the sums are all-reduced: every rank must call it then."""
+    names, numels, sums, sharded = [], [], [], False
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            continue
+        if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's partition, its padding left out
+            sharded = True
+            part = p.ds_tensor.reshape(-1)
+            start = dist.get_rank(group=p.ds_process_group) * part.numel()
+            flat, numel = part.narrow(0, 0, max(0, min(part.numel(), p.ds_numel - start))), p.ds_numel
+        else:
+            flat, numel = p.detach().reshape(-1), p.numel()
+        acc = torch.zeros(2, dtype=torch.float64, device=flat.device)
+        for chunk in flat.split(_CHUNK):
+            c = chunk.to(torch.bfloat16).to(torch.float64)
+            acc[0] += c.abs().sum()
+            acc[1] += c.square().sum()
+        names.append(name)
+        numels.append(numel)
+        sums.append(acc)
+    if sharded and dist.is_available() and dist.is_initialized():
+        # every rank reaches this with the same parameters: named_parameters' order is the model's
+        totals = torch.stack([s.to(_comm_device()) for s in sums])
+        dist.all_reduce(totals)
+        sums = list(totals)
+    if not names:
+        return {}
+    values = torch.stack([s.cpu() for s in sums]).tolist()  # one wait for the device, not one per tensor
+    return {n: [float(k), l1, l2] for n, k, (l1, l2) in zip(names, numels, values)}
+
+
+def check_frozen(saved: dict[str, list[float]], now: dict[str, list[float]], run_name: str, tag: str) -> None:
+    """Refuse to resume when the rebuilt model's frozen parameters are not the ones checkpoint
+    `tag` left out (it does not hold them, so training would go on from other weights)."""
+    if saved.keys() != now.keys():
+        gone, new = sorted(saved.keys() - now.keys()), sorted(now.keys() - saved.keys())
+        raise UserError(
+            f"checkpoint {tag} of run {run_name} left out {len(saved)} frozen parameters, but this model freezes "
+            f"{len(now)}" + (f"; no longer frozen: {', '.join(gone[:3])}" if gone else "")
+            + (f"; newly frozen: {', '.join(new[:3])}" if new else "")
+            + ". The model or its tune policy changed since: resume with the run's own config (`indai train resume`) "
+            "or train under a new run.name")
+    differ = [n for n in saved if saved[n][0] != now[n][0]
+              or any(abs(a - b) > 1e-8 * max(abs(a), abs(b), 1e-30) for a, b in zip(saved[n][1:], now[n][1:]))]
+    if differ:
+        raise UserError(
+            f"checkpoint {tag} of run {run_name} does not hold its frozen parameters, and this model's differ from the "
+            f"ones it trained with ({len(differ)} of {len(saved)}, e.g. {', '.join(differ[:3])}): the pretrained weights "
+            "they come from changed (a mirror entry replaced or a different model id). Resume with the weights the run "
+            "started from, or train under a new run.name")
+
+
 def save(engine, store: ObjectStore, run_name: str, tag: str, meta: dict, rank: int) -> None:
     # the strategy (trainers.engine) decides the checkpoint's layout; a resumed run keeps it
-    meta = {**meta, "strategy": getattr(engine, "indai_strategy", None)}
+    frozen = frozen_fingerprint(engine.module)  # every rank: a collective under ZeRO-3
+    meta = {**meta, "strategy": getattr(engine, "indai_strategy", None), "frozen": frozen}
     with tempfile.TemporaryDirectory(prefix="indai-ckpt-") as local:
-        engine.save_checkpoint(local, tag=tag, client_state=meta)
+        engine.save_checkpoint(local, tag=tag, client_state=meta, exclude_frozen_parameters=bool(frozen))
         shard = Path(local) / tag
         if shard.is_dir():
             store.upload_dir(f"{prefix(run_name)}/{tag}", shard)
@@ -93,9 +170,13 @@ def save(engine, store: ObjectStore, run_name: str, tag: str, meta: dict, rank: 
 
 
 def load(engine, store: ObjectStore, run_name: str, tag: str) -> dict:
+    # checkpoints written before frozen parameters were left out hold every weight: loaded strictly
+    frozen = store.read_commit(f"{prefix(run_name)}/{tag}").get("frozen")
+    if frozen is not None:
+        check_frozen(frozen, frozen_fingerprint(engine.module), run_name, tag)
     with tempfile.TemporaryDirectory(prefix="indai-ckpt-") as local:
         store.download_dir(f"{prefix(run_name)}/{tag}", Path(local) / tag)
-        _, client_state = engine.load_checkpoint(local, tag=tag)
+        _, client_state = engine.load_checkpoint(local, tag=tag, load_module_strict=not frozen)
     return client_state or {}
 
 

@@ -272,14 +272,36 @@ class TorchEngine:
         return [g["lr"] for g in self.optimizer.param_groups]
 
     # -- checkpoints: identical on every rank, so rank 0 writes them and every rank reads them
-    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict | None = None) -> None:
+    def _frozen_names(self) -> set[str]:
+        return {n for n, p in self.module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+    @staticmethod
+    def _storage(t: torch.Tensor) -> tuple:
+        return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype
+
+    def _saved_names(self, state: dict[str, torch.Tensor], exclude_frozen: bool) -> list[str]:
+        """The names a checkpoint holds: each shared tensor once (tied weights), frozen parameters
+        left out when asked (as DeepSpeed's exclude_frozen_parameters; trainers.checkpoint)."""
+        frozen = self._frozen_names() if exclude_frozen else set()
+        names, seen = [], set()
+        for name, t in state.items():
+            if name in frozen or self._storage(t) in seen:
+                continue
+            seen.add(self._storage(t))
+            names.append(name)
+        return names
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict | None = None,
+                        exclude_frozen_parameters: bool = False) -> None:
         if self.rank != 0:
             return
-        from safetensors.torch import save_file, save_model
+        from safetensors.torch import save_file
 
         folder = Path(save_dir) / tag
         folder.mkdir(parents=True, exist_ok=True)
-        save_model(self.module, str(folder / "model.safetensors"))
+        weights = self.module.state_dict()
+        save_file({n: weights[n].detach().cpu().contiguous() for n in self._saved_names(weights, exclude_frozen_parameters)},
+                  str(folder / "model.safetensors"))
         state = self.optimizer.state_dict()
         tensors, scalars = {}, {}
         for idx, entry in state["state"].items():
@@ -295,8 +317,10 @@ class TorchEngine:
                 "micro_steps": self.micro_steps, "global_steps": self.global_steps}
         (folder / "engine.json").write_text(json.dumps(meta, default=_plain))
 
-    def load_checkpoint(self, load_dir: str, tag: str):
-        from safetensors.torch import load_file, load_model
+    def load_checkpoint(self, load_dir: str, tag: str, load_module_strict: bool = True):
+        """`load_module_strict=False`: the checkpoint may leave out frozen parameters (only those:
+        anything else missing or unexpected is still an error)."""
+        from safetensors.torch import load_file
 
         folder = Path(load_dir) / tag
         if not (folder / "engine.json").is_file():
@@ -305,7 +329,17 @@ class TorchEngine:
         meta = json.loads((folder / "engine.json").read_text())
         if meta.get("format") != TORCH_ENGINE_FORMAT:
             raise UserError(f"checkpoint {tag} has format {meta.get('format')!r}, not {TORCH_ENGINE_FORMAT}")
-        load_model(self.module, str(folder / "model.safetensors"), strict=True, device=str(self.device))
+        saved = load_file(str(folder / "model.safetensors"), device=str(self.device))
+        missing, unexpected = self.module.load_state_dict(saved, strict=False)
+        shared: dict[tuple, list[str]] = {}  # tied weights: saved once, under one of their names
+        for name, t in self.module.state_dict().items():
+            shared.setdefault(self._storage(t), []).append(name)
+        tied = {n for names in shared.values() if any(m in saved for m in names) for n in names}
+        allowed = tied | (set() if load_module_strict else self._frozen_names())
+        wrong = sorted(set(missing) - allowed) + sorted(unexpected)
+        if wrong:
+            raise UserError(f"checkpoint {tag} does not fit this model ({len(wrong)} tensor(s) missing or unexpected, "
+                            f"e.g. {', '.join(wrong[:3])}): resume with the run's own config or train under a new run.name")
         tensors = load_file(str(folder / "optimizer.safetensors"))
         state: dict = {}
         for key, value in tensors.items():

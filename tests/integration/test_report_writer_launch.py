@@ -58,6 +58,12 @@ def test_torchrun_zero3_two_processes_and_resume(tmp_path, monkeypatch):
     assert {f"checkpoints/plain-rw/profile/rank-{r}.trace.json.gz" for r in (0, 1)} <= set(store.list("checkpoints/plain-rw/profile"))
     files = store.list("checkpoints/plain-rw/epoch-00000")
     assert sum("zero_pp_rank" in f and "model_states" in f for f in files) == 2, files  # parameters sharded: one file per rank
+    # the frozen LM is not in it (the adapters and prefix encoders are): it is less than a bf16 copy of the LM
+    frozen = store.read_commit("checkpoints/plain-rw/epoch-00000")["frozen"]
+    assert frozen and all(n.startswith("lm.") and "lora_" not in n for n in frozen)
+    held = store.download_dir("checkpoints/plain-rw/epoch-00000", tmp_path / "epoch-00000")
+    size = sum(f.stat().st_size for f in held.rglob("*") if f.is_file())
+    assert size < 2 * sum(v[0] for v in frozen.values()), size
     again = run(2)
     assert "resumed run plain-rw from epoch-00000 (epoch 1, step 2)" in again.stderr
     assert "epoch 2/2" in again.stderr and "epoch 1/2" not in again.stderr

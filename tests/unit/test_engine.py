@@ -180,3 +180,33 @@ def test_background_prefetch_keeps_order_raises_and_stops():
     while any(t.name == "indai-prefetch" for t in threading.enumerate()) and time.time() < deadline:
         time.sleep(0.05)
     assert not any(t.name == "indai-prefetch" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_a_frozen_encoder_stays_out_of_checkpoints_and_a_resume_reaches_the_same_weights(store_and_ref, strategy, tmp_path):
+    """The sensor encoder frozen (its tune policy): checkpoints hold the image encoder, fusion and
+    head, not it, under the torch engine and under DeepSpeed; a run resumed from them ends with
+    the weights of the uninterrupted run."""
+    store, ref = store_and_ref
+    over = {"optim.epochs": 2, "model.sensor.tune.policy": "frozen", "deepspeed.strategy": strategy, "run.resume": True}
+    straight = train_loop(config(store, ref, f"frozen-{strategy}", ["sensor", "image"], **over))
+    frozen = store.read_commit(f"checkpoints/frozen-{strategy}/epoch-00001")["frozen"]
+    assert frozen and all(n.startswith("encoders.sensor.") for n in frozen)
+    folder = store.download_dir(f"checkpoints/frozen-{strategy}/epoch-00001", tmp_path / "checkpoint")
+    if strategy == "ddp":
+        held = set(load((folder / "model.safetensors").read_bytes()))
+    else:  # DeepSpeed's module file, written by this test's own run
+        held = set(torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)["module"])
+    assert not held & set(frozen)
+    assert any(k.startswith("encoders.image.") for k in held) and any(k.startswith("head.") for k in held)
+
+    crashed = config(store, ref, f"frozen-{strategy}-crashed", ["sensor", "image"], **over)
+    train_loop(crashed)
+    for gone in ("epoch-00001", "final"):  # as if it died after the first epoch
+        store.delete_prefix(f"checkpoints/frozen-{strategy}-crashed/{gone}")
+    resumed = train_loop(crashed)
+    assert resumed["step"] == straight["step"] and resumed["timing"]["steps"] == straight["timing"]["steps"] // 2
+    a, b = final_weights(store, f"frozen-{strategy}"), final_weights(store, f"frozen-{strategy}-crashed")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
