@@ -89,7 +89,9 @@ def _barrier() -> None:
 
 # ---- frozen parameters: left out, fingerprinted --------------------------------------------------
 
-_CHUNK = 1 << 22  # elements summed at a time: 32 MiB of float64 however large the tensor
+_CHUNK = 1 << 20  # elements per chunk of the checksum
+_P = 2**31 - 1  # a prime: chunk sums are taken modulo it
+_weights: dict[torch.device, torch.Tensor] = {}
 
 
 def _comm_device() -> torch.device:
@@ -98,11 +100,37 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def frozen_fingerprint(module: torch.nn.Module) -> dict[str, list[float]]:
-    """{name: [elements, sum |x|, sum x^2]} of each parameter that needs no gradient, over its
-    values rounded to bf16 and summed in float64, so a model that holds its frozen weights in bf16
-    (the report writer on a GPU) and one that holds them in fp32 agree. Under ZeRO-3 each rank sums
-    its own partition and the sums are all-reduced: every rank must call it then."""
+def _position_weights(device: torch.device) -> torch.Tensor:
+    """A weight in 1..65521 for each position of a chunk (int32: a bf16 bit pattern times one fits)."""
+    if device not in _weights:
+        _weights[device] = (torch.arange(_CHUNK, dtype=torch.int64, device=device) * 40503 % 65521 + 1).to(torch.int32)
+    return _weights[device]
+
+
+def _checksum(flat: torch.Tensor, start: int) -> torch.Tensor:
+    """[sum of v, sum over chunks c of (1 + 48271 c) * (sum of v * w) mod P] over the bf16 bit
+    patterns v of `flat`, whose first element is element `start` of its tensor. Integers, so the
+    result is exact: the same on any device, in any order, however ZeRO-3 partitioned the tensor;
+    and any changed weight changes it (each position has its own nonzero weight w)."""
+    out = torch.zeros(2, dtype=torch.int64, device=flat.device)
+    w = _position_weights(flat.device)
+    pos = 0
+    while pos < flat.numel():
+        chunk, at = divmod(start + pos, _CHUNK)
+        n = min(_CHUNK - at, flat.numel() - pos)
+        v = flat[pos:pos + n].to(torch.bfloat16).view(torch.int16).to(torch.int32)
+        out[0] += v.sum()
+        out[1] += torch.remainder((v * w[at:at + n]).sum(), _P) * ((1 + 48271 * chunk) % _P) % _P
+        pos += n
+    return out
+
+
+def frozen_fingerprint(module: torch.nn.Module) -> dict[str, list[int]]:
+    """{name: [elements, checksum, checksum]} of each parameter that needs no gradient, over its
+    values rounded to bf16 (so a model that holds its frozen weights in bf16, the report writer on a
+    GPU, and one that holds them in fp32 agree). Computed where the weights are, one read back at
+    the end. Under ZeRO-3 each rank sums its own partition and the sums are all-reduced: every
+    rank must call it then."""
     names, numels, sums, sharded = [], [], [], False
     for name, p in module.named_parameters():
         if p.requires_grad:
@@ -113,27 +141,22 @@ def frozen_fingerprint(module: torch.nn.Module) -> dict[str, list[float]]:
             start = dist.get_rank(group=p.ds_process_group) * part.numel()
             flat, numel = part.narrow(0, 0, max(0, min(part.numel(), p.ds_numel - start))), p.ds_numel
         else:
-            flat, numel = p.detach().reshape(-1), p.numel()
-        acc = torch.zeros(2, dtype=torch.float64, device=flat.device)
-        for chunk in flat.split(_CHUNK):
-            c = chunk.to(torch.bfloat16).to(torch.float64)
-            acc[0] += c.abs().sum()
-            acc[1] += c.square().sum()
+            flat, numel, start = p.detach().reshape(-1), p.numel(), 0
         names.append(name)
         numels.append(numel)
-        sums.append(acc)
-    if sharded and dist.is_available() and dist.is_initialized():
-        # every rank reaches this with the same parameters: named_parameters' order is the model's
-        totals = torch.stack([s.to(_comm_device()) for s in sums])
-        dist.all_reduce(totals)
-        sums = list(totals)
+        sums.append(_checksum(flat, start))
     if not names:
         return {}
-    values = torch.stack([s.cpu() for s in sums]).tolist()  # one wait for the device, not one per tensor
-    return {n: [float(k), l1, l2] for n, k, (l1, l2) in zip(names, numels, values)}
+    totals = torch.stack([s.to(_comm_device() if sharded else sums[0].device) for s in sums])
+    if sharded and dist.is_available() and dist.is_initialized():
+        # every rank reaches this with the same parameters, in the model's order
+        dist.all_reduce(totals)
+    totals[:, 1] %= _P
+    values = totals.tolist()  # one wait for the device, not one per tensor
+    return {n: [k, a, b] for n, k, (a, b) in zip(names, numels, values)}
 
 
-def check_frozen(saved: dict[str, list[float]], now: dict[str, list[float]], run_name: str, tag: str) -> None:
+def check_frozen(saved: dict[str, list[int]], now: dict[str, list[int]], run_name: str, tag: str) -> None:
     """Refuse to resume when the rebuilt model's frozen parameters are not the ones checkpoint
     `tag` left out (it does not hold them, so training would go on from other weights)."""
     if saved.keys() != now.keys():
@@ -144,8 +167,7 @@ def check_frozen(saved: dict[str, list[float]], now: dict[str, list[float]], run
             + (f"; newly frozen: {', '.join(new[:3])}" if new else "")
             + ". The model or its tune policy changed since: resume with the run's own config (`indai train resume`) "
             "or train under a new run.name")
-    differ = [n for n in saved if saved[n][0] != now[n][0]
-              or any(abs(a - b) > 1e-8 * max(abs(a), abs(b), 1e-30) for a, b in zip(saved[n][1:], now[n][1:]))]
+    differ = [n for n in saved if list(saved[n]) != list(now[n])]
     if differ:
         raise UserError(
             f"checkpoint {tag} of run {run_name} does not hold its frozen parameters, and this model's differ from the "

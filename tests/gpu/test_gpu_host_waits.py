@@ -64,9 +64,8 @@ def test_report_writer_steps_wait_at_most_once_each(tmp_path):
 
     from indai.trainers.engine import build_engine
     from indai.trainers.loop import setup_distributed
-    from indai.trainers.models.report_writer.data import to_device
     from indai.trainers.models.report_writer.model import ReportWriter, hold_frozen_in_bf16
-    from indai.trainers.models.report_writer.train import _inputs
+    from indai.trainers.models.report_writer.train import train_step
 
     s = rwb.SHAPES["tiny"]
     cfg = rwb.train_config(s, 4, compile=False, cuda=True)
@@ -78,12 +77,8 @@ def test_report_writer_steps_wait_at_most_once_each(tmp_path):
     sums = torch.zeros(2, dtype=torch.float64, device=d.device)
 
     def steps(n: int):
-        nonlocal sums
-        for _ in range(n):  # what train_report_writer does per step
-            loss, tokens = engine(**_inputs(to_device(batch, d.device)))
-            engine.backward(loss)
-            engine.step()
-            sums += torch.stack([loss.detach().double(), tokens.double()])
+        for _ in range(n):  # the worker's own step (train_report_writer calls it per batch)
+            train_step(engine, batch, d.device, sums)
         torch.cuda.synchronize()
 
     steps(2)  # warm-up: allocator, cuBLAS and cuDNN set-up

@@ -138,3 +138,27 @@ def test_a_checkpoint_from_before_holds_every_weight_and_still_loads(tmp_path):
     assert state["step"] == 3
     torch.testing.assert_close(other.backbone.weight, trained.module.backbone.weight, rtol=0, atol=0)
 
+
+
+def test_the_checksum_is_exact_whatever_the_partition_and_sees_one_changed_weight():
+    """ZeRO-3 ranks each sum their own slice of a tensor (starting anywhere, across chunk
+    boundaries); the all-reduced sums equal the whole tensor's. One weight moved by one bf16 step
+    (what separates a base LM from a lightly fine-tuned one) changes it."""
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(checkpoint._CHUNK * 2 + 12345, generator=g) * 0.02
+    whole = checkpoint._checksum(t, 0)
+    cuts = [0, 777, checkpoint._CHUNK - 5, checkpoint._CHUNK + 1, 2 * checkpoint._CHUNK + 3, t.numel()]
+    parts = sum(checkpoint._checksum(t[a:b], a) for a, b in zip(cuts, cuts[1:]))
+    parts[1] %= checkpoint._P
+    whole[1] %= checkpoint._P
+    assert parts.tolist() == whole.tolist()
+
+    bits = t.to(torch.bfloat16)
+    nudged = bits.clone()
+    nudged.view(torch.int16)[checkpoint._CHUNK + 99] += 1  # the next bf16 value of one weight
+    a, b = checkpoint._checksum(bits, 0), checkpoint._checksum(nudged, 0)
+    assert a.tolist() != b.tolist()
+    swapped = bits.clone()
+    swapped[[10, 20]] = swapped[[20, 10]]  # the same values in other places: the positions' weights tell
+    c = checkpoint._checksum(swapped, 0)
+    assert c[0] == a[0] and c[1] % checkpoint._P != a[1] % checkpoint._P

@@ -63,6 +63,17 @@ def _inputs(batch: dict) -> dict:
     return {k: batch[k] for k in ("prompts", "responses", "sensor", "image", "mask") if k in batch}
 
 
+def train_step(engine, batch: dict, device: torch.device, sums: torch.Tensor) -> torch.Tensor:
+    """One optimizer step on a collated batch. Adds (loss, response tokens) to `sums` on the device:
+    nothing here makes the host wait for the GPU, the loop reads the sums once per epoch
+    (tests/gpu/test_gpu_host_waits.py counts the waits). Returns the loss, on the device."""
+    loss, n = engine(**_inputs(to_device(batch, device)))
+    engine.backward(loss)
+    engine.step()
+    sums += torch.stack([loss.detach().double(), n.double()])
+    return loss
+
+
 @torch.no_grad()
 def evaluate(engine, loader, device: torch.device) -> dict:
     """Mean loss per response token over the whole split (summed across ranks).
@@ -133,11 +144,8 @@ def train_report_writer(config: dict) -> dict:
         show_bar = cfg.run.progress and d.rank == 0 and not d.under_ray
         for batch in bar(profile.steps(train_loader), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", total=len(train_loader),
                          enabled=show_bar):
-            loss, n = engine(**_inputs(to_device(batch, d.device)))
-            engine.backward(loss)
-            engine.step()
+            loss = train_step(engine, batch, d.device, sums)
             step, batches = step + 1, batches + 1
-            sums += torch.stack([loss.detach().double(), n.double()])  # no host sync every step
             if step % cfg.run.log_every == 0:
                 last_loss = loss.item()
                 metrics.add("train_loss", last_loss, step)
