@@ -74,6 +74,7 @@ def main() -> None:
         engine.step()
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
+        frozen_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
         print(f"built the {a.shape} report writer: {total / 1e6:.1f} M parameters, {trainable / 1e6:.2f} M train "
               f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
 
@@ -101,7 +102,8 @@ def main() -> None:
     def ratio(key: str) -> float:
         return statistics.median(n[key] / o[key] for n, o in zip(runs["frozen_left_out"], runs["every_weight"]))
 
-    row = {"shape": a.shape, "device": str(device), "parameters": total, "trainable": trainable, "rounds": a.repeats,
+    row = {"shape": a.shape, "device": str(device), "parameters": total, "trainable": trainable,
+           "frozen_bytes": frozen_bytes, "rounds": a.repeats,
            **{f"{way}_{k}": round(statistics.median(r[k] for r in rs), 3 if k != "bytes" else None)
               for way, rs in runs.items() for k in ("bytes", "save_s", "load_s")},
            "bytes_ratio": round(ratio("bytes"), 5), "save_ratio": round(ratio("save_s"), 4),

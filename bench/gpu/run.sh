@@ -22,6 +22,8 @@
 #   llm          bench/llm_throughput.py: the ~1.1B Llama, full fine-tuning and LoRA, plain (<= 90 s)
 #   llm-ds       the same through DeepSpeed ZeRO-2, only if DeepSpeed imports          (<= 90 s)
 #   compile      plain loops with torch.compile (fusion model and the LM)              (<= 300 s)
+#   ckpt         bench/checkpoint_size.py: a report-writer checkpoint without and with the
+#                frozen LM, save and load, 2 rounds (the checksum on the GPU)        (<= 120 s)
 # Output: $OUT/results/*.jsonl (bench/_record.py lines), $OUT/logs/<step>.log, $OUT/summary.txt.
 # A dry run of the script's logic on a CPU machine: PYTHON=.venv/bin/python INDAI_GPU_SHAPE=small
 # INDAI_GPU_RW_SHAPE=tiny INDAI_GPU_LLM_ARGS='--shape tiny --steps 2 --warmup 1' OUT=/tmp/gpu-dry bash bench/gpu/run.sh
@@ -111,6 +113,8 @@ if wanted compile; then
   step llm-compile 150 "$PYTHON" bench/llm_throughput.py --engines plain --modes full --compile "${LLM_ARGS[@]}" --note "bench/gpu/run.sh compile"
 fi
 
+wanted ckpt && step ckpt 120 "$PYTHON" bench/checkpoint_size.py --shape "$RW_SHAPE" --repeats 2 --note "bench/gpu/run.sh"
+
 "$PYTHON" - "$OUT/results" > "$OUT/summary.txt" 2>&1 <<'EOF'
 import json, sys
 from pathlib import Path
@@ -143,6 +147,11 @@ for path in sorted(Path(sys.argv[1]).glob("*.jsonl")):
                 if pr:
                     print(f"        profiled: {pr.get('wall_ms_per_step')} ms/step, device busy {pr.get('device_busy')}; "
                           + ", ".join(f"{t['op']} {t['ms_per_step']} ms" for t in pr.get("top", [])[:5]))
+        elif path.stem == "checkpoint_size":
+            print(f"{r['shape']} on {r['device']}: frozen left out {r['frozen_left_out_bytes'] / 2**20:,.0f} MiB, save "
+                  f"{r['frozen_left_out_save_s']} s, load {r['frozen_left_out_load_s']} s; every weight "
+                  f"{r['every_weight_bytes'] / 2**20:,.0f} MiB, save {r['every_weight_save_s']} s, load {r['every_weight_load_s']} s; "
+                  f"ratios bytes {r['bytes_ratio']} save {r['save_ratio']} load {r['load_ratio']}")
         else:
             print(json.dumps(r)[:300])
 EOF

@@ -1,4 +1,4 @@
-"""bench/report_writer_throughput.py, the report writer's GPU benchmark, on CPU at its tiny shape:
+"""bench/report_writer_throughput.py, the report writer's GPU benchmark, and bench/checkpoint_size.py on CPU at their tiny shape:
 the script the GPU machine runs (bench/gpu/run.sh) works end to end before a device minute is
 spent on it, its FLOP count is the textbook one where that is known, and `run.compile` compiles
 the report writer by regions (decoder layers and prefix encoders) and trains with it."""
@@ -70,3 +70,18 @@ def test_the_report_writer_bench_runs_its_three_ways_on_cpu(tmp_path):
     table = out.stdout.splitlines()
     assert table[0].split()[:3] == ["way", "batch", "tokens/s"]
     assert [line.split()[0] for line in table[1:]] == [w for way in rows for w in (way, "profiled:")]
+
+
+def test_the_checkpoint_bench_saves_and_loads_both_layouts(tmp_path):
+    """bench/checkpoint_size.py: the checkpoint without the frozen LM is smaller by the LM's
+    frozen weights, and both load back."""
+    env = dict(os.environ, INDAI_BENCH_RESULTS=str(tmp_path))
+    out = subprocess.run([sys.executable, "bench/checkpoint_size.py", "--shape", "tiny", "--repeats", "1", "--note", "test"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (row,) = map(json.loads, (tmp_path / "checkpoint_size.jsonl").read_text().splitlines())
+    saved = row["every_weight_bytes"] - row["frozen_left_out_bytes"]
+    # within 2 %: the file headers name the frozen tensors, the commit and engine.json carry their checksums
+    assert row["frozen_bytes"] > 0 and 0.98 * row["frozen_bytes"] <= saved <= 1.02 * row["frozen_bytes"], row
+    assert row["bytes_ratio"] == round(row["frozen_left_out_bytes"] / row["every_weight_bytes"], 5)
+    assert row["save_ratio"] > 0 and row["load_ratio"] > 0 and "left out / every weight" in out.stdout
