@@ -1,6 +1,7 @@
 """GPU tier for the engine: the GPU path trains (loss falls), saves and resumes; bf16 autocast +
 BatchNorm + channels_last image inputs train under the torch engine and each ZeRO stage; the
-prefetching feed hands over the same numbers a DataLoader would, on the device, in channels_last.
+prefetching feed hands over the same numbers a DataLoader would, on the device, in channels_last;
+the checksum of frozen weights in checkpoints is the same on CUDA as on the CPU.
 Runs on the lent GPU machine only (bench/gpu/run.sh); skipped where CUDA is absent."""
 import math
 
@@ -124,3 +125,15 @@ def test_a_failing_source_raises_in_the_consumer():
     assert torch.equal(next(it)["x"].cpu(), torch.ones(2))
     with pytest.raises(ValueError, match="shard 3 is damaged"):
         next(it)
+
+
+def test_the_frozen_checksum_is_the_same_on_cuda_as_on_cpu():
+    """A checkpoint written on the GPU (frozen LM held in bf16) must resume on another device or
+    with the weights in fp32: trainers.checkpoint's checksum is exact integers over bf16 bits."""
+    from indai.trainers import checkpoint
+
+    t = torch.randn(3 * checkpoint._CHUNK + 7, generator=torch.Generator().manual_seed(0)) * 0.02
+    on_cpu = checkpoint._checksum(t, 0)
+    on_cuda = checkpoint._checksum(t.cuda(), 0)
+    held_bf16 = checkpoint._checksum(t.cuda().to(torch.bfloat16), 0)
+    assert on_cpu.tolist() == on_cuda.cpu().tolist() == held_bf16.cpu().tolist()
