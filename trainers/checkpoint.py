@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -177,16 +179,23 @@ def check_frozen(saved: dict[str, list[int]], now: dict[str, list[int]], run_nam
 
 def save(engine, store: ObjectStore, run_name: str, tag: str, meta: dict, rank: int) -> None:
     # the strategy (trainers.engine) decides the checkpoint's layout; a resumed run keeps it
+    t0 = time.perf_counter()
     frozen = frozen_fingerprint(engine.module)  # every rank: a collective under ZeRO-3
     meta = {**meta, "strategy": getattr(engine, "indai_strategy", None), "frozen": frozen}
+    written = 0
     with tempfile.TemporaryDirectory(prefix="indai-ckpt-") as local:
         engine.save_checkpoint(local, tag=tag, client_state=meta, exclude_frozen_parameters=bool(frozen))
         shard = Path(local) / tag
         if shard.is_dir():
+            written = sum(f.stat().st_size for f in shard.rglob("*") if f.is_file())
             store.upload_dir(f"{prefix(run_name)}/{tag}", shard)
     _barrier()
     if rank == 0:
         store.commit(f"{prefix(run_name)}/{tag}", meta)
+        left = sum(v[0] for v in frozen.values())
+        print(f"[indai] checkpoint {tag}: {written / 2**20:,.1f} MiB from rank 0 in {time.perf_counter() - t0:.1f} s"
+              + (f"; {len(frozen)} frozen tensors ({left:,} parameters) left out" if frozen else ""),
+              file=sys.stderr, flush=True)
     _barrier()
 
 

@@ -1,6 +1,8 @@
 """Checkpoints leave out frozen parameters (trainers.checkpoint): the resumed run rebuilds them from
 the same pretrained weights, a fingerprint proves it did, and a model whose frozen weights or
 frozen set changed is refused with a clear error instead of training on from other weights."""
+import re
+
 import pytest
 import torch
 from safetensors.torch import load, save
@@ -51,11 +53,14 @@ def saved(store, run="r", tag="epoch-00000") -> dict[str, torch.Tensor]:
     return load(store.get_bytes(f"checkpoints/{run}/{tag}/model.safetensors"))
 
 
-def test_frozen_parameters_are_left_out_and_a_resume_restores_the_trained_state(tmp_path):
+def test_frozen_parameters_are_left_out_and_a_resume_restores_the_trained_state(tmp_path, capfd):
     store = open_store(tmp_path / "store")
     trained = engine_for(Net())
     train(trained)
     checkpoint.save(trained, store, "r", "epoch-00000", {"epoch": 0, "step": 3}, rank=0)
+    # the log says what was written and what was left out (512 + 256 + 16 frozen parameters)
+    assert re.search(r"\[indai\] checkpoint epoch-00000: \d+\.\d MiB from rank 0 in \d+\.\d s; 3 frozen tensors "
+                     r"\(784 parameters\) left out", capfd.readouterr().err)
 
     held = saved(store)
     # the frozen backbone and the (frozen, tied) embedding are not in it; what trains and the
