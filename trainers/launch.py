@@ -203,7 +203,10 @@ def run_workers(cfg: TrainConfig, settings: Settings, manifest: dict | None = No
         scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
         run_config=RunConfig(name=cfg.run.name, storage_path=str(settings.home / "ray_results"),
-                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                             # Ray Train's print patch both prints a worker's stderr line and logs it,
+                             # and Ray relays both: every line of the loop reached the user twice
+                             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
     )
     trainer.fit()
 

@@ -245,6 +245,8 @@ def test_train_submit_follows_the_job_and_names_the_model(gateway, steel_dataset
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "submitted job" in done.stderr and "(member steel-a)" in done.stderr
     assert "training" in done.stderr and "epoch=2/2" in done.stderr  # the bar, fed by the loop's progress lines
+    out = done.stdout + done.stderr
+    assert out.count("epoch 1/2: loss") == 1, out[-3000:]  # each line of the workers once (Ray Train's print patch is off)
     line = done.stdout.strip().splitlines()[-1]
     assert "SUCCEEDED: MLflow run" in line and f"dataset {name}@{version}" in line and "registered steel-bearing version 1" in line
     acc = float(line.split("test accuracy ")[1].split(",")[0])
