@@ -177,6 +177,25 @@ def check_frozen(saved: dict[str, list[int]], now: dict[str, list[int]], run_nam
             "started from, or train under a new run.name")
 
 
+def module_loader(frozen_left_out: bool, tag: str):
+    """How a checkpoint's module weights go into the model, for both engines (DeepSpeed's
+    `custom_load_fn`): every tensor the model has must be there, except the frozen parameters
+    when the checkpoint left them out and the other names of a tied weight; nothing else may be."""
+    def load_into(src: dict, dst: torch.nn.Module) -> None:
+        missing, unexpected = dst.load_state_dict(src, strict=False)
+        names: dict[int, list[str]] = {}
+        for n, p in dst.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(n)
+        tied = {n for group in names.values() if len(group) > 1 and any(m in src for m in group) for n in group}
+        frozen = ({n for n, p in dst.named_parameters(remove_duplicate=False) if not p.requires_grad}
+                  if frozen_left_out else set())
+        wrong = sorted(set(missing) - tied - frozen) + sorted(unexpected)
+        if wrong:
+            raise UserError(f"checkpoint {tag} does not fit this model ({len(wrong)} tensor(s) missing or unexpected, "
+                            f"e.g. {', '.join(wrong[:3])}): resume with the run's own config or train under a new run.name")
+    return load_into
+
+
 def save(engine, store: ObjectStore, run_name: str, tag: str, meta: dict, rank: int) -> None:
     # the strategy (trainers.engine) decides the checkpoint's layout; a resumed run keeps it
     t0 = time.perf_counter()
@@ -206,7 +225,7 @@ def load(engine, store: ObjectStore, run_name: str, tag: str) -> dict:
         check_frozen(frozen, frozen_fingerprint(engine.module), run_name, tag)
     with tempfile.TemporaryDirectory(prefix="indai-ckpt-") as local:
         store.download_dir(f"{prefix(run_name)}/{tag}", Path(local) / tag)
-        _, client_state = engine.load_checkpoint(local, tag=tag, load_module_strict=not frozen)
+        _, client_state = engine.load_checkpoint(local, tag=tag, custom_load_fn=module_loader(bool(frozen), tag))
     return client_state or {}
 
 

@@ -272,9 +272,6 @@ class TorchEngine:
         return [g["lr"] for g in self.optimizer.param_groups]
 
     # -- checkpoints: identical on every rank, so rank 0 writes them and every rank reads them
-    def _frozen_names(self) -> set[str]:
-        return {n for n, p in self.module.named_parameters(remove_duplicate=False) if not p.requires_grad}
-
     @staticmethod
     def _storage(t: torch.Tensor) -> tuple:
         return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype
@@ -282,7 +279,8 @@ class TorchEngine:
     def _saved_names(self, state: dict[str, torch.Tensor], exclude_frozen: bool) -> list[str]:
         """The names a checkpoint holds: each shared tensor once (tied weights), frozen parameters
         left out when asked (as DeepSpeed's exclude_frozen_parameters; trainers.checkpoint)."""
-        frozen = self._frozen_names() if exclude_frozen else set()
+        frozen = ({n for n, p in self.module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+                  if exclude_frozen else set())
         names, seen = [], set()
         for name, t in state.items():
             if name in frozen or self._storage(t) in seen:
@@ -317,9 +315,9 @@ class TorchEngine:
                 "micro_steps": self.micro_steps, "global_steps": self.global_steps}
         (folder / "engine.json").write_text(json.dumps(meta, default=_plain))
 
-    def load_checkpoint(self, load_dir: str, tag: str, load_module_strict: bool = True):
-        """`load_module_strict=False`: the checkpoint may leave out frozen parameters (only those:
-        anything else missing or unexpected is still an error)."""
+    def load_checkpoint(self, load_dir: str, tag: str, custom_load_fn=None):
+        """`custom_load_fn(src=weights, dst=module)` puts the weights in, as in DeepSpeed
+        (trainers.checkpoint.module_loader); by default every tensor must be there."""
         from safetensors.torch import load_file
 
         folder = Path(load_dir) / tag
@@ -330,16 +328,7 @@ class TorchEngine:
         if meta.get("format") != TORCH_ENGINE_FORMAT:
             raise UserError(f"checkpoint {tag} has format {meta.get('format')!r}, not {TORCH_ENGINE_FORMAT}")
         saved = load_file(str(folder / "model.safetensors"), device=str(self.device))
-        missing, unexpected = self.module.load_state_dict(saved, strict=False)
-        shared: dict[tuple, list[str]] = {}  # tied weights: saved once, under one of their names
-        for name, t in self.module.state_dict().items():
-            shared.setdefault(self._storage(t), []).append(name)
-        tied = {n for names in shared.values() if any(m in saved for m in names) for n in names}
-        allowed = tied | (set() if load_module_strict else self._frozen_names())
-        wrong = sorted(set(missing) - allowed) + sorted(unexpected)
-        if wrong:
-            raise UserError(f"checkpoint {tag} does not fit this model ({len(wrong)} tensor(s) missing or unexpected, "
-                            f"e.g. {', '.join(wrong[:3])}): resume with the run's own config or train under a new run.name")
+        (custom_load_fn or checkpoint.module_loader(False, tag))(src=saved, dst=self.module)
         tensors = load_file(str(folder / "optimizer.safetensors"))
         state: dict = {}
         for key, value in tensors.items():

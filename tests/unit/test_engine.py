@@ -210,3 +210,24 @@ def test_a_frozen_encoder_stays_out_of_checkpoints_and_a_resume_reaches_the_same
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_under_deepspeed_a_checkpoint_missing_a_trained_tensor_is_refused(store_and_ref):
+    """Frozen parameters may be absent from a DeepSpeed checkpoint, nothing else: the same check
+    as the torch engine's (trainers.checkpoint.module_loader, DeepSpeed's custom_load_fn)."""
+    store, ref = store_and_ref
+    over = {"optim.epochs": 1, "model.sensor.tune.policy": "frozen", "deepspeed.strategy": "zero2", "run.resume": True}
+    cfg = config(store, ref, "ds-missing", ["sensor", "image"], **over)
+    train_loop(cfg)
+    store.delete_prefix("checkpoints/ds-missing/final")
+    key = "checkpoints/ds-missing/epoch-00000/mp_rank_00_model_states.pt"
+    import io
+
+    states = torch.load(io.BytesIO(store.get_bytes(key)), weights_only=True)
+    held = [k for k in states["module"] if k.startswith("head.")]
+    del states["module"][held[0]]
+    buf = io.BytesIO()
+    torch.save(states, buf)
+    store.put_bytes(key, buf.getvalue())
+    with pytest.raises(UserError, match=rf"1 tensor\(s\) missing or unexpected, e.g. {held[0]}"):
+        train_loop(config(store, ref, "ds-missing", ["sensor", "image"], **dict(over, **{"optim.epochs": 2})))
