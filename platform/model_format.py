@@ -1,7 +1,7 @@
 """The indai model artefact: an exported torch program plus a card, and how to run it.
 
-Training writes `model.pt2` (a `torch.export` program: graph and weights, no Python code and
-no pickle) and `indai_model.json` (the card: inputs per modality, classes, the program's
+Training writes `model.pt2` (a `torch.export` program: graph and weights as raw tensors, no
+Python code and no pickle; `load_program` refuses an archive holding any pickled payload) and `indai_model.json` (the card: inputs per modality, classes, the program's
 sha256); a model with a Hugging Face text encoder also has its `tokenizer.json`, named with its
 sha256 in the card's `inputs.text.tokenizer` (modalities.TextTokenizer). Serving and
 `mlflow.pyfunc` both load it with `IndaiModel.load`, which checks the hashes before anything is
@@ -11,8 +11,12 @@ regression {"value"} in the target's units, anomaly {"score", "anomaly", "thresh
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +42,78 @@ def write_card(folder: Path, card: dict) -> Path:
     path = folder / CARD
     path.write_text(json.dumps(card, indent=2, ensure_ascii=False))
     return path
+
+
+# Tensor payloads of a torch.export archive (pt2_archive) that are raw bytes plus metadata; every
+# other kind (pickled tensors, torchbind and "opaque" objects, the legacy constants .pt) is a pickle.
+_RAW_PAYLOAD_PREFIXES = ("weight_", "tensor_")
+_force_weights_only = threading.Lock()
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Every torch.load inside runs weights-only, whatever its caller asked (torch honours
+    TORCH_FORCE_WEIGHTS_ONLY_LOAD at each call). torch.export's own loader falls back to
+    `weights_only=False` for the sample inputs when the weights-only load fails."""
+    with _force_weights_only:
+        old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+            else:
+                os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+
+
+def check_program_archive(path: Path) -> None:
+    """Refuse a `.pt2` that would make torch.export.load unpickle anything.
+
+    torch.export.save writes plain tensors as raw bytes and describes them in JSON configs,
+    but its format also allows pickled payloads (`use_pickle`, custom and opaque objects, the
+    legacy format), which torch.export.load reads with `weights_only=False` or `pickle.loads`:
+    whoever writes the archive would run code in every process that loads it. indai never
+    exports such payloads, so an archive holding one was not made by indai's training."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"{path} is not a torch.export archive ({e}): export the model again") from None
+    with zf:
+        names = zf.namelist()
+        if not any(n.endswith("/archive_format") or n == "archive_format" for n in names):
+            raise UserError(f"{path} is not in torch.export's pt2 archive format (an older or foreign format, "
+                            "which torch loads with pickle): refusing to load it; export the model again")
+        for name in names:
+            parts = name.split("/")
+            if "constants" in parts and name.endswith(".pt"):
+                raise UserError(f"{path} holds pickled constants ({name}): refusing to load it")
+            if not (name.endswith("_config.json") and ("weights" in parts or "constants" in parts)):
+                continue
+            try:
+                config = json.loads(zf.read(name)).get("config", {})
+            except (ValueError, AttributeError):
+                raise UserError(f"{path}: {name} is not valid JSON: refusing to load it") from None
+            for fqn, meta in (config.items() if isinstance(config, dict) else ()):
+                meta = meta if isinstance(meta, dict) else {}
+                if meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(_RAW_PAYLOAD_PREFIXES):
+                    raise UserError(f"{path}: {fqn!r} is stored as a pickled object ({meta.get('path_name')!r}), "
+                                    "which loading would run as code: refusing to load it; indai exports plain tensors only")
+
+
+def load_program(path: str | Path):
+    """torch.export.load of an archive that check_program_archive accepted, with every torch.load
+    inside it weights-only: the one way indai loads an exported program."""
+    import torch
+
+    path = Path(path)
+    check_program_archive(path)
+    with _weights_only_loads():
+        try:
+            return torch.export.load(str(path))
+        except Exception as e:  # noqa: BLE001 - a file from a registry: any failure means "not loadable"
+            raise UserError(f"{path} could not be loaded as an exported program ({type(e).__name__}: "
+                            f"{str(e)[:300]}): export and register the model again") from None
 
 
 def task_of(card: dict) -> str:
@@ -76,8 +152,6 @@ class IndaiModel:
     def load(cls, folder: str | Path):
         """The model in `folder`, by its card's format: this class for exported programs, the
         report writer (platform.report_format) for generated text. Both offer prepare/run/predict."""
-        import torch
-
         folder = Path(folder)
         card_path = folder / CARD
         if not card_path.is_file():
@@ -93,7 +167,7 @@ class IndaiModel:
             raise UserError(f"{folder / PROGRAM} does not match the hash in its card: refusing to load it")
         text = card.get("inputs", {}).get("text")
         tokenizer = TextTokenizer.from_card(text, folder) if text and "text" in card.get("modalities", []) else None
-        return cls(card, torch.export.load(str(folder / PROGRAM)), tokenizer)
+        return cls(card, load_program(folder / PROGRAM), tokenizer)
 
     def prepare(self, sample: dict) -> dict:
         """Validate one sample against the card; raise UserError saying what is wrong."""

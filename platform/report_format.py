@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from indai.platform.errors import UserError
-from indai.platform.model_format import sha256_file
+from indai.platform.model_format import load_program, sha256_file
 from indai.platform.modalities import MAX_TOKENIZER_BYTES, check_sensor, decode_image, images_to_tensor_layout
 
 FORMAT = "indai-report-writer/1"
@@ -275,7 +275,7 @@ class ReportWriterModel:
         tokens = Tokens.from_folder(folder / TOKENIZER, lm_config, json.loads(gen_path.read_text()) if gen_path.is_file() else None)
         lm = AutoModelForCausalLM.from_pretrained(folder / LM_DIR, local_files_only=True, use_safetensors=True,
                                                   trust_remote_code=False, dtype=torch.float32).eval()
-        prefixes = {m: torch.export.load(str(folder / prefix_file(m))).module() for m in card["modalities"]}
+        prefixes = {m: load_program(folder / prefix_file(m)).module() for m in card["modalities"]}
         return cls(card, lm, tokens, prefixes)
 
     def prepare(self, sample: dict) -> dict:

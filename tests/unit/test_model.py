@@ -115,3 +115,71 @@ def test_tampered_program_is_refused(exported, tmp_path):
     (tmp_path / CARD).write_text(json.dumps(card))
     with pytest.raises(UserError, match="model format"):
         IndaiModel.load(tmp_path)
+
+
+class _Payload:
+    """Unpickling this creates a marker file: proof that loading ran code from the archive."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _rewrite_archive(src, dst, edit):
+    """Copy the zip `src` to `dst`, passing each (name, bytes) through `edit` (which may add entries)."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for name in zin.namelist():
+            for n, data in edit(name, zin.read(name)):
+                zout.writestr(n, data)
+
+
+def _config_edit(kind, path_name, payload):
+    """Point the first entry of the weights or constants config at `path_name`, pickled, holding `payload`."""
+    import pickle
+
+    def edit(name, data):
+        if name.endswith(f"data/{kind}/model_{kind}_config.json"):
+            config = json.loads(data)
+            first = next(iter(config["config"]), "planted")  # an exported model may have no constants
+            config["config"].setdefault(first, {}).update(path_name=path_name, use_pickle=True)
+            folder = name.rsplit("/", 1)[0]
+            return [(name, json.dumps(config).encode()), (f"{folder}/{path_name}", pickle.dumps(payload))]
+        return [(name, data)]
+    return edit
+
+
+def _sample_inputs_edit(payload):
+    import pickle
+
+    return lambda name, data: [(name, pickle.dumps(payload) if "sample_inputs/" in name else data)]
+
+
+@pytest.mark.parametrize("how, message", [
+    ("pickled weight", "stored as a pickled object"),
+    ("opaque constant", "stored as a pickled object"),
+    ("pickled sample inputs", "could not be loaded"),
+])
+def test_program_with_a_pickled_payload_is_refused_before_it_runs(exported, tmp_path, how, message):
+    """A registered model is written by whoever registers it, and its card's hash is theirs too: the
+    archive itself must not be able to run code in the serving replicas (torch.export.load reads
+    pickled tensors with weights_only=False, opaque objects with pickle.loads, and falls back to
+    weights_only=False for sample inputs)."""
+    _, folder = exported
+    marker = tmp_path / "ran"
+    payload = _Payload(marker)
+    edit = {"pickled weight": lambda: _config_edit("weights", "weight_999", payload),
+            "opaque constant": lambda: _config_edit("constants", "opaque_obj_0", payload),
+            "pickled sample inputs": lambda: _sample_inputs_edit(payload)}[how]()
+    model = tmp_path / "model"
+    model.mkdir()
+    _rewrite_archive(folder / PROGRAM, model / PROGRAM, edit)
+    write_card(model, {k: v for k, v in json.loads((folder / CARD).read_text()).items() if k != "program_sha256"})
+    with pytest.raises(UserError, match=message):
+        IndaiModel.load(model)
+    assert not marker.exists(), "loading the archive ran the pickled payload"
+    # the archive as exported loads: the edit alone is what is refused
+    assert IndaiModel.load(folder).modalities == ["sensor", "image", "text"]

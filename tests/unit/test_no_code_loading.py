@@ -53,9 +53,8 @@ SAFE_YAML_LOADERS = {"SafeLoader", "CSafeLoader", "BaseLoader", "BoundedLoader"}
 # (file, qualified call or .method) -> why this load of a pickle-based format is safe
 ALLOWED = {
     ("platform/model_format.py", "torch.export.load"):
-        "the program indai exported at training; its sha256 is checked against program_sha256 in the card just before",
-    ("platform/report_format.py", "torch.export.load"):
-        "the report writer's prefix programs indai exported; verify_files checks every file's sha256 against the card first",
+        "load_program, the one place indai loads an exported program (model.pt2, the report writer's prefixes): "
+        "check_program_archive refuses any pickled payload first and every torch.load inside runs weights-only",
     ("trainers/checkpoint.py", ".load_checkpoint"):
         "DeepSpeed's own checkpoint of this run, written by indai under checkpoints/<run>/ and committed; never a user file",
 }
