@@ -106,7 +106,17 @@ class Audit(Base):
 
 
 def database_url() -> str:
-    return os.environ.get("INDAI_DB_URL") or f"sqlite:///{home() / 'platform.db'}"
+    """INDAI_DB_URL, else the embedded default's SQLite file under INDAI_HOME. Inside a Kubernetes
+    pod there is no embedded default: a pod-local SQLite file would hold no members, tokens or
+    access rules (every member's call refused, metering lost), so a missing INDAI_DB_URL is an error."""
+    url = os.environ.get("INDAI_DB_URL")
+    if url:
+        return url
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        raise UserError("INDAI_DB_URL is not set in this pod: on Kubernetes the platform database is the release's "
+                        "PostgreSQL, and a pod-local SQLite file would hold no members or tokens. The chart sets it in "
+                        "the gateway and, with serve.enabled, in the Ray pods; elsewhere set INDAI_DB_URL yourself")
+    return f"sqlite:///{home() / 'platform.db'}"
 
 
 def engine(url: str | None = None) -> Engine:

@@ -10,7 +10,6 @@ NetworkPolicies are enforced (no CNI runs here).
 import base64
 import json
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -369,6 +368,13 @@ def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
     env = {e["name"]: e for e in gateway[0]["spec"]["containers"][0]["env"]}
     assert env["DB_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "indai-db"
     assert env["INDAI_S3_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "indai-s3"
+    # Serve's ingress replicas run on any Ray pod and check tokens, access rules and metering in the
+    # platform database: the same PostgreSQL as the gateway, never a pod-local SQLite file
+    for p in (head, gpu[0]):
+        ray_env = {e["name"]: e for e in ray_container(p["spec"])["env"]}
+        assert ray_env["INDAI_DB_URL"]["value"] == env["INDAI_DB_URL"]["value"] == \
+            "postgresql+psycopg://indai:$(DB_PASSWORD)@postgres.example.internal:5432/indai", p["metadata"]["name"]
+        assert ray_env["DB_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "indai-db", "key": "password"}
 
     # the autoscaler may read pods and scale its RayCluster; nothing else, and nobody else may
     assert can(c, ns, "auto-indai-ray", "list", "pods") and can(c, ns, "auto-indai-ray", "patch", "rayclusters.ray.io")
@@ -445,6 +451,8 @@ def test_ray_auth_token_reaches_every_ray_pod_and_the_gateway_only(k8s_cluster):
         env = {e["name"]: e.get("value") for e in ray_container(pod).get("env", [])}
         assert env.get("HF_HUB_OFFLINE") == env.get("TRANSFORMERS_OFFLINE") == "1", name  # weights from the mirror only
         assert env.get("RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S") == "2", name  # a dead proxy is replaced in seconds
+        # Serve is off: member jobs on Ray pods get no platform database (only the gateway has it)
+        assert "INDAI_DB_URL" not in env and "DB_PASSWORD" not in env, name
     scaler = spec["autoscalerOptions"]
     assert {e["name"]: e["value"] for e in scaler["env"]} == RAY_AUTH_ENV
     assert scaler["volumeMounts"] == [{"name": "ray-auth-token", "mountPath": RAY_TOKEN_DIR, "readOnly": True}]

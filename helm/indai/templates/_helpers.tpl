@@ -91,6 +91,13 @@ keep their schema version in an Alembic table of the same name. */}}
   valueFrom: {secretKeyRef: {name: {{ include "indai.dbSecret" . }}, key: password}}
 {{- end -}}
 
+{{/* The platform database's URL (DB_PASSWORD from indai.dbPasswordEnv before it). */}}
+{{- define "indai.dbUrlEnv" -}}
+{{ include "indai.dbPasswordEnv" . }}
+- name: INDAI_DB_URL
+  value: postgresql+psycopg://{{ include "indai.dbServer" . }}/{{ include "indai.dbName" . }}
+{{- end -}}
+
 {{- define "indai.dbSecret" -}}
 {{- if .Values.postgresql.enabled -}}{{ include "indai.secretName" . }}{{- else -}}{{ required "externalDatabase.existingSecret is required when postgresql.enabled is false" .Values.externalDatabase.existingSecret }}{{- end -}}
 {{- end -}}

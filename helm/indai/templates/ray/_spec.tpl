@@ -22,6 +22,11 @@ containers:
       {{- include "indai.platformEnv" $ | nindent 6 }}
       - name: INDAI_RAY_ADDRESS
         value: auto
+      {{- if $.Values.serve.enabled }}
+      {{- /* Serve's ingress replicas (on any Ray pod) check members' tokens and access rules and meter
+      each call in the platform database; without it they would open an empty pod-local SQLite file */}}
+      {{- include "indai.dbUrlEnv" $ | nindent 6 }}
+      {{- end }}
       {{- if include "indai.rayAuth" $ }}
       {{- /* KubeRay copies env and mounts into the workers' wait-gcs-ready init container, whose
       `ray health-check` needs the token too */}}
