@@ -945,7 +945,7 @@ def cmd_train_submit(a) -> int:
     from indai.platform import submit
 
     if not a.gateway:
-        raise UserError("no job gateway: pass --gateway http://<gateway>:8266 or set INDAI_GATEWAY")
+        raise UserError("no job gateway: pass --gateway URL or set INDAI_GATEWAY (the URL `helm install` printed; `indai gateway serve` listens on port 8266 by default)")
     if not a.token:
         raise UserError("no API token: pass --token or set INDAI_TOKEN (an admin creates one with `indai token create`)")
     sid, me = submit.submit(a.gateway, a.token, a.recipe, list(a.overrides), a.member, a.gpus, a.cpus)
