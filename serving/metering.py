@@ -9,6 +9,7 @@ the oldest are dropped and counted) and the next flush catches up.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -31,9 +32,15 @@ class CallRecord:
 
 
 class Meter:
+    """The buffer is shared by the event loop (`record`, `pending`) and the flushing thread
+    (`flush`, run with asyncio.to_thread), so every change to it holds `_lock`; the database
+    write itself runs outside the lock, on a chunk taken off the front of the buffer."""
+
     def __init__(self, eng: Engine, flush_s: float = 1.0, batch: int = 1000, max_buffer: int = 200_000):
         self.eng, self.flush_s, self.batch, self.max_buffer = eng, flush_s, batch, max_buffer
         self.buffer: deque[CallRecord] = deque()
+        self._unwritten: dict[str, CallRecord] = {}  # buffered or being written, by request id
+        self._lock = threading.Lock()
         self.written = 0
         self.dropped = 0
         self.failures = 0
@@ -41,18 +48,29 @@ class Meter:
         self._task: asyncio.Task | None = None
 
     def record(self, rec: CallRecord) -> None:
-        if len(self.buffer) >= self.max_buffer:
-            self.buffer.popleft()
-            self.dropped += 1
-        self.buffer.append(rec)
+        with self._lock:
+            if len(self.buffer) >= self.max_buffer:
+                self._drop(self.buffer.popleft())
+            self.buffer.append(rec)
+            self._unwritten[rec.request_id] = rec
         if self._task is None or self._task.done():
             try:
                 self._task = asyncio.get_running_loop().create_task(self._run())
             except RuntimeError:  # no loop (a synchronous caller): flush on the next call
                 pass
 
+    def _drop(self, rec: CallRecord) -> None:  # holding _lock
+        self.dropped += 1
+        self._forget(rec)
+
+    def _forget(self, rec: CallRecord) -> None:  # holding _lock
+        if self._unwritten.get(rec.request_id) is rec:
+            del self._unwritten[rec.request_id]
+
     def pending(self, request_id: str) -> CallRecord | None:
-        return next((r for r in self.buffer if r.request_id == request_id), None)
+        """The call if it is not in the database yet (buffered, or in a write under way)."""
+        with self._lock:
+            return self._unwritten.get(request_id)
 
     async def _run(self) -> None:
         while self.buffer:
@@ -60,23 +78,32 @@ class Meter:
             await asyncio.to_thread(self.flush)
 
     def flush(self) -> int:
-        """Write what is buffered (in batches); on failure keep it for the next try."""
+        """Write what is buffered (in batches); on failure put the chunk back in front, dropping
+        (and counting) its oldest calls only if the buffer filled up meanwhile."""
         from sqlalchemy.exc import SQLAlchemyError
 
         done = 0
-        while self.buffer:
-            chunk = [self.buffer[i] for i in range(min(self.batch, len(self.buffer)))]
+        while True:
+            with self._lock:
+                chunk = [self.buffer.popleft() for _ in range(min(self.batch, len(self.buffer)))]
+            if not chunk:
+                return done
             try:
                 self._insert(chunk)
             except SQLAlchemyError as e:
-                self.failures += 1
-                self.last_error = str(e).splitlines()[0][:200]
+                with self._lock:
+                    self.failures += 1
+                    self.last_error = str(e).splitlines()[0][:200]
+                    n_drop = max(0, len(chunk) - max(0, self.max_buffer - len(self.buffer)))
+                    for rec in chunk[:n_drop]:
+                        self._drop(rec)
+                    self.buffer.extendleft(reversed(chunk[n_drop:]))
                 return done
-            for _ in chunk:
-                self.buffer.popleft()
+            with self._lock:
+                for rec in chunk:
+                    self._forget(rec)
+                self.written += len(chunk)
             done += len(chunk)
-            self.written += len(chunk)
-        return done
 
     def _insert(self, chunk: list[CallRecord]) -> None:
         from indai.platform.db import Call
@@ -90,8 +117,9 @@ class Meter:
             conn.execute(insert(Call).on_conflict_do_nothing(index_elements=["request_id"]), rows)
 
     def stats(self) -> dict:
-        return {"buffered": len(self.buffer), "written": self.written, "dropped": self.dropped,
-                "failures": self.failures, "last_error": self.last_error}
+        with self._lock:
+            return {"buffered": len(self._unwritten), "written": self.written, "dropped": self.dropped,
+                    "failures": self.failures, "last_error": self.last_error}
 
 
 def now_utc() -> datetime:
