@@ -124,13 +124,24 @@ def member_secret(member: str, create: bool = True) -> bytes:
 
     if not MEMBER_ID_RE.fullmatch(member or ""):
         raise ValueError(f"member id {member!r} is not valid")
-    folder = Path(os.environ.get("INDAI_SECRETS_DIR") or home() / "secrets")
+    given = os.environ.get("INDAI_SECRETS_DIR")
+    folder = Path(given or home() / "secrets")
     path = folder / f"{member}.key"
     if not path.exists():
         if not create:
             raise FileNotFoundError(f"no de-identification key for member {member} in {folder}")
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            # a key made here would live in this container only: the next pod would make another,
+            # and the same asset would get other pseudonyms and another time shift in each release
+            raise UserError(
+                f"no de-identification key for member {member} in {folder}: on the cluster the keys are a Secret "
+                f"({'add ' + member + '.key, 64 hex characters from `openssl rand -hex 32`, to it' if given else 'set the chart value ray.memberKeys.existingSecret to a Secret with ' + member + '.key (64 hex characters, `openssl rand -hex 32`)'})")
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(_secrets.token_hex(32))
-    return bytes.fromhex(path.read_text().strip())
+    text = path.read_text().strip()
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        raise UserError(f"{path} does not hold a de-identification key (64 hex characters): replace it with one from "
+                        "`openssl rand -hex 32`; every release of the member must use the same key")
+    return bytes.fromhex(text)

@@ -346,8 +346,9 @@ def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
     ns = restricted_namespace(c, "auto")
     c.kubectl("create", "secret", "generic", "indai-s3", "-n", ns, "--from-literal=accessKey=a", "--from-literal=secretKey=b")
     c.kubectl("create", "secret", "generic", "indai-db", "-n", ns, "--from-literal=password=c")
+    c.kubectl("create", "secret", "generic", "indai-member-keys", "-n", ns, f"--from-literal=steel-a.key={'ab' * 32}")
     c.helm("install", "auto", CHART, "-n", ns, "-f", CHART / "ci/external-values.yaml", "-f", CHART / "ci/gpu-autoscaling-values.yaml",
-           "--wait", "--timeout", "180s")
+           "--set", "ray.memberKeys.existingSecret=indai-member-keys", "--wait", "--timeout", "180s")
     assert not json.loads(c.kubectl("get", "statefulsets,pvc", "-n", ns, "-o", "json").stdout)["items"]
     served = yaml.safe_load(json.loads(c.kubectl("get", "rayservice", "auto-indai-ray", "-n", ns, "-o", "json").stdout)["spec"]["serveConfigV2"])
     args = served["applications"][0]["args"]
@@ -375,6 +376,12 @@ def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
         assert ray_env["INDAI_DB_URL"]["value"] == env["INDAI_DB_URL"]["value"] == \
             "postgresql+psycopg://indai:$(DB_PASSWORD)@postgres.example.internal:5432/indai", p["metadata"]["name"]
         assert ray_env["DB_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "indai-db", "key": "password"}
+        # the members' de-identification keys: the admin's Secret, read-only, where `indai data release` looks
+        assert ray_env["INDAI_SECRETS_DIR"]["value"] == "/var/run/secrets/indai/member-keys"
+        volumes = {v["name"]: v for v in p["spec"]["volumes"]}
+        assert volumes["member-keys"]["secret"] == {"secretName": "indai-member-keys", "defaultMode": 0o400}
+        assert {"name": "member-keys", "mountPath": "/var/run/secrets/indai/member-keys", "readOnly": True} in \
+            ray_container(p["spec"])["volumeMounts"]
 
     # the autoscaler may read pods and scale its RayCluster; nothing else, and nobody else may
     assert can(c, ns, "auto-indai-ray", "list", "pods") and can(c, ns, "auto-indai-ray", "patch", "rayclusters.ray.io")
@@ -385,7 +392,7 @@ def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
 
     c.helm("uninstall", "auto", "-n", ns, "--wait", "--timeout", "180s")
     left = json.loads(c.kubectl("get", "secret", "-n", ns, "-o", "json").stdout)["items"]
-    assert {s["metadata"]["name"] for s in left} == {"indai-s3", "indai-db", "auto-indai-secrets"}
+    assert {s["metadata"]["name"] for s in left} == {"indai-s3", "indai-db", "indai-member-keys", "auto-indai-secrets"}
 
 
 RAY_TOKEN_DIR = "/var/run/secrets/indai/ray-auth"
@@ -453,6 +460,7 @@ def test_ray_auth_token_reaches_every_ray_pod_and_the_gateway_only(k8s_cluster):
         assert env.get("RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S") == "2", name  # a dead proxy is replaced in seconds
         # Serve is off: member jobs on Ray pods get no platform database (only the gateway has it)
         assert "INDAI_DB_URL" not in env and "DB_PASSWORD" not in env, name
+        assert "INDAI_SECRETS_DIR" not in env, name  # no member keys given: a release there is refused, not keyed at random
     scaler = spec["autoscalerOptions"]
     assert {e["name"]: e["value"] for e in scaler["env"]} == RAY_AUTH_ENV
     assert scaler["volumeMounts"] == [{"name": "ray-auth-token", "mountPath": RAY_TOKEN_DIR, "readOnly": True}]

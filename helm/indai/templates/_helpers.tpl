@@ -175,6 +175,17 @@ kubelet give their group read access to it, which the non-root Ray and gateway p
 {{- define "indai.rayAuthMount" -}}
 - {name: ray-auth-token, mountPath: {{ include "indai.rayAuthDir" . }}, readOnly: true}
 {{- end -}}
+{{- define "indai.memberKeysDir" -}}/var/run/secrets/indai/member-keys{{- end -}}
+{{/* Volumes of a Ray pod: Ray's token, the members' de-identification keys (each when on). */}}
+{{- define "indai.rayPodVolumes" -}}
+{{- if include "indai.rayAuth" . }}
+{{ include "indai.rayAuthVolume" . }}
+{{- end }}
+{{- with .Values.ray.memberKeys.existingSecret }}
+- name: member-keys
+  secret: {secretName: {{ . }}, defaultMode: 0400}
+{{- end }}
+{{- end -}}
 {{- define "indai.rayAuthEnv" -}}
 - {name: RAY_AUTH_MODE, value: token}
 - {name: RAY_AUTH_TOKEN_PATH, value: {{ include "indai.rayAuthDir" . }}/token}

@@ -10,8 +10,8 @@ imagePullSecrets: {{- toYaml . | nindent 2 }}
 {{- end }}
 nodeSelector: {{- toYaml .group.nodeSelector | nindent 2 }}
 tolerations: {{- toYaml .group.tolerations | nindent 2 }}
-{{- if include "indai.rayAuth" $ }}
-volumes: {{- include "indai.rayAuthVolume" $ | nindent 2 }}
+{{- with include "indai.rayPodVolumes" $ | trim }}
+volumes: {{- . | nindent 2 }}
 {{- end }}
 containers:
   - name: {{ .container }}
@@ -31,8 +31,19 @@ containers:
       {{- /* KubeRay copies env and mounts into the workers' wait-gcs-ready init container, whose
       `ray health-check` needs the token too */}}
       {{- include "indai.rayAuthEnv" $ | nindent 6 }}
-    volumeMounts: {{- include "indai.rayAuthMount" $ | nindent 6 }}
       {{- end }}
+      {{- if $.Values.ray.memberKeys.existingSecret }}
+      - {name: INDAI_SECRETS_DIR, value: {{ include "indai.memberKeysDir" $ }}}
+      {{- end }}
+    {{- if or (include "indai.rayAuth" $) $.Values.ray.memberKeys.existingSecret }}
+    volumeMounts:
+      {{- if include "indai.rayAuth" $ }}
+      {{- include "indai.rayAuthMount" $ | nindent 6 }}
+      {{- end }}
+      {{- if $.Values.ray.memberKeys.existingSecret }}
+      - {name: member-keys, mountPath: {{ include "indai.memberKeysDir" $ }}, readOnly: true}
+      {{- end }}
+    {{- end }}
     resources:
       requests: {{- toYaml .group.resources.requests | nindent 8 }}
         {{- if .gpus }}

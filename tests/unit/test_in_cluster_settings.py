@@ -1,0 +1,59 @@
+"""What the embedded default makes for itself and a Kubernetes pod must be given: the platform
+database (INDAI_DB_URL, never a silent pod-local SQLite file) and the members' de-identification
+keys (INDAI_SECRETS_DIR, a mounted Secret, never a key made in one container)."""
+import pytest
+
+from indai.platform import db
+from indai.platform.errors import UserError
+from indai.platform.settings import member_secret
+
+
+def test_embedded_default_is_sqlite_under_indai_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("INDAI_DB_URL", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("INDAI_HOME", str(tmp_path))
+    assert db.database_url() == f"sqlite:///{tmp_path.resolve() / 'platform.db'}"
+
+
+def test_inside_a_pod_the_url_must_be_given(monkeypatch, tmp_path):
+    """A Serve replica on a Ray pod without INDAI_DB_URL had opened an empty ~/.indai/platform.db
+    and refused every member's token; now it says what is missing."""
+    monkeypatch.setenv("INDAI_HOME", str(tmp_path))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.delenv("INDAI_DB_URL", raising=False)
+    with pytest.raises(UserError, match="INDAI_DB_URL is not set in this pod"):
+        db.database_url()
+    assert not (tmp_path / "platform.db").exists()
+    monkeypatch.setenv("INDAI_DB_URL", "postgresql+psycopg://indai:pw@db:5432/indai")
+    assert db.database_url() == "postgresql+psycopg://indai:pw@db:5432/indai"
+
+
+def test_embedded_default_makes_a_member_key_once(monkeypatch, tmp_path):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("INDAI_SECRETS_DIR", raising=False)
+    monkeypatch.setenv("INDAI_HOME", str(tmp_path))
+    key = member_secret("steel-a")
+    assert len(key) == 32 and member_secret("steel-a") == key
+    assert (tmp_path / "secrets" / "steel-a.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_inside_a_pod_member_keys_come_from_the_mounted_secret(monkeypatch, tmp_path):
+    """A release on the cluster had made the member's key in the container's own layer: after a pod
+    restart the next release made another, so the same asset got other pseudonyms."""
+    monkeypatch.setenv("INDAI_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.delenv("INDAI_SECRETS_DIR", raising=False)
+    with pytest.raises(UserError, match="set the chart value ray.memberKeys.existingSecret to a Secret with steel-a.key"):
+        member_secret("steel-a")
+    assert not (tmp_path / "home" / "secrets").exists()
+    mounted = tmp_path / "member-keys"  # as the chart mounts the Secret
+    mounted.mkdir()
+    (mounted / "steel-a.key").write_text("ab" * 32 + "\n")
+    (mounted / "auto-b.key").write_text("not a key")
+    monkeypatch.setenv("INDAI_SECRETS_DIR", str(mounted))
+    assert member_secret("steel-a") == bytes.fromhex("ab" * 32)
+    with pytest.raises(UserError, match="add ship-c.key, 64 hex characters"):
+        member_secret("ship-c")
+    assert not (mounted / "ship-c.key").exists()
+    with pytest.raises(UserError, match="does not hold a de-identification key"):
+        member_secret("auto-b")
