@@ -50,7 +50,7 @@ class User(Base):
 
 
 class Token(Base):
-    """An API token: only its id and a slow salted hash of its secret are stored."""
+    """An API token: only its id and a salted hash of its secret are stored (tenancy._hash)."""
 
     __tablename__ = "tokens"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)

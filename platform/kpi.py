@@ -12,7 +12,8 @@ KPIs, each judged against a target (`Targets`, loadable from YAML):
    (`model_access`) that carry a `champion` or `production` alias in the registry;
 2. AI operating-time share per process: distinct UTC clock hours with at least one
    successful call of the member for the process, over the declared operating hours;
-3. satisfaction per member: the mean feedback rating in the period;
+3. satisfaction per member: the mean feedback rating in the period, one rating per call (the
+   latest, so a feedback retried or sent again counts once) and only for calls answered 200;
 4. industry-common datasets: committed dataset versions of stage "common" of the industry;
 5. outcome indicators (before, after, change), shown without a target.
 """
@@ -37,6 +38,7 @@ from sqlalchemy.orm import Session
 from indai.platform.config import Strict, load_config
 from indai.platform.db import Call, Feedback, Member, ModelAccess, OperatingHours, Outcome, utcnow
 from indai.platform.errors import UserError
+from indai.platform.tenancy import check_process
 
 PRODUCTION_ALIASES = ("champion", "production")
 # which direction of an indicator is an improvement
@@ -45,7 +47,6 @@ PHASES = ("before", "after")
 HOURS_COLUMNS = ("member", "process", "day", "hours")
 MAX_PERIOD_DAYS = 366
 MAX_CSV_BYTES = 20_000_000
-PROCESS_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,64}$")
 UNIT_RE = re.compile(r"^[^\x00-\x1f\x7f]{0,32}$")
 REGISTRY_TIMEOUT_S = 5
 
@@ -104,12 +105,6 @@ def parse_period(text: str) -> Period:
         raise UserError(f"period {text!r} must look like <from>..<to>, e.g. 2026-11-01..2026-11-30")
     a, b = text.split("..")
     return Period(parse_day(a, "period start"), parse_day(b, "period end"))
-
-
-def check_process(process: str) -> str:
-    if not isinstance(process, str) or process != process.strip() or not PROCESS_RE.fullmatch(process):
-        raise UserError(f"process {process!r} is not valid: give 1-64 printable characters without leading or trailing spaces, e.g. hot-rolling")
-    return process
 
 
 def check_hours(value, what: str = "hours") -> float:
@@ -337,9 +332,13 @@ def compute(eng: Engine, industry: str, period: Period, *, member: str | None = 
             select(Call.member_id, Call.process, func.count(distinct(_hour_bucket(dialect, Call.at))))
             .where(Call.member_id.in_(ids), Call.status == 200, Call.process != "", Call.at >= start, Call.at < end)
             .group_by(Call.member_id, Call.process))}
+        latest = (select(func.max(Feedback.id))
+                  .join(Call, (Call.request_id == Feedback.request_id) & (Call.member_id == Feedback.member_id))
+                  .where(Feedback.member_id.in_(ids), Feedback.at >= start, Feedback.at < end, Call.status == 200)
+                  .group_by(Feedback.member_id, Feedback.request_id))
         ratings = {mid: (float(avg), int(n)) for mid, avg, n in s.execute(
             select(Feedback.member_id, func.avg(Feedback.rating), func.count(Feedback.id))
-            .where(Feedback.member_id.in_(ids), Feedback.at >= start, Feedback.at < end)
+            .where(Feedback.id.in_(latest))
             .group_by(Feedback.member_id))}
         outcomes = _outcomes(s, ids)
 

@@ -1,7 +1,11 @@
 """Members, users and API tokens.
 
-A token looks like `indai_<id>_<secret>`. Only the id and a salted scrypt hash of the secret
-are stored; the secret is shown once, at creation. Verification looks the id up, recomputes
+A token looks like `indai_<id>_<secret>`. Only the id and a salted SHA-256 HMAC of the secret
+are stored; the secret is shown once, at creation. The secret is 256 random bits, so a fast
+hash is as safe as a slow one against guessing, and it keeps a wrong secret cheap to refuse:
+with scrypt (16 MiB, ~0.1 s each) anyone who knew a token's id could keep the CPUs of the
+gateway and the serving ingress busy without a valid token. Tokens made before that carry a
+scrypt hash; the first verification that succeeds rewrites it. Verification looks the id up, recomputes
 the hash and compares in constant time; a revoked, expired or disabled token (or one whose
 user or member is disabled) is refused at once, since nothing is cached.
 """
@@ -30,7 +34,8 @@ DEFAULT_SCOPES = {"admin": SCOPES, "researcher": ("jobs:submit", "jobs:read", "m
                   "consumer": ("models:predict", "feedback:write")}
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,63}$")
 TOKEN_RE = re.compile(r"^indai_([a-z0-9]{16})_([A-Za-z0-9_-]{32,64})$")
-SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
+LEGACY_SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}  # tokens made before the HMAC
+HMAC_PREFIX = "hmac-sha256$"
 
 
 class AuthError(UserError):
@@ -70,7 +75,29 @@ def _choice(kind: str, value: str, allowed) -> str:
 
 
 def _hash(secret: str, salt: str) -> str:
-    return hashlib.scrypt(secret.encode(), salt=bytes.fromhex(salt), **SCRYPT).hex()
+    return HMAC_PREFIX + hmac.new(bytes.fromhex(salt), secret.encode(), hashlib.sha256).hexdigest()
+
+
+def _matches(secret: str, t: Token) -> bool:
+    """Constant-time comparison with the stored hash, whichever kind it is."""
+    if t.hash.startswith(HMAC_PREFIX):
+        return hmac.compare_digest(_hash(secret, t.salt), t.hash)
+    return hmac.compare_digest(hashlib.scrypt(secret.encode(), salt=bytes.fromhex(t.salt), **LEGACY_SCRYPT).hex(), t.hash)
+
+
+def _upgrade_hash(eng: Engine, t: Token, secret: str) -> None:
+    """Rewrite a legacy scrypt hash as the HMAC once the secret is known to be right."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    if t.hash.startswith(HMAC_PREFIX):
+        return
+    try:
+        with Session(eng) as s, s.begin():
+            row = s.get(Token, t.id)
+            if row is not None and row.hash == t.hash:
+                row.hash = _hash(secret, row.salt)
+    except SQLAlchemyError:
+        pass  # the token is verified; the next success tries the rewrite again
 
 
 def add_member(eng: Engine, member_id: str, company: str, industry: str, role: str) -> None:
@@ -160,9 +187,11 @@ def verify(eng: Engine, token: str | None) -> Principal:
         raise AuthError("missing or malformed token: send `Authorization: Bearer indai_<id>_<secret>`")
     token_id, secret = m.groups()
     row = _token_row(eng, token_id)
-    if row is None or not hmac.compare_digest(_hash(secret, row[0].salt), row[0].hash):
+    if row is None or not _matches(secret, row[0]):
         raise AuthError("unknown token")
-    return _principal_of(row)
+    principal = _principal_of(row)
+    _upgrade_hash(eng, row[0], secret)
+    return principal
 
 
 def _token_row(eng: Engine, token_id: str):
@@ -184,8 +213,8 @@ def _principal_of(row) -> Principal:
 
 
 class TokenCache:
-    """Token verification for hot paths (the serving ingress): the slow hash is computed once
-    per token, and the cheap status check (revoked, expired, disabled) is repeated at most
+    """Token verification for hot paths (the serving ingress): the hash is checked once per
+    token, and the cheap status check (revoked, expired, disabled) is repeated at most
     every `recheck_s` seconds, so a revocation takes effect within that time. While the
     database is unreachable a token verified less than `grace_s` ago keeps working, so the
     shop floor is not cut off by a database restart; an unknown token then gets DatabaseDown."""
@@ -234,6 +263,19 @@ def _status(eng: Engine, p: Principal) -> Principal:
 VISIBILITIES = ("private", "shared", "consortium")
 
 
+PROCESS_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+
+def check_process(process) -> str:
+    """A member's process name: the one rule for model access rules, operating hours and outcomes,
+    so hours declared for a process always meet the calls made for it (calls carry the process of
+    the model's access rule)."""
+    if not isinstance(process, str) or not PROCESS_RE.fullmatch(process):
+        raise UserError(f"process {process!r} is not valid: 1-64 lower-case letters, digits, '-' and '_', starting "
+                        "with a letter or digit (e.g. hot-rolling), as in the model's access rule (`indai model share --process`)")
+    return process
+
+
 def set_model_access(eng: Engine, model: str, owner: str, visibility: str = "private", shared_with: list[str] | None = None,
                      process: str = "") -> None:
     """Who may call a registered model (see serving's ingress): its owner always, the named
@@ -246,8 +288,8 @@ def set_model_access(eng: Engine, model: str, owner: str, visibility: str = "pri
     shared = sorted(set(shared_with or []))
     if visibility == "shared" and not shared:
         raise UserError("a shared model needs the members it is shared with: --with member-a,member-b")
-    if process and not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", process):
-        raise UserError(f"process {process!r} is not valid: lower-case letters, digits, '-' and '_'")
+    if process:
+        check_process(process)
     with Session(eng) as s, s.begin():
         known = set(s.scalars(select(Member.id)))
         missing = [m for m in [owner, *shared] if m not in known]

@@ -64,8 +64,8 @@ def seed(e) -> None:
     tenancy.add_member(e, "auto-c", "Auto C Co.", "automotive", "demand")
     n = iter(range(1000))
 
-    def call(member, process, at, status=200, model="it-cwru"):
-        return db.Call(request_id=f"r{next(n)}", member_id=member, model=model, model_version=1, process=process,
+    def call(member, process, at, status=200, model="it-cwru", request_id=None):
+        return db.Call(request_id=request_id or f"r{next(n)}", member_id=member, model=model, model_version=1, process=process,
                        at=at, status=status, latency_ms=12.5, instances=1)
 
     with Session(e) as s, s.begin():
@@ -93,6 +93,10 @@ def seed(e) -> None:
                    call("auto-c", "press", utc(2026, 11, 5, 19, 0), model="auto-press")])
         # steel-a / cutting: 2 distinct hours of 10 declared
         s.add_all([call("steel-a", "cutting", at, model="it-kpi-noalias") for at in (utc(2026, 11, 5, 9, 0), utc(2026, 11, 5, 9, 30), utc(2026, 11, 5, 11, 0))])
+        # the calls the ratings are about (answered, with no process: they count for satisfaction only)
+        s.add_all([call(m, "", at, request_id=rid) for rid, m, at in (
+            *((f"f{i}", "steel-a", utc(2026, 11, 10 + i, 11)) for i in range(4)), ("f-old", "steel-a", utc(2026, 10, 15, 11)),
+            ("f-b", "steel-b", utc(2026, 11, 20, 7)), ("f-c", "auto-c", utc(2026, 11, 20, 7)))])
         s.add_all([db.Feedback(request_id=f"f{i}", member_id="steel-a", rating=r, at=utc(2026, 11, 10 + i, 12)) for i, r in enumerate((70, 80, 75, 85))])
         s.add_all([db.Feedback(request_id="f-old", member_id="steel-a", rating=10, at=utc(2026, 10, 15, 12)),
                    db.Feedback(request_id="f-b", member_id="steel-b", rating=100, at=utc(2026, 11, 20, 8)),
@@ -255,6 +259,37 @@ def test_import_hours_refuses_a_bad_file_whole(sqlite_eng, tmp_path, row, msg):
         kpi.import_hours(sqlite_eng, f)
     with Session(sqlite_eng) as s:
         assert s.scalars(select(db.OperatingHours).where(db.OperatingHours.day == date(2026, 11, 1))).first() is None
+
+
+def test_satisfaction_counts_one_rating_per_answered_call(sqlite_eng):
+    """A rating sent again (a retried POST, a change of mind) replaces the earlier one; ratings of
+    calls that were refused, of no call, or of another member's call do not count."""
+    seed(sqlite_eng)
+    with Session(sqlite_eng) as s, s.begin():
+        for rid, status in (("g1", 200), ("g2", 429)):
+            s.add(db.Call(request_id=rid, member_id="steel-b", model="it-cwru", model_version=1, process="",
+                          at=utc(2026, 11, 21, 7), status=status, latency_ms=10.0, instances=1))
+        s.add_all([db.Feedback(request_id=rid, member_id="steel-b", rating=rating, at=utc(2026, 11, 21, hour))
+                   for rid, rating, hour in (("g1", 20, 8), ("g1", 60, 9),  # sent again: 60 replaces 20
+                                             ("g2", 0, 8), ("no-such-call", 0, 8), ("f0", 0, 8))])  # f0 is steel-a's call
+    r = kpi.compute(sqlite_eng, "steel", PERIOD, member="steel-b", store=None)
+    # f-b's 100 and g1's 60 (before: 100, 20, 60, 0, 0, 0 -> 30.0 over 6)
+    assert by(r, "steel-b")["satisfaction"] == {"value": 80.0, "count": 2, "target": 80.0, "met": True, "status": "met"}
+
+
+def test_process_names_follow_the_model_access_rule(sqlite_eng):
+    """Hours declared as "Hot-Rolling" or "열연" could never meet a call (calls carry the access
+    rule's process, which must be lower-case ASCII): one rule refuses them everywhere."""
+    seed(sqlite_eng)
+    for bad in ("Hot-Rolling", "hot rolling", "열연", "-rolling", ""):
+        with pytest.raises(UserError, match="is not valid: 1-64 lower-case letters"):
+            kpi.set_hours(sqlite_eng, "steel-a", bad, date(2026, 11, 2), date(2026, 11, 2), 8)
+        with pytest.raises(UserError, match="is not valid"):
+            kpi.record_outcome(sqlite_eng, "steel-a", bad, "uptime", "after", 99, "%")
+        if bad:
+            with pytest.raises(UserError, match="is not valid: 1-64 lower-case letters"):
+                tenancy.set_model_access(sqlite_eng, "it-cwru", "steel-a", "private", process=bad)
+    assert kpi.set_hours(sqlite_eng, "steel-a", "hot-rolling_2", date(2026, 11, 2), date(2026, 11, 2), 8) == 1
 
 
 def test_period_and_outcome_checks(sqlite_eng):

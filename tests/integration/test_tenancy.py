@@ -1,5 +1,6 @@
 """Members, users and tokens on both databases the platform runs on: SQLite (embedded
 default) and PostgreSQL (cluster; a real server from Debian's packages)."""
+import re
 import uuid
 from datetime import timedelta
 
@@ -45,7 +46,7 @@ def test_token_lifecycle(eng):
     # only a hash is stored: the secret appears nowhere in the database
     with Session(eng) as s:
         row = s.execute(text("SELECT * FROM tokens")).one()
-    assert token.split("_", 2)[2] not in " ".join(map(str, row)) and len(row.hash) == 64
+    assert token.split("_", 2)[2] not in " ".join(map(str, row)) and re.fullmatch(r"hmac-sha256\$[0-9a-f]{64}", row.hash)
     tenancy.revoke_token(eng, tid)
     with pytest.raises(AuthError, match="revoked"):
         tenancy.verify(eng, token)
@@ -65,6 +66,42 @@ def test_wrong_secret_and_unknown_id_look_the_same(eng):
     for t in (forged, other):
         with pytest.raises(AuthError, match="^unknown token$"):
             tenancy.verify(eng, t)
+
+
+def test_a_wrong_secret_costs_no_slow_hash_and_legacy_scrypt_tokens_are_rewritten(eng, monkeypatch):
+    """A wrong secret for a known token id had cost a scrypt (16 MiB, ~0.1 s) on every request,
+    before any rate limit: anyone who saw a token id could keep the gateway's and the ingress's
+    CPUs busy. Tokens are stored as an HMAC now; a token made before keeps working and its
+    scrypt hash is rewritten at its first successful use."""
+    import hashlib
+
+    seed(eng)
+    tid, token = tenancy.create_token(eng, "kim")
+    with Session(eng) as s:
+        assert s.get(db.Token, tid).hash.startswith("hmac-sha256$")
+    scrypts = []
+    real_scrypt = hashlib.scrypt
+    monkeypatch.setattr(hashlib, "scrypt", lambda *a, **k: scrypts.append(1) or real_scrypt(*a, **k))
+    for _ in range(20):
+        with pytest.raises(AuthError, match="^unknown token$"):
+            tenancy.verify(eng, token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB"))
+    assert tenancy.verify(eng, token).user == "kim" and scrypts == []
+
+    # a token as they were stored before: scrypt of the secret
+    old_id, old_token = tenancy.create_token(eng, "kim")
+    secret = old_token.split("_", 2)[2]
+    with Session(eng) as s, s.begin():
+        row = s.get(db.Token, old_id)
+        row.hash = real_scrypt(secret.encode(), salt=bytes.fromhex(row.salt), **tenancy.LEGACY_SCRYPT).hex()
+    with pytest.raises(AuthError, match="^unknown token$"):
+        tenancy.verify(eng, old_token[:-4] + ("AAAA" if not old_token.endswith("AAAA") else "BBBB"))
+    with Session(eng) as s:
+        assert not s.get(db.Token, old_id).hash.startswith("hmac-sha256$")  # a wrong secret rewrites nothing
+    assert tenancy.verify(eng, old_token).token_id == old_id
+    with Session(eng) as s:
+        assert s.get(db.Token, old_id).hash.startswith("hmac-sha256$")
+    before = len(scrypts)
+    assert tenancy.verify(eng, old_token).token_id == old_id and len(scrypts) == before  # no scrypt any more
 
 
 def test_disabling_a_member_refuses_its_tokens_at_once(eng):
