@@ -78,11 +78,15 @@ def cmd_data_ingest(a) -> int:
     print(f"dataset {name}@{version} (raw, member {manifest['member']}): {classes}{_counts(manifest)}")
     for what, n in (manifest.get("dropped") or {}).items():
         if n and what == "unaligned_sensor":
-            print(f"  {n} record(s) kept without a sensor window: their time is outside their asset's log")
+            print(f"  {n} record(s) kept without a sensor window: their window is outside their asset's log or spans a gap in it")
         elif n:
             print(f"  dropped {n} record(s): {what.replace('_', ' ')}")
     for col, n in (manifest.get("invalid_values") or {}).items():
         print(f"  column {col}: {n} value(s) did not parse and were kept as missing")
+    text = (manifest.get("modalities") or {}).get("text") or {}
+    if text.get("cut"):
+        print(f"  {text['cut']} text(s) longer than text.max_chars ({text['max_chars']}) were cut at a word boundary, before any "
+              "identifier the cut would split: raise text.max_chars in the spec to keep more")
     return 0
 
 

@@ -43,6 +43,8 @@ from indai.platform.storage import ObjectStore, StoreError
 
 SPLITS = ("train", "val", "test")
 NO_TIME = np.iinfo(np.int64).min
+GAP_PERIODS = 1.5  # a step between two log samples longer than this many sampling periods is a gap
+CUT_CONTEXT = 256  # characters around a text's cut that de-identification rules may look at
 LOG_CACHE = 8  # asset logs held in memory while aligning records
 MISSING = {"", "na", "n/a", "nan", "none", "null", "-"}
 
@@ -71,7 +73,8 @@ class ImageSpec(Strict):
 
 
 class TextSpec(Strict):
-    max_chars: int = Field(default=1000, ge=16, le=100_000, description="longer texts are cut")
+    max_chars: int = Field(default=1000, ge=16, le=100_000,
+                           description="longer texts are cut, at a word boundary and never through an identifier")
     chunk_chars: int = Field(default=800, ge=64, le=100_000, description="documents are cut into chunks of at most this size")
     chunk_overlap: int = Field(default=100, ge=0, le=10_000)
 
@@ -182,6 +185,18 @@ class TableSource(Strict):
     sensor_rate_hz: float | None = Field(default=None, gt=0)
     sensor_align: "SensorAlign | None" = Field(default=None, description="cut each record's sensor window from its asset's log at its time")
     _path = field_validator("path")(classmethod(lambda cls, v: _relative(v)))
+
+    @field_validator("columns")
+    @classmethod
+    def _array_names(cls, v: dict) -> dict:
+        # a typed column is stored as the array tab_<column>: refuse a name that cannot be one
+        # here, before any work, rather than at the first shard
+        for col in v:
+            try:
+                datasets.check_array_name(f"tab_{col}")
+            except UserError as e:
+                raise ValueError(str(e)) from None
+        return v
 
     def used_columns(self) -> list[str]:
         cols = [self.event, self.asset, self.time, self.group, self.label, self.target, self.image, self.cad,
@@ -324,6 +339,45 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def cut_text(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters so that release's de-identification finds in the
+    cut text every identifier it finds there in the whole text, or the identifier is cut away.
+
+    Raw text is cut here, at ingest, and de-identified only later by `indai data release`: a cut
+    through `010-1234-5678` would leave `010-1234-56`, which no rule recognises, and a name
+    recognised only by the phone number after it (`call 김민수 010-...`) would lose that context.
+    So the cut goes back to a whitespace boundary, then before any identifier (found with the
+    default rules in the text around the cut) that the cut text no longer shows as found. Only
+    texts longer than `limit` pay for the scans, and each scans at most 2 x CUT_CONTEXT chars.
+    (The full text is not kept instead: text is stored as fixed-width arrays, so one long text
+    would widen every row of its shard, and training sizes its memory by `max_chars`.)"""
+    if len(text) <= limit:
+        return text
+    from indai.platform.deid import scan
+
+    def boundary(pos: int) -> int:
+        """The last whitespace at or before `pos`; `pos` itself (a hard cut) where the
+        CUT_CONTEXT characters before it hold none (a long token, or a script without spaces)."""
+        for i in range(pos, max(-1, pos - CUT_CONTEXT), -1):
+            if text[i].isspace():
+                return i
+        return pos
+
+    cut = boundary(limit)
+    while cut > 0:
+        lo = max(0, cut - CUT_CONTEXT)  # both scans start here, so both see the same left context
+        kept = text[:cut].rstrip()
+        around = scan(text[lo: cut + CUT_CONTEXT])  # the text around the cut as it is in the whole
+        covered: set[int] = set()
+        for f in scan(kept[lo:]):
+            covered.update(range(f.start, f.end))
+        lost = [f.start for f in around if f.start < cut - lo and not set(range(f.start, f.end)) <= covered]
+        if not lost:
+            return kept
+        cut = boundary(lo + min(lost))  # before the identifier the cut would hide
+    return ""
 
 
 def _unit_hash(seed: int, unit: str) -> float:
@@ -549,6 +603,7 @@ class _Records:
         self.classes: list[str] = list(spec.labels.classes or spec.labels.bin_names or [])
         self.metadata_removed: dict[str, int] = {}
         self.title_blocks: dict[str, int] = {"drawings": 0, "entities": 0}
+        self.texts_cut = 0  # texts longer than text.max_chars in the current chunk
 
     def _heavy(self) -> bool:
         return any(s.kind == "files" and s.modality in ("image", "cad") or s.kind == "table" and (s.image or s.cad or s.sensor or s.sensor_align)
@@ -743,30 +798,70 @@ class _Records:
         return batch
 
     def _aligned(self, align: "SensorAlign", asset: str, t: int) -> np.ndarray | None:
-        """The window of `asset`'s log that starts `before_s` before time `t` (ns, UTC)."""
+        """The window of `asset`'s log that starts `before_s` before time `t` (ns, UTC).
+
+        The position is found on the log's own timestamps, not as (t - first time) x rate: a log
+        with an outage in it would otherwise give every later record the window of another
+        time. A record whose window reaches outside the log or across a gap (a step longer than
+        GAP_PERIODS sampling periods) keeps no sensor and is counted as unaligned."""
         s = self.spec.sensor
         key = (align.path, asset)
         if key in self._logs:
             self._logs.move_to_end(key)
         else:
-            from indai.platform.connectors.sensors import check_rate
-            from indai.platform.connectors.tables import read_csv_frame, typed
-
-            path = resolve_path(self.base, align.path.replace("{asset}", asset))
-            frame = read_csv_frame(path, [*s.channels, align.time_column], s.channels)
-            ts = typed(path, frame, align.time_column, "datetime", align.tz)
-            if ts.size > 2:
-                check_rate(path.name, align.sampling_rate_hz, 1e9 / float(np.median(np.diff(ts))), f"time column {align.time_column!r}")
-            data = resample(frame[s.channels].to_numpy(dtype=np.float64).T, align.sampling_rate_hz, s.sampling_rate_hz)
-            self._logs[key] = (int(ts[0]), data.astype(np.float32))
+            self._logs[key] = self._read_log(align, asset)
             while len(self._logs) > LOG_CACHE:
                 self._logs.popitem(last=False)
-        t0, data = self._logs[key]
-        start = int(round((t - align.before_s * 1e9 - t0) / 1e9 * s.sampling_rate_hz))
-        if t == NO_TIME or start < 0 or start + s.window > data.shape[1]:
-            self.dropped["unaligned_sensor"] = self.dropped.get("unaligned_sensor", 0) + 1
-            return None
+        t0, ts, data = self._logs[key]  # ts: ns since t0 of every sample as recorded
+        if t == NO_TIME or ts.size < 2:
+            return self._unaligned()
+        rel = float(t - int(round(align.before_s * 1e9)) - t0)
+        period = 1e9 / align.sampling_rate_hz
+        scale = s.sampling_rate_hz / align.sampling_rate_hz  # log samples -> dataset samples
+        after = int(np.searchsorted(ts, rel, side="left"))  # the first sample at or after the start
+        if after == 0 and ts[0] - rel > period / 2 or after == ts.size:
+            return self._unaligned()  # starts before the log or after its last sample
+        before = after if ts[after] == rel else max(after - 1, 0)
+        # fractional position of the start between its two samples (exact on a sample)
+        pos = before + (float(np.clip((rel - ts[before]) / (ts[after] - ts[before]), 0, 1)) if after > before else 0.0)
+        last = int(np.ceil(pos + (s.window - 1) / scale))  # the last log sample the window needs
+        start = int(round(pos * scale))
+        if last >= ts.size or start + s.window > data.shape[1]:
+            return self._unaligned()
+        if np.diff(ts[before: last + 1]).max(initial=0) > GAP_PERIODS * period:
+            return self._unaligned()  # the window would span an outage of the logger
         return data[:, start: start + s.window].copy()
+
+    def _unaligned(self) -> None:
+        self.dropped["unaligned_sensor"] = self.dropped.get("unaligned_sensor", 0) + 1
+        return None
+
+    def _read_log(self, align: "SensorAlign", asset: str) -> tuple[int, np.ndarray, np.ndarray]:
+        """(first time in ns UTC, every sample's time in ns since then, signal resampled to the
+        dataset's rate) of one asset's log, after checking that its times are there and increase."""
+        from indai.platform.connectors.sensors import check_rate
+        from indai.platform.connectors.tables import read_csv_frame, typed
+
+        s = self.spec.sensor
+        path = resolve_path(self.base, align.path.replace("{asset}", asset))
+        frame = read_csv_frame(path, [*s.channels, align.time_column], s.channels)
+        ts = typed(path, frame, align.time_column, "datetime", align.tz)
+        if (ts == NO_TIME).any():
+            row = int(np.argmax(ts == NO_TIME))
+            raise UserError(f"{path.name}: row {row + 2} has no time in column {align.time_column!r} (empty, or a local time "
+                            "that a daylight-saving change skips or repeats): fill it in, or write the log's times in UTC")
+        steps = np.diff(ts)
+        if (steps <= 0).any():
+            row = int(np.argmax(steps <= 0)) + 1
+            raise UserError(f"{path.name}: the time column {align.time_column!r} does not increase at row {row + 2} "
+                            f"({'repeats' if steps[row - 1] == 0 else 'goes back'}): sort the log by time and remove repeated rows; "
+                            "records are aligned by looking their time up in the log")
+        if ts.size > 2:
+            check_rate(path.name, align.sampling_rate_hz, 1e9 / float(np.median(steps)), f"time column {align.time_column!r}")
+        data = resample(frame[s.channels].to_numpy(dtype=np.float64).T, align.sampling_rate_hz, s.sampling_rate_hz)
+        t0 = int(ts[0]) if ts.size else 0
+        # times since the first sample are exact in a float64 (absolute ns since 1970 are not)
+        return t0, (ts - t0).astype(np.float64), data.astype(np.float32)
 
     def _image(self, path: Path) -> np.ndarray:
         from indai.platform.connectors.images import read_image
@@ -838,9 +933,12 @@ class _Records:
                 if n else np.zeros((0, size, size, 3), np.uint8)
             mask[:, 1] = [v is not None for v in vals]
         if "text" in mods:
-            vals = pick("text")
-            out["text"] = np.array([(v or "")[: self.spec.text.max_chars] for v in vals], dtype=str)
-            mask[:, 2] = [bool(v) for v in vals]
+            limit = self.spec.text.max_chars
+            vals = [v or "" for v in pick("text")]
+            texts = [cut_text(v, limit) for v in vals]
+            self.texts_cut += sum(len(v) > limit for v in vals)
+            out["text"] = np.array(texts, dtype=str)
+            mask[:, 2] = [bool(t) for t in texts]  # a text cut to nothing is no text
         out["mask"] = mask
         for c, kind in tab_types.items():
             if c in b["tab"]:
@@ -881,8 +979,8 @@ def _ingest_records(spec: DatasetSpec, base: Path, writer: datasets.VersionWrite
                             classes[split] = np.bincount(lab[lab >= 0], minlength=len(builder.classes)).tolist()
                 entry = {"files": files, "counts": counts, "classes": classes, "scanned": b["scanned"],
                          "dropped": dict(builder.dropped), "invalid": dict(builder.invalid), "metadata_removed": dict(builder.metadata_removed),
-                         "title_blocks": dict(builder.title_blocks)}
-                builder.dropped, builder.invalid = {k: 0 for k in builder.dropped}, {}
+                         "title_blocks": dict(builder.title_blocks), "texts_cut": builder.texts_cut}
+                builder.dropped, builder.invalid, builder.texts_cut = {k: 0 for k in builder.dropped}, {}, 0
                 builder.metadata_removed, builder.title_blocks = {}, {"drawings": 0, "entities": 0}
                 journal.done(chunk_id, entry)
             for k, v in entry["counts"].items():
@@ -923,7 +1021,8 @@ def _ingest_records(spec: DatasetSpec, base: Path, writer: datasets.VersionWrite
     if "image" in mods:
         modalities["image"] = {"size": spec.image.size, "mode": spec.image.mode}
     if "text" in mods:
-        modalities["text"] = {"max_chars": spec.text.max_chars}
+        # how many texts were longer than max_chars (and so cut): the member can raise it
+        modalities["text"] = {"max_chars": spec.text.max_chars, "cut": sum(e.get("texts_cut", 0) for e in entries)}
     return {
         "layout": "records",
         "classes": builder.classes,
@@ -944,6 +1043,10 @@ def ingest(spec_path: str | Path, store: ObjectStore, progress: bool = True, roo
     """Read, check and stream the spec's sources into a dataset version (see the module doc).
     `root`: the folder source paths are relative to (default: the spec's folder)."""
     spec = load_config(DatasetSpec, spec_path)
+    # who may write what, before any work: a job only its own member's data, and only under a
+    # name that is free or its member's (commit checks the name again, this fails early)
+    datasets.check_job_may_write(spec.member)
+    datasets.check_owner(store, spec.name, spec.member)
     base = Path(root).resolve() if root else (spec.data_root.locate() if spec.data_root else Path(spec_path).resolve().parent)
     if not base.is_dir():
         raise UserError(f"data folder {base} does not exist")

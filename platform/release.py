@@ -287,7 +287,13 @@ def _compatible(manifests: list[dict]) -> None:
 
 
 def share(store: ObjectStore, industry: str, name: str, refs: list[datasets.DatasetRef], progress: bool = True) -> tuple[str, str, dict]:
-    """An industry-common version from released (or common) versions; raw ones are refused."""
+    """An industry-common version from released (or common) versions; raw ones are refused.
+    Only the admin builds one: it is owned by no member, and a member's job that could write it
+    would choose what every member of the industry trains on as `<industry>-common@latest`."""
+    job_member, role = datasets.job_identity()
+    if role != "admin":
+        raise UserError(f"this job runs for member {job_member!r}: only the platform admin builds industry-common datasets "
+                        "(`indai data share`); ask the admin, or train on the released versions themselves")
     if not refs:
         raise UserError(f"no released dataset versions of {industry} members to share: run `indai data release` first")
     resolved = [datasets.resolve(store, r) for r in refs]

@@ -3,7 +3,6 @@ examples name: ingest every modality, release, build an industry-common dataset,
 diff; and one clear line (exit 2) for each kind of bad file."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +89,24 @@ def test_bad_files_get_one_line_and_exit_2(tmp_path, home, make, needle):
     done = indai(home, "data", "ingest", "--quiet", str(tmp_path / "spec.yaml"), ok=False)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("indai: error: ") and needle in done.stderr, done.stderr
+
+
+def test_a_member_cannot_take_over_another_members_dataset_name(tmp_path):
+    """The repro of the take-over: a second spec with the same name: and member: evil. The name
+    stays the first member's, and a gateway job (INDAI_JOB_MEMBER set) cannot even claim to be
+    that member."""
+    home = tmp_path / "home"
+    rows = "\n".join(f"e{i},seal leak {i},{'ok' if i % 2 else 'ng'}" for i in range(40))
+    (tmp_path / "t.csv").write_text("id,note,mode\n" + rows)
+    body = "sources: [{kind: table, path: t.csv, event: id, text: [note], label: mode}]\nsplit: {by: random}\n"
+    for member in ("victim", "evil"):
+        (tmp_path / f"{member}.yaml").write_text(f"# indai data ingest {member}.yaml\nname: shared-name\nmember: {member}\n{body}")
+    mine = indai(home, "data", "ingest", "--quiet", str(tmp_path / "victim.yaml")).stdout.split()[1]
+    refused = indai(home, "data", "ingest", "--quiet", str(tmp_path / "evil.yaml"), ok=False)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.startswith("indai: error: dataset shared-name belongs to member victim: choose another name")
+    assert json.loads(indai(home, "data", "show", "shared-name@latest").stdout)["version"] == mine.split("@")[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INDAI_")}
+    job = subprocess.run([INDAI, "data", "ingest", "--quiet", str(tmp_path / "victim.yaml")], capture_output=True, text=True, timeout=600,
+                         env={**env, "INDAI_HOME": str(home), "INDAI_JOB_MEMBER": "evil", "INDAI_JOB_ROLE": "researcher"})
+    assert job.returncode == 2 and "this job runs for member 'evil' and may write only that member's data" in job.stderr

@@ -143,3 +143,49 @@ def test_cwru_example_is_resampled_and_split_by_time(tmp_path):
     assert manifest["split"]["windows"]["test"] == sum(manifest["split"]["per_class"]["test"]) > 200
     assert "CC BY-SA 4.0" in manifest["attribution"]
     assert json.loads(store.get_bytes(f"datasets/{name}/{version}/manifest.json"))["version"] == version
+
+
+def _as_member(spec: Path, member: str, folder: Path) -> Path:
+    """The same spec (same name, same sources) claiming another member."""
+    doc = yaml.safe_load(spec.read_text())
+    path = folder / f"spec-{member}.yaml"
+    path.write_text("# indai data ingest " + path.name + "\n" + yaml.safe_dump({**doc, "member": member}))
+    return path
+
+
+def test_a_job_ingests_only_for_its_own_member(toy, monkeypatch):
+    folder, spec, store = toy  # the spec says member: m1
+    monkeypatch.setenv("INDAI_JOB_MEMBER", "evil")
+    monkeypatch.setenv("INDAI_JOB_ROLE", "researcher")
+    with pytest.raises(UserError, match="this job runs for member 'evil' and may write only that member's data, but the spec "
+                                        "says member: m1: set member: evil in the spec") as e:
+        ingest(spec, store, progress=False)
+    assert "\n" not in str(e.value) and store.list("") == []  # refused before any work
+    monkeypatch.setenv("INDAI_JOB_MEMBER", "m1")  # its own member's data
+    name, version, manifest = ingest(spec, store, progress=False)
+    assert manifest["member"] == "m1" and datasets.resolve(store, datasets.parse_ref("toy")).version == version
+    monkeypatch.setenv("INDAI_JOB_MEMBER", "ops")  # the admin ingests for any member
+    monkeypatch.setenv("INDAI_JOB_ROLE", "admin")
+    assert ingest(spec, store, progress=False)[1] == version
+
+
+def test_another_member_cannot_take_over_a_name(toy):
+    folder, spec, store = toy
+    _, mine, _ = ingest(spec, store, progress=False)
+    ramp_source(folder, "r1.npz", 1000, 5e6)  # other content, the same name
+    with pytest.raises(UserError, match="^dataset toy belongs to member m1: choose another name"):
+        ingest(_as_member(spec, "evil", folder), store, progress=False)
+    assert datasets.resolve(store, datasets.parse_ref("toy@latest")).version == mine
+    assert datasets.list_versions(store) == [("toy", mine)]
+    assert [k for k in store.list("datasets/toy") if "/journal/" in k] == []  # refused before the journal was started
+
+
+def test_ingesting_earlier_content_again_makes_it_latest(toy):
+    folder, spec, store = toy
+    _, a, _ = ingest(spec, store, progress=False)
+    ramp_source(folder, "r1.npz", 1000, 2e6)
+    _, b, _ = ingest(spec, store, progress=False)
+    ramp_source(folder, "r1.npz", 1000, 1e6)  # back to the first content
+    _, again, _ = ingest(spec, store, progress=False)
+    assert again == a != b
+    assert datasets.resolve(store, datasets.parse_ref("toy@latest")).version == a

@@ -310,3 +310,89 @@ def test_events_take_their_window_from_the_assets_log(tmp_path):
     bad["sources"][0]["sensor_align"]["sampling_rate_hz"] = 2000
     with pytest.raises(UserError, match=r"P[12].csv: mismatched sampling rate"):
         ingest(spec(tmp_path, bad), open_store(tmp_path / "s2"), progress=False)
+
+
+def test_a_typed_column_with_a_slash_is_refused_before_work(tmp_path):
+    """MES exports name columns `P/N` or `L/min`; typed, such a column would be the array
+    `tab_P/N`, which readers split into the wrong path parts: refuse it at the spec, naming it."""
+    (tmp_path / "mes.csv").write_text("id,P/N,flow,result\n" + "\n".join(f"e{i},PN-{i},{i / 10},{'ok' if i % 2 else 'ng'}"
+                                                                          for i in range(40)))
+    src = {"kind": "table", "path": "mes.csv", "event": "id", "label": "result", "text": ["P/N"],
+           "columns": {"P/N": {"type": "str"}, "flow": {"type": "float", "unit": "L/min"}}}
+    store = open_store(tmp_path / "store")
+    with pytest.raises(UserError, match=r"array name 'tab_P/N' \(from the typed column 'P/N'\) cannot be stored: .* "
+                                        r"rename the column in the source file") as e:
+        ingest(spec(tmp_path, {"split": {"by": "random"}, "sources": [src]}), store, progress=False)
+    assert "\n" not in str(e.value) and store.list("") == []
+    # untyped, the same column is fine as text; a unit with a slash is fine too
+    src["columns"] = {"flow": {"type": "float", "unit": "L/min"}}
+    name, version, _ = ingest(spec(tmp_path, {"split": {"by": "random"}, "sources": [src]}), store, progress=False)
+    got = all_split(store, name, version)
+    assert sorted(got["train"]["text"].tolist() + got["val"]["text"].tolist() + got["test"]["text"].tolist()) == \
+        sorted(f"PN-{i}" for i in range(40))
+
+
+def test_long_texts_are_cut_between_words_and_never_through_an_identifier(tmp_path):
+    """Text is cut to max_chars at ingest and de-identified only at release: a cut through a phone
+    number, or between a name and the number that gives it away, would let both escape release."""
+    from indai.platform.deid import scan
+
+    notes = {"n0": "pump leak, call 김민수 010-1234-5678 today",  # 40 chars: a hard cut at 30 leaves '... 010-1234-5'
+             "n1": "bearing noise on the discharge side after restart",
+             "n2": "short note"}
+    rows = ["id,note,result"] + [f'{k}{i},"{notes[k]}",{"ok" if i % 2 else "ng"}' for i in range(30) for k in notes]
+    (tmp_path / "wo.csv").write_text("\n".join(rows))
+    src = {"kind": "table", "path": "wo.csv", "event": "id", "label": "result", "text": ["note"]}
+    store = open_store(tmp_path / "store")
+    name, version, m = ingest(spec(tmp_path, {"split": {"by": "random"}, "text": {"max_chars": 30}, "sources": [src]}),
+                              store, progress=False)
+    got = {}
+    for a in all_split(store, name, version).values():
+        got.update({str(e)[:2]: (str(t), mk) for e, t, mk in zip(a["key_event"], a["text"], a["mask"][:, 2])})
+    assert got["n0"] == ("pump leak, call", 1) and scan(got["n0"][0]) == []
+    assert got["n1"] == ("bearing noise on the discharge", 1)
+    assert got["n2"] == ("short note", 1)
+    assert m["modalities"]["text"] == {"max_chars": 30, "cut": 60}
+
+
+def _log(folder: Path, name: str, seconds: list[tuple[float, float]], rate: int = 1000) -> None:
+    """A log whose value is its own time in seconds, recorded over the given (from, to) stretches:
+    a window shows exactly which time it was cut from."""
+    start = np.datetime64("2024-05-02T08:00:00")
+    lines = ["ts,vib"]
+    for a, b in seconds:
+        for k in range(int(a * rate), int(b * rate)):
+            lines.append(f"{str(start + np.timedelta64(k * 1_000_000, 'ns'))},{k / rate:.3f}")
+    (folder / "logs").mkdir(exist_ok=True)
+    (folder / "logs" / name).write_text("\n".join(lines))
+
+
+def test_records_after_a_logger_outage_get_the_window_of_their_own_time(tmp_path):
+    _log(tmp_path, "P1.csv", [(0, 10), (20, 40)])  # the logger was down from 10 s to 20 s
+    events = ["id,pump,at,result"] + [f"q{s},P1,2024-05-02 08:00:{s:02d},{'ok' if s % 2 else 'bad'}" for s in (2, 5, 10, 15, 25, 30, 33, 36)]
+    (tmp_path / "qa.csv").write_text("\n".join(events))
+    src = {"kind": "table", "path": "qa.csv", "event": "id", "asset": "pump", "time": "at", "label": "result",
+           "sensor_align": {"path": "logs/{asset}.csv", "time_column": "ts", "sampling_rate_hz": 1000, "before_s": 0.1}}
+    body = {"sensor": {"channels": ["vib"], "sampling_rate_hz": 1000, "window": 256}, "split": {"by": "time"}, "sources": [src]}
+    store = open_store(tmp_path / "store")
+    name, version, m = ingest(spec(tmp_path, body), store, progress=False)
+    got = {str(e): (x[0], mk) for a in all_split(store, name, version).values() for e, x, mk in zip(a["key_event"], a["sensor"], a["mask"][:, 0])}
+    # q10's window (9.9 s .. 10.155 s) spans the outage, q15's falls in it: neither gets one
+    assert m["dropped"]["unaligned_sensor"] == 2 and got["q10"][1] == 0 and got["q15"][1] == 0 and not got["q15"][0].any()
+    for s in (2, 5, 25, 30, 33, 36):
+        x, present = got[f"q{s}"]
+        assert present == 1 and np.allclose(x, s - 0.1 + np.arange(256) / 1000, atol=1e-4), (s, x[:3])
+
+
+@pytest.mark.parametrize("swap,message", [(("08:00:00.003", "08:00:00.001"), r"does not increase at row 5 \(goes back\)"),
+                                          (("08:00:00.003", "08:00:00.002"), r"does not increase at row 5 \(repeats\)")])
+def test_a_log_whose_time_does_not_increase_is_refused(tmp_path, swap, message):
+    _log(tmp_path, "P1.csv", [(0, 5)])
+    path = tmp_path / "logs" / "P1.csv"
+    path.write_text(path.read_text().replace(swap[0], swap[1], 1))
+    (tmp_path / "qa.csv").write_text("id,pump,at,result\n" + "\n".join(f"q{s},P1,2024-05-02 08:00:0{s},ok" for s in range(1, 4)))
+    src = {"kind": "table", "path": "qa.csv", "event": "id", "asset": "pump", "time": "at", "label": "result",
+           "sensor_align": {"path": "logs/{asset}.csv", "time_column": "ts", "sampling_rate_hz": 1000}}
+    body = {"sensor": {"channels": ["vib"], "sampling_rate_hz": 1000, "window": 256}, "split": {"by": "time"}, "sources": [src]}
+    with pytest.raises(UserError, match=f"P1.csv: the time column 'ts' {message}: sort the log by time"):
+        ingest(spec(tmp_path, body), open_store(tmp_path / "store"), progress=False)

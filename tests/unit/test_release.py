@@ -340,3 +340,18 @@ def test_share_keeps_missing_labels_missing(tmp_path, store, cfg):
     pa, pb = ra[2]["split"]["per_class"]["train"], rb[2]["split"]["per_class"]["train"]
     assert per_class == [pa[0], pa[1] + pb[0], pb[1]]
     assert sum(per_class) == len(train["label"]) - missing and common["split"]["records"]["train"] == len(train["label"])
+
+
+def test_only_the_admin_builds_an_industry_common_dataset(tmp_path, store, cfg, monkeypatch):
+    """A member's job could otherwise commit its own choice of data as `<industry>-common@latest`."""
+    a = ingest(work_orders(tmp_path / "a", "steel-a"), store, progress=False)
+    ra = release.release(store, datasets.DatasetRef(a[0], a[1]), SECRET_A, cfg, progress=False)
+    monkeypatch.setenv("INDAI_JOB_MEMBER", "steel-a")
+    monkeypatch.setenv("INDAI_JOB_ROLE", "researcher")
+    with pytest.raises(UserError, match="only the platform admin builds industry-common datasets"):
+        release.share(store, "steel", "steel-common", [datasets.DatasetRef(ra[0], ra[1])], progress=False)
+    assert not store.committed_children("datasets/steel-common")
+    monkeypatch.delenv("INDAI_JOB_MEMBER")
+    monkeypatch.delenv("INDAI_JOB_ROLE")  # the admin's shell
+    name, version, _ = release.share(store, "steel", "steel-common", [datasets.DatasetRef(ra[0], ra[1])], progress=False)
+    assert datasets.resolve(store, datasets.parse_ref(name)).version == version
