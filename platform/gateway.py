@@ -5,10 +5,23 @@ speaks the same API (`/api/version`, `/api/jobs/...`), so the stock `ray job sub
 http://<gateway> --headers '{"Authorization": "Bearer <token>"}'` and `JobSubmissionClient`
 work unchanged, and forwards to the real job server only what passes:
 - every request carries a valid token (tenancy.verify; revocation takes effect at once);
-- a researcher submits, sees, tails and stops only their member's jobs; an admin sees all;
-  a consumer submits nothing; someone else's job answers 404, as if it did not exist;
+- a token acts only within its scopes: `jobs:read` to list, see and tail jobs, `jobs:submit` to
+  submit, upload packages, stop and delete; a researcher's token sees and changes only its
+  member's jobs; a token with the `admin` scope (not merely one of an admin user) sees all;
+  a consumer's token holds neither job scope; someone else's job answers 404, as if it did
+  not exist;
+- working_dir packages live in one namespace in Ray, shared by every member, and their names
+  are predictable (content hashes). So the gateway gives each member a namespace of its own:
+  the package name a member's client uses is mapped to `_ray_pkg_<sha256(member:uri)>.zip`
+  upstream, on the package routes and in the submission alike. A member only ever checks,
+  uploads and runs its own uploads; nobody can plant code under a name another member's
+  client will compute, nor run another member's package;
 - a submission is checked field by field (unknown fields, host paths, pip indexes refused)
-  and against the member's quotas (concurrent jobs, GPUs per job);
+  and against the member's quotas (concurrent jobs, GPUs per job). Admission is one step per
+  member: counting its running jobs and reserving the new one happen under a per-member lock
+  (in this process) and, on PostgreSQL, a lock on the member's row (across gateway replicas),
+  and a reserved job Ray does not know yet counts as running, so parallel submissions cannot
+  all slip under the limit;
 - each job is tagged with member, user and recipe; every decision goes to the audit log;
 - a submission that carries an `Idempotency-Key` header is submitted at most once per member
   and key: the key is recorded with the job's row before Ray is asked, so a client that retries
@@ -28,22 +41,25 @@ import os
 import re
 import secrets
 import string
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from urllib.parse import quote
 
 import requests
 import urllib3
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import delete as sql_delete, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from indai.platform import tenancy
-from indai.platform.db import Audit, Job, SubmissionKey, utcnow
+from indai.platform.db import Audit, Job, Member, SubmissionKey, utcnow
 from indai.platform.settings import OFFLINE_ENV
 
 MAX_BODY = 1024 * 1024
@@ -74,6 +90,19 @@ def valid_package(protocol: str, name: str) -> bool:
     return protocol == "gcs" and isinstance(name, str) and PACKAGE_RE.fullmatch(name) is not None
 
 
+def member_package(member: str, name: str) -> str:
+    """The name in Ray's storage of the package a member's client calls `name`.
+
+    Ray keeps packages in one cluster-wide namespace, overwrites on upload, and its client skips
+    the upload of a package that already exists; package names are content hashes anyone can
+    compute. Without this mapping a member could upload code under the name another member's
+    client is about to compute, and that member's job would run it. Hashing the member into the
+    name gives every member a namespace of its own that no other member can reach (member ids
+    hold no ':'). The result keeps Ray's `_ray_pkg_<hex>.zip` form (64 hex digits)."""
+    digest = hashlib.sha256(f"{member}:gcs://{name}".encode()).hexdigest()
+    return f"_ray_pkg_{digest}.zip"
+
+
 def _env(name: str, default: str):
     return field(default_factory=lambda: float(os.environ.get(name, default)))
 
@@ -89,7 +118,9 @@ class Limits:
 
 class RuntimeEnv(BaseModel):
     """The runtime_env fields a job may set. No pip/conda/uv (no arbitrary indexes), no
-    py_modules or host paths; working_dir only as a package uploaded through this gateway."""
+    py_modules or host paths; working_dir only as a package uploaded through this gateway (by
+    the submitting member: see member_package). working_dir is the only package URI accepted;
+    a new one (py_modules, say) must be mapped per member in _submit before it is allowed here."""
 
     model_config = ConfigDict(extra="forbid")
     working_dir: str | None = Field(default=None, pattern=r"^gcs://_ray_pkg_[0-9a-f]{16,64}\.zip$")
@@ -99,8 +130,8 @@ class RuntimeEnv(BaseModel):
 class Submission(BaseModel):
     model_config = ConfigDict(extra="forbid")
     entrypoint: str = Field(min_length=1, max_length=10_000)
-    submission_id: str | None = Field(default=None, pattern=SUBMISSION_ID_RE.pattern)
-    job_id: str | None = None
+    submission_id: str | None = None
+    job_id: str | None = None  # Ray's deprecated name for submission_id: the same rule
     runtime_env: RuntimeEnv | None = None
     metadata: dict[str, str] | None = None
     entrypoint_num_cpus: float | None = Field(default=None, ge=0, le=1024)
@@ -108,6 +139,15 @@ class Submission(BaseModel):
     entrypoint_memory: int | None = Field(default=None, ge=0)
     entrypoint_resources: dict[str, float] | None = None
     entrypoint_label_selector: dict[str, str] | None = None
+
+    @field_validator("submission_id", "job_id")
+    @classmethod
+    def _names_a_job_in_urls(cls, value: str | None) -> str | None:
+        # The id becomes part of the upstream URLs (/api/jobs/<id>): "mine?0" would ask Ray about
+        # job "mine", so the job could be neither counted against the quota nor stopped.
+        if value is not None and not valid_job_id(value):
+            raise ValueError("must be 1-100 letters, digits, '_' or '-': choose another id or leave it out")
+        return value
 
 
 def new_submission_id() -> str:
@@ -136,6 +176,20 @@ def never_reached(exc: requests.RequestException) -> bool:
 
 
 JOB_IDENTITY_ENV = ("INDAI_JOB_MEMBER", "INDAI_JOB_ROLE", "INDAI_JOB_USER")
+
+
+def is_admin(p: tenancy.Principal) -> bool:
+    """Whether the token may act on every member's jobs: it holds the `admin` scope. An admin
+    user's token narrowed to other scopes acts like a researcher's of the admin's member."""
+    return "admin" in p.scopes
+
+
+def job_role(p: tenancy.Principal) -> str:
+    """The role a job runs with (INDAI_JOB_ROLE, which the dataset reader enforces) and the
+    dataset check uses: admin only with the admin scope, for the same reason as is_admin."""
+    if p.role == "admin" and not is_admin(p):
+        return "researcher"
+    return p.role
 
 
 def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_token: str | None = None,
@@ -173,7 +227,18 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
             return None
         info = r.json()
         member = (info.get("metadata") or {}).get("indai.member")
-        return info if (p.role == "admin" or member == p.member) else None
+        return info if (is_admin(p) or member == p.member) else None
+
+    def scope_refusal(p: tenancy.Principal, scope: str, action: str, target: str, what: str) -> JSONResponse | None:
+        """403 (audited) when the token lacks `scope`, else None. Checked before Ray is asked, so
+        a token without the scope learns nothing, not even whether a job exists."""
+        try:
+            p.require(scope)
+        except tenancy.AuthError as e:
+            audit(p, action, target[:128], 403, str(e))
+            return _error(403, f"{e}: {what} needs a token with the {scope!r} scope (a researcher's default token has it; "
+                               "`indai token ls` shows each token's scopes)")
+        return None
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -254,9 +319,15 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
                                "indai.recipe": recipe_of(body.entrypoint)}
         env = (body.runtime_env.env_vars if body.runtime_env else None) or {}
         runtime_env = payload.setdefault("runtime_env", {})
-        runtime_env["env_vars"] = {**env, **OFFLINE_ENV, "INDAI_JOB_MEMBER": p.member, "INDAI_JOB_ROLE": p.role, "INDAI_JOB_USER": p.user}
-        if (conflict := reserve(p, key, sid, fingerprint, payload)) is not None:
-            return conflict
+        runtime_env["env_vars"] = {**env, **OFFLINE_ENV, "INDAI_JOB_MEMBER": p.member, "INDAI_JOB_ROLE": job_role(p),
+                                   "INDAI_JOB_USER": p.user}
+        if body.runtime_env and body.runtime_env.working_dir:
+            own = own_package(p, body.runtime_env.working_dir)
+            if isinstance(own, JSONResponse):
+                return own
+            runtime_env["working_dir"] = own
+        if (refused := admit_and_reserve(p, body, key, sid, fingerprint, payload)) is not None:
+            return refused
         try:
             r = post_job(payload)
         except requests.RequestException as e:
@@ -276,7 +347,9 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
         return JSONResponse(status_code=r.status_code, content=r.json() if r.headers.get("content-type", "").startswith("application/json") else {"detail": r.text})
 
     def admission(p: tenancy.Principal, body: Submission) -> JSONResponse | None:
-        """The refusal of a new submission (environment, quotas, datasets), or None."""
+        """The refusal of a new submission on what it asks for alone (environment, GPUs per job,
+        datasets), or None. The quotas that depend on the member's other jobs are checked by
+        admit_and_reserve, under the member's lock."""
         env = (body.runtime_env.env_vars if body.runtime_env else None) or {}
         bad_env = [k for k in env if not ENV_KEY_RE.fullmatch(k) or k in FORBIDDEN_ENV or k.startswith("INDAI_JOB_")]
         if bad_env:
@@ -286,17 +359,85 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
         if gpus > limits.gpus_per_job:
             audit(p, "submit", "-", 429, f"gpus {gpus}")
             return _error(429, f"quota: at most {limits.gpus_per_job:g} GPUs per job for member {p.member}; this job asks for {gpus:g}")
-        running, used = member_usage(p.member)
-        if gpus > 0 and used >= limits.gpu_hours_per_month:
-            audit(p, "submit", "-", 429, f"{used:.2f} GPU-hours used")
-            return _error(429, f"quota: member {p.member} used {used:.2f} of {limits.gpu_hours_per_month:g} GPU-hours this month: GPU jobs are refused until next month")
-        if running >= limits.concurrent_jobs:
-            audit(p, "submit", "-", 429, f"{running} running")
-            return _error(429, f"quota: member {p.member} already runs {running} jobs (limit {limits.concurrent_jobs:g} at a time): wait or stop one")
         refused = check_datasets(p, (body.metadata or {}).get("indai.datasets", ""))
         if refused:
             audit(p, "submit", "-", 403, refused)
             return _error(403, f"submission refused: {refused}")
+        return None
+
+    def quota_refusal(p: tenancy.Principal, body: Submission, running: int, used: float) -> tuple[int, str, str] | None:
+        """(status, audit detail, message) when the member's usage leaves no room for the job, else None."""
+        gpus = body.entrypoint_num_gpus or 0
+        if gpus > 0 and used >= limits.gpu_hours_per_month:
+            return 429, f"{used:.2f} GPU-hours used", (
+                f"quota: member {p.member} used {used:.2f} of {limits.gpu_hours_per_month:g} GPU-hours this month: "
+                "GPU jobs are refused until next month")
+        if running >= limits.concurrent_jobs:
+            return 429, f"{running} running", (
+                f"quota: member {p.member} already runs {running} jobs (limit {limits.concurrent_jobs:g} at a time): wait or stop one")
+        return None
+
+    def own_package(p: tenancy.Principal, uri: str) -> str | JSONResponse:
+        """The upstream URI of the working_dir package `uri` as the member uploaded it (see
+        member_package), or the refusal when the member never uploaded it: a package another
+        member uploaded under that name is not the submitter's, and is never what runs."""
+        mapped = member_package(p.member, uri.removeprefix("gcs://"))
+        r = upstream("GET", f"/api/packages/gcs/{mapped}")  # Ray also pins it for a while: it is not collected before the job starts
+        if r.status_code == 200:
+            return f"gcs://{mapped}"
+        if r.status_code == 404:
+            audit(p, "submit", "-", 400, f"working_dir {uri} not uploaded by member {p.member}")
+            return _error(400, f"submission refused: working_dir package {uri} was not uploaded by member {p.member}: upload it "
+                               "through this gateway first (ray job submit and JobSubmissionClient do so when runtime_env.working_dir "
+                               "is a local folder)")
+        return _error(503, f"the Ray job server answered {r.status_code} when asked for package {uri}: retry in a minute",
+                      retry_after=30)
+
+    # Admission (count the member's running jobs, then reserve the new one) must be one step per
+    # member: two submissions that both count before either reserves would both fit under the limit.
+    # _submit runs in worker threads (asyncio.to_thread), so the in-process lock is a threading
+    # lock; on PostgreSQL the member's row is locked too, which holds across gateway replicas.
+    member_locks: dict[str, threading.Lock] = {}
+    member_locks_guard = threading.Lock()
+
+    @contextmanager
+    def member_turn(member: str):
+        """A session in a transaction that only one admission of `member` holds at a time."""
+        with member_locks_guard:
+            lock = member_locks.setdefault(member, threading.Lock())
+        with lock, Session(eng) as s, s.begin():
+            if eng.dialect.name == "postgresql":
+                # FOR NO KEY UPDATE: excludes the other replicas' admissions of this member until
+                # this transaction ends, without blocking foreign-key checks (a user being added).
+                s.execute(select(Member.id).where(Member.id == member).with_for_update(key_share=True))
+            yield s
+
+    def admit_and_reserve(p: tenancy.Principal, body: Submission, key: str | None, sid: str, fingerprint: str,
+                          payload: dict) -> JSONResponse | None:
+        """Check the quotas that depend on the member's other jobs and record the job (and its
+        key) before Ray is asked, in one transaction under the member's turn. The unique
+        constraint on (member, key) decides between two tries with one key: the loser replays."""
+        refused = None
+        try:
+            with member_turn(p.member) as s:
+                refused = quota_refusal(p, body, *member_usage(p.member, s))
+                if refused is None:
+                    if key:  # expired keys go first: one of them may be the key a client now uses again
+                        s.execute(sql_delete(SubmissionKey).where(SubmissionKey.created_at < key_cutoff()))
+                    s.add(Job(submission_id=sid, member_id=p.member, user_id=p.user, recipe=payload["metadata"]["indai.recipe"],
+                              gpus=payload.get("entrypoint_num_gpus") or 0, submitted_at=utcnow()))
+                    if key:
+                        s.add(SubmissionKey(member_id=p.member, key=key, submission_id=sid, request_hash=fingerprint,
+                                            state="pending", created_at=utcnow()))
+        except IntegrityError:
+            if key and (earlier := find_key(p.member, key)) is not None:
+                return replay(p, earlier, fingerprint) or _error(409, "a submission with this Idempotency-Key was just replaced: retry")
+            audit(p, "submit", sid[:128], 400, "submission id in use")
+            return _error(400, f"submission refused: submission id {sid} is already used: choose another or leave it out")
+        if refused is not None:  # audited after the turn, so the lock is held no longer than needed
+            status, detail, message = refused
+            audit(p, "submit", "-", status, detail)
+            return _error(status, message)
         return None
 
     def post_job(payload: dict) -> requests.Response:
@@ -316,25 +457,6 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
 
     def key_cutoff():
         return utcnow() - timedelta(seconds=KEY_TTL_S)
-
-    def reserve(p: tenancy.Principal, key: str | None, sid: str, fingerprint: str, payload: dict) -> JSONResponse | None:
-        """Record the job (and its key) before Ray is asked, in one transaction. The unique
-        constraint on (member, key) decides between two tries that race: the loser replays."""
-        try:
-            with Session(eng) as s, s.begin():
-                if key:  # expired keys go first: one of them may be the key a client now uses again
-                    s.execute(sql_delete(SubmissionKey).where(SubmissionKey.created_at < key_cutoff()))
-                s.add(Job(submission_id=sid, member_id=p.member, user_id=p.user, recipe=payload["metadata"]["indai.recipe"],
-                          gpus=payload.get("entrypoint_num_gpus") or 0, submitted_at=utcnow()))
-                if key:
-                    s.add(SubmissionKey(member_id=p.member, key=key, submission_id=sid, request_hash=fingerprint,
-                                        state="pending", created_at=utcnow()))
-        except IntegrityError:
-            if key and (earlier := find_key(p.member, key)) is not None:
-                return replay(p, earlier, fingerprint) or _error(409, "a submission with this Idempotency-Key was just replaced: retry")
-            audit(p, "submit", sid[:128], 400, "submission id in use")
-            return _error(400, f"submission refused: submission id {sid} is already used: choose another or leave it out")
-        return None
 
     def replay(p: tenancy.Principal, earlier: SubmissionKey, fingerprint: str) -> JSONResponse | None:
         """The answer to a retry of an earlier submission; None when that earlier try died
@@ -407,21 +529,26 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
             return "this gateway has no object store configured to check the job's datasets"
         for text in refs[:32]:
             try:
-                datasets.check_read(store, datasets.parse_ref(text), p.member, p.role)
+                datasets.check_read(store, datasets.parse_ref(text), p.member, job_role(p))
             except UserError as e:
                 return str(e)
         return None
 
-    def member_usage(member: str) -> tuple[int, float]:
+    def member_usage(member: str, s: Session) -> tuple[int, float]:
         """(jobs still running, GPU-hours used this calendar month) for a member, from the jobs
-        it submitted through the gateway and Ray's start/end times of each."""
+        it submitted through the gateway and Ray's start/end times of each. A job reserved less
+        than IN_FLIGHT_S ago that Ray does not know yet is running: its submission is still on
+        its way to Ray (an older one never got there, and no longer counts)."""
         now = utcnow()
         month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        with Session(eng) as s:
-            rows = list(s.execute(select(Job.submission_id, Job.gpus).where(Job.member_id == member)))
+        rows = list(s.execute(select(Job.submission_id, Job.gpus, Job.submitted_at).where(Job.member_id == member)))
         running, gpu_hours = 0, 0.0
-        for sid, gpus in rows:
-            r = upstream("GET", f"/api/jobs/{sid}")
+        for sid, gpus, submitted_at in rows:
+            # quoted: a row recorded before submission ids were checked may hold '?' or '/'
+            r = upstream("GET", f"/api/jobs/{quote(sid, safe='')}")
+            if r.status_code == 404 and (now - tenancy.aware(submitted_at)).total_seconds() < IN_FLIGHT_S:
+                running += 1
+                continue
             if r.status_code != 200:
                 continue
             info = r.json()
@@ -436,26 +563,37 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
     @app.get("/api/jobs/")
     def list_jobs(request: Request):
         p: tenancy.Principal = request.state.principal
+        if refused := scope_refusal(p, "jobs:read", "list", "-", "listing jobs"):
+            return refused
         r = upstream("GET", "/api/jobs/")
         jobs = r.json() if r.status_code == 200 else []
-        if p.role != "admin":
+        if not is_admin(p):
             jobs = [j for j in jobs if (j.get("metadata") or {}).get("indai.member") == p.member]
         return JSONResponse(jobs)
 
     @app.get("/api/jobs/{job_id}")
     def get_job(job_id: str, request: Request):
-        info = owned(request.state.principal, job_id)
+        p: tenancy.Principal = request.state.principal
+        if refused := scope_refusal(p, "jobs:read", "get", job_id, "reading a job"):
+            return refused
+        info = owned(p, job_id)
         return JSONResponse(info) if info else _error(404, f"job {job_id} does not exist")
 
     @app.get("/api/jobs/{job_id}/logs")
     def logs(job_id: str, request: Request):
-        if not owned(request.state.principal, job_id):
+        p: tenancy.Principal = request.state.principal
+        if refused := scope_refusal(p, "jobs:read", "logs", job_id, "reading a job's logs"):
+            return refused
+        if not owned(p, job_id):
             return _error(404, f"job {job_id} does not exist")
         r = upstream("GET", f"/api/jobs/{job_id}/logs")
         return Response(r.content, status_code=r.status_code, media_type="application/json")
 
     def act_on_owned(p: tenancy.Principal, method: str, job_id: str, suffix: str, action: str) -> Response:
-        """Forward a change to a job the principal may see; audit it either way."""
+        """Forward a change to a job the principal may see; audit it either way. Changing a job
+        takes the scope that submits one."""
+        if refused := scope_refusal(p, "jobs:submit", action, job_id, f"{'stopping' if action == 'stop' else 'deleting'} a job"):
+            return refused
         if not owned(p, job_id):
             audit(p, action, job_id[:128], 404, "not visible")
             return _error(404, f"job {job_id} does not exist")
@@ -476,27 +614,36 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
             return _error(400, "only gcs://_ray_pkg_<hash>.zip working_dir packages are accepted")
         return None
 
+    # The package routes are the first half of Ray's client's working_dir flow: GET (does the
+    # package exist? 200 or 404) and, on 404, PUT; then the submission names gcs://<name>. Both
+    # routes act on the member's own namespace (member_package), as does the submission, so the
+    # stock client works unchanged and only ever sees the packages its own member uploaded.
     @app.get("/api/packages/{protocol}/{name}")
-    def package_exists(protocol: str, name: str):
+    def package_exists(protocol: str, name: str, request: Request):
+        p: tenancy.Principal = request.state.principal
+        if refused := scope_refusal(p, "jobs:submit", "package-check", name, "checking a working_dir package"):
+            return refused
         if refused := bad_package(protocol, name):
             return refused
-        r = upstream("GET", f"/api/packages/{protocol}/{name}")
+        r = upstream("GET", f"/api/packages/gcs/{member_package(p.member, name)}")
+        if r.status_code == 404:  # Ray's text would name the upstream package, which the member never used
+            return Response(f"Package gcs://{name} does not exist for member {p.member}", status_code=404)
         return Response(r.content, status_code=r.status_code)
 
     @app.put("/api/packages/{protocol}/{name}")
     async def package_upload(protocol: str, name: str, request: Request):
+        p: tenancy.Principal = request.state.principal
+        refused = await asyncio.to_thread(scope_refusal, p, "jobs:submit", "upload", name, "uploading a working_dir package")
+        if refused:
+            return refused
         if refused := bad_package(protocol, name):
             return refused
-        p = request.state.principal
-        try:
-            p.require("jobs:submit")
-        except tenancy.AuthError as e:
-            return _error(403, str(e))
         data = await request.body()
         if len(data) > MAX_PACKAGE:
             return _error(413, f"working_dir package is over {MAX_PACKAGE // (1024 * 1024)} MiB")
-        r = await asyncio.to_thread(upstream, "PUT", f"/api/packages/{protocol}/{name}", data=data)
-        await asyncio.to_thread(audit, p, "upload", name, r.status_code, f"{len(data)} bytes")
+        mapped = member_package(p.member, name)
+        r = await asyncio.to_thread(upstream, "PUT", f"/api/packages/gcs/{mapped}", data=data)
+        await asyncio.to_thread(audit, p, "upload", name, r.status_code, f"{len(data)} bytes, stored as {mapped}")
         return Response(r.content, status_code=r.status_code)
 
     @app.websocket("/api/jobs/{job_id}/logs/tail")
@@ -505,6 +652,9 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
             p = await asyncio.to_thread(principal, ws.headers)
         except tenancy.AuthError:
             await ws.close(code=4401)
+            return
+        if await asyncio.to_thread(scope_refusal, p, "jobs:read", "tail", job_id, "following a job's log"):
+            await ws.close(code=4403)
             return
         try:
             if not await asyncio.to_thread(owned, p, job_id):

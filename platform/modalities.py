@@ -22,6 +22,10 @@ TEXT_PAD = 0
 TEXT_VOCAB = 257  # 0 = padding, 1..256 = UTF-8 byte value + 1
 MAX_IMAGE_BYTES = 8 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096
+# all the images of one request together. Decoding is what a request costs (about 0.7 s of one core
+# for a 4096x4096 PNG) and a request may hold up to 256 instances, each a small file that declares
+# the full MAX_IMAGE_PIXELS: the per-image bound alone lets one request take minutes of CPU.
+MAX_REQUEST_PIXELS = 4 * MAX_IMAGE_PIXELS
 
 
 def tokenize_bytes(texts: list[str], max_len: int) -> np.ndarray:
@@ -144,8 +148,9 @@ def image_to_array(img, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def decode_image(b64: str, size: int) -> np.ndarray:
-    """Base64 PNG/JPEG from a request -> uint8 [size, size, 3]; refuses what is not an image."""
+def _image_header(b64: str) -> tuple[bytes, int, int]:
+    """A request's base64 image -> (file bytes, width, height), read from the header only: refuses
+    what is not base64, not PNG/JPEG, or larger than MAX_IMAGE_PIXELS before any pixel is decoded."""
     from PIL import Image, UnidentifiedImageError
 
     if len(b64) > MAX_IMAGE_BYTES * 4 // 3 + 4:
@@ -159,15 +164,40 @@ def decode_image(b64: str, size: int) -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(raw))
         with img:
-            if img.format not in ("PNG", "JPEG"):
+            # phone cameras write MPO: a JPEG whose MPF block lists extra frames (depth, preview); its
+            # first frame is the photo, and ingest (connectors.images) takes it as JPEG too
+            if img.format not in ("PNG", "JPEG", "MPO"):
                 raise UserError(f"image format {img.format} is not accepted: send PNG or JPEG")
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 raise UserError(f"image of {img.width}x{img.height} pixels is too large: at most {MAX_IMAGE_PIXELS} pixels")
+            return raw, img.width, img.height
     except Image.DecompressionBombError:  # Pillow's own guard, far above ours: the header declares a giant
         raise UserError(f"image declares far more than {MAX_IMAGE_PIXELS} pixels (a decompression bomb?): "
                         "send at most 4096x4096 pixels") from None
     except (UnidentifiedImageError, OSError):
         raise UserError("image could not be decoded: send a PNG or JPEG file, base64-encoded") from None
+
+
+def check_request_pixels(images, limit: int = MAX_REQUEST_PIXELS, size: int | None = None) -> int:
+    """Refuse a request whose images declare more than `limit` pixels in all, from their headers
+    alone (nothing is decoded); return the total. `images` are the request's base64 images (None
+    for an instance without one); `size` is the side the model reads, named in the refusal."""
+    total = 0
+    for b64 in images:
+        if not isinstance(b64, str):
+            continue  # no image, or not a string: prepare() refuses that with its own message
+        _, width, height = _image_header(b64)
+        total += width * height
+        if total > limit:
+            smaller = f"downscale them to {size}x{size} pixels (what the model reads)" if size else "downscale them"
+            raise UserError(f"the images of this request hold more than {limit:,} pixels in all (the limit per request): "
+                            f"send fewer images per request, or {smaller} before sending")
+    return total
+
+
+def decode_image(b64: str, size: int) -> np.ndarray:
+    """Base64 PNG/JPEG from a request -> uint8 [size, size, 3]; refuses what is not an image."""
+    raw, _, _ = _image_header(b64)
     from indai.platform.connectors.images import decode_image_bytes
 
     try:  # the ingest's decoding (orientation, 16-bit), so serving sees what training saw

@@ -21,12 +21,15 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import Field
+from pydantic import Field, ValidationError
 from ray import serve
+from starlette.datastructures import Headers
 
 from indai.platform.config import Strict
 from indai.platform.errors import UserError
+from indai.platform.modalities import MAX_REQUEST_PIXELS, check_request_pixels
 from indai.serving.schemas import (ErrorResponse, FeedbackRequest, FeedbackResponse, ModelInfo, ModelListing, PredictRequest,
                                    PredictResponse)
 
@@ -50,6 +53,8 @@ class ServeArgs(Strict):
     num_cpus: float = Field(default=0.5, gt=0, description="CPUs per model pool replica")
     max_models_per_replica: int = Field(default=4, ge=1, le=64)
     max_batch_size: int = Field(default=32, ge=1, le=1024)
+    max_request_pixels: int = Field(default=MAX_REQUEST_PIXELS, ge=1, description="pixels all the images of one request may "
+                                    "declare together (checked from their headers before any is decoded)")
     batch_wait_timeout_s: float = Field(default=0.005, ge=0, le=1)
     pool_max_ongoing: int = Field(default=64, ge=1, le=10_000, description="requests a pool replica takes at once "
                                                                           "(at least max_batch_size, or batches never fill)")
@@ -65,18 +70,141 @@ class ServeArgs(Strict):
     meter_flush_s: float = Field(default=1.0, gt=0, le=60)
 
 
-api = FastAPI(title="indai inference", version="2",
-              description="Predictions from models registered in the indai registry (sensor, image and text inputs), "
-                          "for consortium members with an API token (`Authorization: Bearer <token>`).")
+# bodies that routes read themselves, after the token check (read_body): FastAPI does not see them as
+# parameters, so the OpenAPI document gets their schemas from here (and each route's openapi_extra)
+BODY_MODELS = (PredictRequest, FeedbackRequest)
 
 
-@api.middleware("http")
-async def limit_body(request: Request, call_next):
-    """Refuse oversized bodies before they are read or parsed."""
-    size = request.headers.get("content-length")
-    if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
-        return JSONResponse(status_code=413, content={"detail": f"request body is over the limit of {MAX_BODY_BYTES} bytes: send fewer instances per request"})
-    return await call_next(request)
+def body_doc(model) -> dict:
+    """The OpenAPI requestBody of a route that reads `model` from its body itself."""
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def body_schemas() -> dict:
+    """The OpenAPI component schemas of BODY_MODELS (and the models they use), made by FastAPI's own
+    generator from routes that take them as parameters, so they read exactly as if the real routes did."""
+    from fastapi.openapi.utils import get_openapi
+    from fastapi.routing import APIRoute
+
+    def taking(model):
+        async def endpoint(body: model):  # never served: only its signature is read
+            return None
+        return APIRoute(f"/{model.__name__}", endpoint, methods=["POST"])
+
+    doc = get_openapi(title="body schemas", version="0", routes=[taking(m) for m in BODY_MODELS])
+    return doc["components"]["schemas"]
+
+
+class IngressAPI(FastAPI):
+    def openapi(self) -> dict:
+        if self.openapi_schema is None:
+            doc = super().openapi()
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            for name, schema in body_schemas().items():
+                schemas.setdefault(name, schema)
+        return self.openapi_schema
+
+
+# Everything on `api` must be set before `Ingress` is defined: serve.ingress freezes a copy of the app.
+api = IngressAPI(title="indai inference", version="2",
+                 description="Predictions from models registered in the indai registry (sensor, image and text inputs), "
+                             "for consortium members with an API token (`Authorization: Bearer <token>`).")
+
+
+class BodyTooLarge(Exception):
+    """Raised into the app by BodyLimit's receive once the body read passes the limit."""
+
+
+def too_large() -> JSONResponse:
+    return JSONResponse(status_code=413, content={"detail": f"request body is over the limit of {MAX_BODY_BYTES} bytes "
+                                                            f"({MAX_BODY_BYTES // (1024 * 1024)} MiB): send fewer instances per request"})
+
+
+class BodyLimit:
+    """No request body over MAX_BODY_BYTES gets into the app. A Content-Length over the limit is
+    refused before anything is read; but a chunked request has no Content-Length (and a header can
+    be wrong), so the bytes are also counted as the app receives them, and once they pass the limit
+    the app's receive raises and the answer is 413, whatever the app would have answered. A plain
+    ASGI middleware: it sees the receive channel itself, which Starlette's http middleware does not."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+            await too_large()(scope, receive, send)
+            return
+        read, over, started = 0, False, False
+
+        async def counted_receive():
+            nonlocal read, over
+            if over:
+                raise BodyTooLarge()
+            message = await receive()
+            if message["type"] == "http.request":
+                read += len(message.get("body", b""))
+                if read > MAX_BODY_BYTES:
+                    over = True
+                    raise BodyTooLarge()
+            return message
+
+        async def guarded_send(message):
+            nonlocal started
+            if over:  # what the app answers to a body cut short (a 400 from FastAPI's parser, say) is dropped
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except BodyTooLarge:
+            if started:
+                raise
+        if over and not started:
+            await too_large()(scope, receive, send)
+
+
+api.add_middleware(BodyLimit)
+
+MAX_ERRORS_SHOWN = 20
+
+
+def _loc_part(part):
+    # a location names the fields of the input, and a key of the input is the caller's text: keep it short
+    return part if not isinstance(part, str) or len(part) <= 64 else part[:64] + "..."
+
+
+async def validation_failed(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 that says where and what, but never echoes the input: FastAPI's default answer carries
+    each error's `input`, so a large bad body came back as an equally large answer."""
+    errors = exc.errors()
+    shown = [{"loc": [_loc_part(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))[:500], "type": e.get("type", "")}
+             for e in errors[:MAX_ERRORS_SHOWN]]
+    content = {"detail": shown, "hint": "the request does not match the schema: fix the field named by each error's loc "
+                                        "(the schemas are in this service's OpenAPI document, /openapi.json)"}
+    if len(errors) > MAX_ERRORS_SHOWN:
+        content["more_errors"] = len(errors) - MAX_ERRORS_SHOWN
+    return JSONResponse(status_code=422, content=content)
+
+
+api.add_exception_handler(RequestValidationError, validation_failed)
+
+
+async def read_body(request: Request, model):
+    """The request's JSON body validated as `model`. Routes call it after the token check, so the
+    body of a caller without a valid token is never read or parsed; BodyLimit caps what is read.
+    A body that does not fit is a RequestValidationError (422, see validation_failed)."""
+    raw = await request.body()
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])}
+                                      for err in e.errors(include_url=False, include_input=False, include_context=False)]) from None
 
 
 class Refused(Exception):
@@ -120,10 +248,20 @@ class ModelPool:
         model_id = serve.get_multiplexed_model_id()
         model = await self.get_model(model_id)
         try:
-            prepared = [model.prepare(i) for i in instances]
+            # Decoding images is CPU work of up to seconds per request: in a thread, so the replica's
+            # event loop goes on taking calls and filling batches meanwhile. This is safe with the
+            # batching: prepare only reads the card and returns new arrays (run_batch, which runs in
+            # threads too, shares nothing with it), and run_batch is entered from the loop afterwards.
+            prepared = await asyncio.to_thread(self._prepare, model, instances)
         except UserError as e:
             return {"error": str(e)}
         return {"predictions": list(await asyncio.gather(*(self.run_batch(model_id, p) for p in prepared)))}
+
+    def _prepare(self, model, instances: list[dict]) -> list[dict]:
+        if "image" in model.modalities:  # (a model without images refuses them in prepare, before decoding)
+            check_request_pixels([i.get("image") for i in instances if isinstance(i, dict)], self.args.max_request_pixels,
+                                 model.card.get("inputs", {}).get("image", {}).get("size"))
+        return [model.prepare(i) for i in instances]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def run_batch(self, model_ids: list[str], prepared: list[dict]) -> list[dict]:
@@ -205,7 +343,11 @@ class Ingress:
         rule = self._rule(name)
         if rule is None:
             raise Refused(404, f"model {name!r} is not registered: GET /v1/models lists the models you may call")
-        if p.role == "admin" or rule["visibility"] == "consortium" or p.member == rule["owner"] or \
+        # every model for an admin's token only if it holds the admin scope: an admin may narrow a
+        # token (e.g. to models:predict) to get what a consumer of the admin's member gets, no more.
+        # The role is checked too, so the old tokens of a user no longer admin lose it at once.
+        admin = p.role == "admin" and "admin" in p.scopes
+        if admin or rule["visibility"] == "consortium" or p.member == rule["owner"] or \
                 (rule["visibility"] == "shared" and p.member in rule["shared_with"]):
             return rule
         raise Refused(403, f"model {name!r} belongs to another member and is not shared with {p.member}: ask its owner to share it")
@@ -281,8 +423,10 @@ class Ingress:
         try:
             p = await asyncio.to_thread(self._principal, request, "models:predict")
             ref = self._model_ref(model)
+            # access before the alias or version is resolved: else a 404 for a missing alias and a 403
+            # for an existing one would tell anyone which aliases and versions a private model has
+            await asyncio.to_thread(self._check_access, p, parsed_model_ref(ref).name)
             name, version = await asyncio.to_thread(self._version, ref)
-            await asyncio.to_thread(self._check_access, p, name)
             c = await self._ask_pool(f"{name}/{version}", "card")
         except Refused as e:
             return self._error(e, "")
@@ -290,16 +434,20 @@ class Ingress:
         return ModelInfo(model=ref, model_version=version, modalities=c["modalities"], classes=c["classes"],
                          inputs=c["inputs"], dataset=c.get("dataset"), task=task)
 
-    @api.post("/v1/predict", response_model=PredictResponse,
+    @api.post("/v1/predict", response_model=PredictResponse, openapi_extra=body_doc(PredictRequest),
               responses={s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 413, 422, 429, 503)})
-    async def predict(self, body: PredictRequest, request: Request):
+    async def predict(self, request: Request):
         from indai.serving.metering import CallRecord, now_utc
 
         t0 = time.perf_counter()
         request_id = uuid.uuid4().hex
-        p, name, version, process, status = None, "", None, "", 200
+        name, version, process, status = "", None, "", 200
         try:
             p = await asyncio.to_thread(self._principal, request, "models:predict")
+        except Refused as e:
+            return self._error(e, request_id)
+        body = await read_body(request, PredictRequest)  # a 413 or 422 here is not metered (nor was it before)
+        try:
             if not self.limits.allow(p.member):
                 raise Refused(429, f"rate limit: member {p.member} may send {self.args.rate_per_s:g} requests per second "
                                    f"(bursts of {self.args.burst:g}); slow down and retry")
@@ -319,19 +467,20 @@ class Ingress:
             status = 500
             raise
         finally:
-            if p is not None:
-                self.meter.record(CallRecord(request_id=request_id, member_id=p.member, model=name or "-", model_version=version,
-                                             process=process, at=now_utc(), status=status,
-                                             latency_ms=(time.perf_counter() - t0) * 1000, instances=len(body.instances)))
+            self.meter.record(CallRecord(request_id=request_id, member_id=p.member, model=name or "-", model_version=version,
+                                         process=process, at=now_utc(), status=status,
+                                         latency_ms=(time.perf_counter() - t0) * 1000, instances=len(body.instances)))
 
-    @api.post("/v1/feedback", response_model=FeedbackResponse, responses={s: {"model": ErrorResponse} for s in (401, 404, 422)})
-    async def feedback(self, body: FeedbackRequest, request: Request):
+    @api.post("/v1/feedback", response_model=FeedbackResponse, openapi_extra=body_doc(FeedbackRequest),
+              responses={s: {"model": ErrorResponse} for s in (401, 404, 413, 422)})
+    async def feedback(self, request: Request):
         from indai.platform.db import Call, Feedback
 
         try:
             p = await asyncio.to_thread(self._principal, request, "feedback:write")
         except Refused as e:
-            return self._error(e, body.request_id)
+            return self._error(e, "")
+        body = await read_body(request, FeedbackRequest)
 
         def store() -> bool:
             from sqlalchemy import select

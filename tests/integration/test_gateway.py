@@ -58,11 +58,13 @@ def wait_done(c, sid: str, timeout: float = 120) -> str:
     raise AssertionError(f"job {sid} did not finish")
 
 
-def test_stock_ray_cli_submits_through_the_gateway(gateway):
+def test_stock_ray_cli_submits_through_the_gateway(gateway, tmp_path):
+    """With a working_dir: the CLI checks the package, uploads it and submits, all through the gateway."""
     url, eng, tokens, _ = gateway
     ray = Path(sys.executable).parent / "ray"
+    (tmp_path / "hello.py").write_text("print('hello from steel-a')\n")
     done = subprocess.run([str(ray), "job", "submit", "--address", url, "--headers", json.dumps(bearer(tokens["kim"])),
-                           "--submission-id", "kim-hello", "--", "python", "-c", "print('hello from steel-a')"],
+                           "--submission-id", "kim-hello", "--working-dir", str(tmp_path), "--", "python", "hello.py"],
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "hello from steel-a" in done.stdout  # followed the logs through the gateway's websocket
@@ -122,6 +124,7 @@ def test_consumers_submit_nothing_and_tokens_are_checked(gateway):
     ({"entrypoint": "echo", "unknown": 1}, "field unknown"),
     ({"entrypoint": 5}, "field entrypoint"),
     ({"entrypoint": "echo", "submission_id": "../x"}, "field submission_id"),
+    ({"entrypoint": "echo", "job_id": "mine?0"}, "field job_id"),
     ({"entrypoint": "echo", "entrypoint_num_gpus": 2}, "at most 1 GPUs per job"),
 ])
 def test_hostile_or_over_quota_submissions_change_nothing(gateway, body, needle):
@@ -131,6 +134,104 @@ def test_hostile_or_over_quota_submissions_change_nothing(gateway, body, needle)
     assert r.status_code in (400, 429) and needle in r.json()["detail"], r.text
     after = requests.get(f"{url}/api/jobs/", headers=bearer(tokens["root"]), timeout=30).json()
     assert len(after) == len(before)
+
+
+def test_working_dir_packages_are_each_members_own(gateway, tmp_path):
+    """Ray keeps working_dir packages in one namespace and its client skips the upload of a
+    package that exists. Member auto-b uploads its own code under the very name steel-a's stock
+    client computes for steel-a's folder (names are content hashes anyone can compute): steel-a's
+    client must still upload its folder and run its own code. And auto-b cannot run a package
+    only steel-a uploaded."""
+    from ray._private.runtime_env.packaging import create_package
+    from ray.job_submission import JobSubmissionClient
+
+    from indai.platform import services as svc
+
+    url, eng, tokens, _ = gateway
+    mine, planted = tmp_path / "steel", tmp_path / "planted"
+    mine.mkdir()
+    planted.mkdir()
+    (mine / "main.py").write_text("print('genuine steel-a code')\n")
+    (planted / "main.py").write_text("print('PLANTED by auto-b')\n")
+
+    class NameOnly(JobSubmissionClient):  # Ray's own client code computes the name, as steel-a's will
+        def _package_exists(self, package_uri):
+            self.names = [*getattr(self, "names", []), package_uri.removeprefix("gcs://")]
+            return True
+
+    spy = NameOnly(url, headers=bearer(tokens["lee"]))
+    spy._upload_working_dir_if_needed({"working_dir": str(mine)})
+    [name] = spy.names
+    create_package(str(planted), tmp_path / "planted.zip", include_gitignore=True)
+    r = requests.put(f"{url}/api/packages/gcs/{name}", data=(tmp_path / "planted.zip").read_bytes(),
+                     headers=bearer(tokens["lee"]), timeout=60)
+    assert r.status_code == 200, r.text
+
+    kim = client(url, tokens["kim"])
+    sid = kim.submit_job(entrypoint="python main.py", runtime_env={"working_dir": str(mine)})
+    assert wait_done(kim, sid) == "SUCCEEDED"
+    logs = kim.get_job_logs(sid)
+    assert "genuine steel-a code" in logs and "PLANTED" not in logs, logs
+
+    from indai.platform.gateway import member_package
+
+    for token, exists in ((tokens["lee"], 200), (tokens["kim"], 200)):  # each sees its own upload under the name
+        assert requests.get(f"{url}/api/packages/gcs/{name}", headers=bearer(token), timeout=30).status_code == exists
+    assert requests.get(f"{url}/api/packages/gcs/{'_ray_pkg_' + '7' * 40 + '.zip'}", headers=bearer(tokens["kim"]),
+                        timeout=30).status_code == 404
+    upstream = f"gcs://{member_package('steel-a', name)}"
+    assert kim.get_job_info(sid).runtime_env["working_dir"] == upstream  # what Ray ran: steel-a's own upload
+    state = svc.read_services()
+    ray_auth = {"X-Ray-Authorization": f"Bearer {Path(state['ray_auth_token_path']).read_text().strip()}"}
+    for member in ("steel-a", "auto-b"):  # both uploads are in Ray, each under its member's name
+        r = requests.get(f"{state['ray_dashboard']}/api/packages/gcs/{member_package(member, name)}", headers=ray_auth, timeout=30)
+        assert r.status_code == 200, (member, r.text)
+
+    only_steel = "_ray_pkg_" + "5" * 40 + ".zip"
+    r = requests.put(f"{url}/api/packages/gcs/{only_steel}", data=(tmp_path / "planted.zip").read_bytes(),
+                     headers=bearer(tokens["kim"]), timeout=60)
+    assert r.status_code == 200, r.text
+    r = requests.post(f"{url}/api/jobs/", json={"entrypoint": "python main.py", "runtime_env": {"working_dir": f"gcs://{only_steel}"}},
+                      headers=bearer(tokens["lee"]), timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"] == (f"submission refused: working_dir package gcs://{only_steel} was not uploaded by member auto-b: "
+                                  "upload it through this gateway first (ray job submit and JobSubmissionClient do so when "
+                                  "runtime_env.working_dir is a local folder)")
+
+
+def test_scopes_decide_what_a_token_may_do(gateway):
+    """jobs:read to list, read and tail; jobs:submit to submit, stop and delete; every member's
+    jobs only with the admin scope. An admin's token narrowed to the job scopes acts, and its
+    jobs run, as a researcher of the admin's member; one narrowed to models:predict, like a
+    consumer's token, gets 403 even on its own member's job."""
+    from indai.platform import tenancy
+
+    url, eng, tokens, _ = gateway
+    jobs_root = tenancy.create_token(eng, "root", "jobs-only", scopes=["jobs:submit", "jobs:read"])[1]
+    predict_root = tenancy.create_token(eng, "root", "predict-only", scopes=["models:predict"])[1]
+    reader_kim = tenancy.create_token(eng, "kim", "read-only", scopes=["jobs:read"])[1]
+    show = "import os; print('role', os.environ['INDAI_JOB_ROLE'])"
+    root = client(url, jobs_root)
+    ours = root.submit_job(entrypoint=f'python -c "{show}"')
+    theirs = client(url, tokens["lee"]).submit_job(entrypoint="python -c \"print('auto-b')\"")
+    assert wait_done(root, ours) == "SUCCEEDED"
+
+    for who, token in (("consumer", tokens["park"]), ("admin narrowed to models:predict", predict_root)):
+        for method, path, scope in (("GET", "/api/jobs/", "jobs:read"), ("GET", f"/api/jobs/{ours}", "jobs:read"),
+                                    ("GET", f"/api/jobs/{ours}/logs", "jobs:read"), ("POST", f"/api/jobs/{ours}/stop", "jobs:submit"),
+                                    ("DELETE", f"/api/jobs/{ours}", "jobs:submit")):
+            r = requests.request(method, f"{url}{path}", headers=bearer(token), timeout=30)
+            assert r.status_code == 403 and f"lacks scope '{scope}'" in r.json()["detail"], (who, method, path, r.status_code, r.text)
+    assert "role researcher" in root.get_job_logs(ours)  # so indai's dataset reader treats it as steel-a's
+    assert requests.get(f"{url}/api/jobs/{theirs}", headers=bearer(jobs_root), timeout=30).status_code == 404
+    assert all(j.submission_id != theirs for j in root.list_jobs())
+    r = requests.get(f"{url}/api/jobs/{ours}/logs", headers=bearer(reader_kim), timeout=30)
+    assert r.status_code == 200 and "role researcher" in r.json()["logs"]
+    r = requests.delete(f"{url}/api/jobs/{ours}", headers=bearer(reader_kim), timeout=30)
+    assert r.status_code == 403 and "lacks scope 'jobs:submit'" in r.json()["detail"]
+    full_admin = client(url, tokens["root"])
+    assert full_admin.get_job_info(theirs).metadata["indai.member"] == "auto-b"  # the admin scope sees every member's jobs
+    assert wait_done(full_admin, theirs) == "SUCCEEDED"
 
 
 def test_oversized_and_malformed_bodies(gateway):

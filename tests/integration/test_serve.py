@@ -109,6 +109,11 @@ def test_served_answers_match_training_quality(served, test_windows, trained_mod
 def test_openapi_is_published(served, members):
     doc = requests.get(f"{served}/openapi.json", timeout=10).json()
     assert {"/v1/predict", "/v1/feedback", "/v1/models"} <= set(doc["paths"]) and "FeedbackRequest" in json.dumps(doc)
+    # the routes read their bodies themselves (after the token check); the document still describes them
+    for path, model in (("/v1/predict", "PredictRequest"), ("/v1/feedback", "FeedbackRequest")):
+        assert doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model}"}
+    assert doc["components"]["schemas"]["PredictRequest"]["properties"]["instances"]["items"] == {"$ref": "#/components/schemas/Instance"}
+    assert "sensor" in doc["components"]["schemas"]["Instance"]["properties"]
     info = requests.get(f"{served}/v1/model", headers=bearer(members[1]["u-steel-a"]), timeout=30).json()
     assert info["model_version"] == 1 and info["inputs"]["sensor"]["channels"] == ["DE", "FE"]
 
@@ -131,6 +136,15 @@ def test_members_see_only_what_is_shared_with_them(served, test_windows, members
     assert call(served, tokens["root"], inst).status_code == 200
     tenancy.set_model_access(eng, "it-cwru", owner="steel-a", visibility="private", process="bearing-line-2")
     wait("u-ship-c gets 403", lambda: answers(served, tokens["u-ship-c"], inst, 403), timeout=15, interval=0.3)
+    # an admin's token narrowed to models:predict gets what its member gets: not another member's private model
+    tenancy.add_user(eng, "root-c", "ship-c", "admin")
+    _, admin_c = tenancy.create_token(eng, "root-c")
+    _, narrowed = tenancy.create_token(eng, "root-c", name="predict-only", scopes=["models:predict"])
+    assert call(served, admin_c, inst).status_code == 200 and call(served, narrowed, inst).status_code == 403
+    # whether an alias of someone else's private model exists is not told (403 both, never 404)
+    for ref in ("it-cwru@champion", "it-cwru@no-such-alias"):
+        r = requests.get(f"{served}/v1/model", params={"model": ref}, headers=bearer(tokens["u-ship-c"]), timeout=30)
+        assert r.status_code == 403 and "belongs to another member" in r.json()["detail"], (ref, r.text)
     r = call(served, tokens["u-steel-a"], inst, model="no-such-model@champion")
     assert r.status_code == 404 and "not registered" in r.json()["detail"]
     assert call(served, None, inst).status_code == 401
@@ -169,6 +183,24 @@ def test_malformed_and_oversized_bodies(served, members):
     big = b'{"instances": [' + b"0," * (9 * 1024 * 1024) + b"0]}"
     r = requests.post(f"{served}/v1/predict", data=big, headers=h, timeout=60)
     assert r.status_code == 413 and "over the limit" in r.json()["detail"]
+
+    def chunked(total: int, piece: int = 1024 * 1024):  # no Content-Length: requests sends a generator chunked
+        yield b'{"instances": [{"text": "'
+        for _ in range(total // piece):
+            yield b"a" * piece
+        yield b'"}]}'
+    # without a token the body is never read (before: parsed, then a 422 that echoed all 18 MiB back)
+    r = requests.post(f"{served}/v1/predict", data=chunked(18 * 1024 * 1024), headers={"content-type": "application/json"}, timeout=120)
+    assert r.status_code == 401 and len(r.content) < 500, (r.status_code, len(r.content))
+    # with one, the bytes are counted as they arrive, whatever the headers say
+    r = requests.post(f"{served}/v1/predict", data=chunked(20 * 1024 * 1024), headers=h, timeout=120)
+    assert r.request.headers.get("Transfer-Encoding") == "chunked"
+    assert r.status_code == 413 and "over the limit" in r.json()["detail"], (r.status_code, r.text[:300])
+    # a 422 says where and what, without the input
+    r = requests.post(f"{served}/v1/predict", json={"instances": [{"text": "q" * 150_000}]}, headers=h, timeout=30)
+    assert r.status_code == 422 and "q" * 100 not in r.text and len(r.content) < 1000
+    assert r.json()["detail"] == [{"loc": ["body", "instances", 0, "text"], "msg": "String should have at most 100000 characters",
+                                   "type": "string_too_long"}]
     assert requests.get(f"{served}/healthz", timeout=10).json()["status"] == "ok"
 
 

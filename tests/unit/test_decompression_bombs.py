@@ -277,3 +277,20 @@ def test_other_formats_are_refused_by_name_and_a_good_image_passes():
         decode_image(base64.b64encode(buf.getvalue()).decode(), 32)
     out = decode_image(base64.b64encode(small_png(40)).decode(), 32)
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8 and out.std() > 10
+
+
+def test_a_phone_jpeg_with_an_mpf_block_is_taken_as_jpeg():
+    """Phone cameras write JPEGs with an MPF block (extra frames: a depth map, a preview), which
+    Pillow names MPO. Ingest takes them as JPEG; a request's image must be taken the same way, as
+    the same pixels: those of its first frame (before: refused as "format MPO is not accepted")."""
+    photo = Image.fromarray((np.arange(48 * 64 * 3) % 251).astype(np.uint8).reshape(48, 64, 3))
+    buf = io.BytesIO()
+    photo.save(buf, format="MPO", save_all=True, append_images=[Image.new("RGB", (64, 48), (200, 10, 10))])
+    with Image.open(io.BytesIO(buf.getvalue())) as img:
+        assert (img.format, img.n_frames) == ("MPO", 2)
+    plain = io.BytesIO()
+    photo.save(plain, format="JPEG")  # the first frame alone, encoded alike
+    served = decode_image(base64.b64encode(buf.getvalue()).decode(), 32)
+    assert served.shape == (32, 32, 3) and served.dtype == np.uint8
+    assert np.array_equal(served, decode_image(base64.b64encode(plain.getvalue()).decode(), 32))
+    assert np.array_equal(served, images.decode_image_bytes(buf.getvalue(), "photo.jpg", 32).pixels)  # what ingest makes of it
