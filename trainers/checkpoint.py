@@ -75,6 +75,39 @@ def latest(store: ObjectStore, run_name: str) -> tuple[str, dict] | None:
     return tag, store.read_commit(f"{prefix(run_name)}/{tag}")
 
 
+def _committed(store: ObjectStore, run_name: str) -> list[str]:
+    """The run's committed checkpoints and final weights (what a new run under its name would mix with)."""
+    return [t for t in store.committed_children(prefix(run_name)) if progress(t) or t == FINAL]
+
+
+def refuse_existing(store: ObjectStore, run_name: str, own_mlflow_run: str | None = None) -> bool:
+    """For `run.resume: false`, which starts a run from nothing. Checkpoints already under the run's
+    name would mix with the new run's: tags are ordered by progress, so pruning deletes the new
+    run's early checkpoints at once, `latest` stays the old run's, and a later resume would load
+    the old weights and reopen the old MLflow run. So a UserError when the run has committed
+    checkpoints; except those of MLflow run `own_mlflow_run` (the run a worker belongs to: Ray Train
+    restarted its workers inside the job), for which this returns True (the worker goes on from
+    them). False when the run has none."""
+    tags = _committed(store, run_name)
+    if not tags:
+        return False
+    owners = {store.read_commit(f"{prefix(run_name)}/{t}").get("mlflow_run_id") for t in tags}
+    if own_mlflow_run is not None and owners == {own_mlflow_run}:
+        return True
+    done = _checkpoint_tags(store, run_name)
+    upto = done[-1] if done else FINAL
+    raise UserError(f"run {run_name} already has checkpoints up to {upto}: resume it (run.resume=true, or "
+                    f"`indai train resume {run_name}`) or choose a new run.name")
+
+
+def fresh_or_resumed(store: ObjectStore, cfg):
+    """A worker's TrainConfig after the `refuse_existing` check: unchanged, or, when a worker of this
+    very job finds the checkpoints its own earlier attempt wrote, set to resume from them."""
+    if cfg.run.resume or not refuse_existing(store, cfg.run.name, cfg.mlflow_run_id):
+        return cfg
+    return cfg.model_copy(update={"run": cfg.run.model_copy(update={"resume": True})})
+
+
 def resume_position(state: dict) -> tuple[int, int, int]:
     """(epoch to run, global step, batches of that epoch already done) after a checkpoint's state."""
     epoch, step = int(state["epoch"]), int(state["step"])
@@ -202,6 +235,12 @@ def save(engine, store: ObjectStore, run_name: str, tag: str, meta: dict, rank: 
     frozen = frozen_fingerprint(engine.module)  # every rank: a collective under ZeRO-3
     meta = {**meta, "strategy": getattr(engine, "indai_strategy", None), "frozen": frozen}
     written = 0
+    if rank == 0:
+        # the tag may exist already (a restarted run saving the same epoch again): uncommitted
+        # first (the marker goes first), so no reader takes a mix of old and new files for whole,
+        # and emptied, so no file of the older checkpoint (another world size's shards) stays in it
+        store.delete_prefix(f"{prefix(run_name)}/{tag}")
+    _barrier()  # no rank uploads before the tag is empty
     with tempfile.TemporaryDirectory(prefix="indai-ckpt-") as local:
         engine.save_checkpoint(local, tag=tag, client_state=meta, exclude_frozen_parameters=bool(frozen))
         shard = Path(local) / tag
@@ -226,7 +265,14 @@ def load(engine, store: ObjectStore, run_name: str, tag: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="indai-ckpt-") as local:
         store.download_dir(f"{prefix(run_name)}/{tag}", Path(local) / tag)
         _, client_state = engine.load_checkpoint(local, tag=tag, custom_load_fn=module_loader(bool(frozen), tag))
-    return client_state or {}
+    client_state = client_state or {}
+    if client_state.get("step") is not None:
+        # the engine counts micro-batches to place its accumulation boundaries. DeepSpeed does not
+        # save that counter and would start again at 0, TorchEngine saves it: set from the loop's
+        # step (the same count), both engines step the optimizer where an uninterrupted run does,
+        # and the LR schedule ends with the run (trainers.engine.optimizer_steps)
+        engine.micro_steps = int(client_state["step"])
+    return client_state
 
 
 def prune(store: ObjectStore, run_name: str, keep: int) -> None:

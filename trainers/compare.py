@@ -26,7 +26,7 @@ from indai.platform.config import apply_overrides, validate
 from indai.platform.errors import UserError
 from indai.platform.settings import Settings
 from indai.platform.storage import open_store
-from indai.trainers import reports, tasks
+from indai.trainers import checkpoint, reports, tasks
 from indai.trainers.config import TrainConfig
 
 ENCODERS = ("sensor", "image", "text")
@@ -109,6 +109,9 @@ def compare(cfg: TrainConfig, settings: Settings, train_fn=None) -> dict:
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"dataset": str(ref)}),
                                  "compare": cfg.compare.model_copy(update={"scratch": False})})
     variants = [("fine-tuned" if has_pretrained(cfg) else "as given", cfg), ("from scratch", scratch_config(cfg))]
+    for _, variant_cfg in variants:  # both names checked before either run trains (run.resume false)
+        if not variant_cfg.run.resume:
+            checkpoint.refuse_existing(store, variant_cfg.run.name)
     tracking = settings.require_mlflow()
     client = registry.client(tracking)
     import mlflow

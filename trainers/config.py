@@ -97,7 +97,9 @@ class RunConfig(Strict):
                                         "epoch has no position to resume at); None: at epoch ends only")
     keep_checkpoints: int = Field(default=2, ge=1)
     max_failures: int = Field(default=0, ge=-1, description="Ray Train restarts after a worker failure (-1: unlimited)")
-    resume: bool = Field(default=True, description="continue from the run's latest committed checkpoint if there is one")
+    resume: bool = Field(default=True, description="continue from the run's latest committed checkpoint if there is one; "
+                                                    "false: start from nothing, refused when the run already has "
+                                                    "checkpoints (resume it, or choose a new run.name)")
     seed: int = 0
     log_every: int = Field(default=25, ge=1, description="steps between metric batches sent to MLflow")
     progress: bool = True

@@ -344,6 +344,49 @@ class TorchEngine:
         return str(folder), meta["client_state"]
 
 
+def optimizer_steps(batches_per_epoch: int, grad_accum: int, epochs: int) -> int:
+    """The optimizer steps a run of `epochs` epochs takes. Both engines count micro-batches
+    across epoch ends (DeepSpeed's `micro_steps`, TorchEngine's the same, and a resumed run's
+    counter set to the checkpoint's step by trainers.checkpoint.load) and step at every
+    `grad_accum`-th: an epoch of 7 batches with grad_accum 4 takes one step in its first epoch and
+    two in its second, 17 in 10 epochs (not 10 x 7 // 4). The micro-batches after the last step
+    add no update. A UserError when not one step would run."""
+    micro = batches_per_epoch * epochs
+    if micro < grad_accum:
+        raise UserError(f"optim.grad_accum {grad_accum} is more than the {micro} batches of the whole run "
+                        f"({epochs} epoch(s) of {batches_per_epoch}): no optimizer step would run. Lower "
+                        "optim.grad_accum or optim.batch_size, or train more epochs")
+    return micro // grad_accum
+
+
+def shards_parameters(engine) -> bool:
+    """Whether every forward is a collective: under ZeRO-3 each rank holds a partition of the
+    parameters, and a forward gathers them from all ranks, layer by layer."""
+    return engine.zero_optimization_stage() == 3
+
+
+def lockstep(engine, batches, device: torch.device, spare: Callable[[], object]):
+    """(batch, real) for each of `batches` (real: True), then, when the engine shards its
+    parameters over several ranks, filler batches (real: False) until this rank has given as
+    many as the rank with the most. Ranks evaluate shards of unequal size (trainers.data.ShardSampler
+    never repeats a sample), and under ZeRO-3 a rank with one batch more would wait in that
+    forward's parameter gather while the others wait in the scorer's all-reduce: a deadlock. The
+    caller runs the filler batches' forwards too and discards their outputs. A filler repeats
+    this rank's last batch, or is `spare()` where the rank had none. `batches` needs a length."""
+    count = len(batches)
+    most = count
+    if shards_parameters(engine) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([count], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        most = int(t.item())
+    last, given = None, 0
+    for batch in batches:
+        last, given = batch, given + 1
+        yield batch, True
+    for _ in range(most - given):
+        yield (last if last is not None else spare()), False
+
+
 def full_state_dict(engine) -> dict[str, torch.Tensor]:
     """The whole model's weights. Under ZeRO-3 this is a collective: every rank must call it
     (rank 0 receives the gathered tensors); otherwise the module holds them all already."""

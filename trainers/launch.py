@@ -12,8 +12,11 @@ import json
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from indai.platform import datasets, registry
 from indai.platform.errors import UserError
@@ -84,8 +87,28 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+@contextmanager
+def completing_from(manifest: dict):
+    """Around the assignments of what a dataset decides: the configs validate each assignment, and
+    a value the model cannot take (a window too short for the sensor encoder) becomes a UserError
+    that names the dataset, before a job starts."""
+    try:
+        yield
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        problem = first["msg"].removeprefix("Value error, ")
+        raise UserError(f"dataset {manifest.get('name')}@{manifest.get('version')} does not fit the model config"
+                        + (f" (field {where})" if where else "") + f": {problem}") from None
+
+
 def complete_from_manifest(cfg: TrainConfig, manifest: dict) -> TrainConfig:
     """Fields the dataset decides: classes, channels, window length, normalisation."""
+    with completing_from(manifest):
+        return _complete_from_manifest(cfg, manifest)
+
+
+def _complete_from_manifest(cfg: TrainConfig, manifest: dict) -> TrainConfig:
     m = cfg.model.model_copy(deep=True)
     if m.task == "regression" and manifest.get("label_type", "classification") != "regression":
         raise UserError(f"task regression needs a dataset ingested with labels.type: regression; "
@@ -111,6 +134,8 @@ def _open_run(cfg: TrainConfig, store, manifest: dict, ref: datasets.DatasetRef,
     The run's resolved config is saved next to its checkpoints (`indai train resume` reads it)."""
     import mlflow
 
+    if not cfg.run.resume:  # a fresh run under a name that has checkpoints: refused before anything starts
+        checkpoint.refuse_existing(store, cfg.run.name)
     found = checkpoint.latest(store, cfg.run.name) if cfg.run.resume else None
     saved = checkpoint.read_run_config(store, cfg.run.name) if cfg.run.resume and not found else None
     # killed before its first checkpoint: the MLflow run it had opened is reopened all the same

@@ -33,7 +33,8 @@ from indai.platform.progress import bar
 from indai.platform.storage import open_store
 from indai.trainers import checkpoint, feed, finetune, tasks
 from indai.trainers.config import TrainConfig
-from indai.trainers.engine import build_engine, deepspeed_config, full_state_dict  # noqa: F401  (deepspeed_config: kept importable from here)
+from indai.trainers.engine import (build_engine, deepspeed_config, full_state_dict,  # noqa: F401  (deepspeed_config: kept importable from here)
+                                   lockstep, optimizer_steps)
 from indai.trainers.streaming import split_size
 from indai.trainers.profiling import Profile, record_profile
 from indai.trainers.tracking import MetricBuffer
@@ -104,24 +105,34 @@ def _forward(engine, batch: dict) -> torch.Tensor:
     return engine(**inputs)
 
 
-def outputs(engine, loader, device: torch.device):
-    """(model output, batch) over a whole split in eval mode, without gradients."""
+def outputs(engine, loader, device: torch.device, spare=None):
+    """(model output, batch) over this rank's shard of a split in eval mode, without gradients.
+    Under ZeRO-3 every rank runs as many forwards as the rank with the most batches
+    (trainers.engine.lockstep; `spare()` gives a filler batch to a rank whose shard is empty):
+    the filler forwards' outputs are dropped, so nothing is counted twice. Consume it whole."""
     engine.eval()
     try:
         with torch.no_grad():
-            for batch in loader:
+            for batch, real in lockstep(engine, loader, device, spare):
                 batch = _to(batch, device)
-                yield _forward(engine, batch).float(), batch
+                out = _forward(engine, batch).float()
+                if real:
+                    yield out, batch
     finally:
         engine.train()
 
 
-def evaluate(engine, loader, task: tasks.Task, device: torch.device) -> dict:
+def evaluate(engine, loader, task: tasks.Task, device: torch.device, spare=None) -> dict:
     """The task's metrics over the whole split (trainers.tasks; counts summed across ranks)."""
     scorer = task.scorer(device)
-    for out, batch in outputs(engine, loader, device):
+    for out, batch in outputs(engine, loader, device, spare):
         scorer.add(out, batch)
     return scorer.result()
+
+
+def first_sample(ds):
+    """A one-sample batch of a split, for `outputs`' filler forwards."""
+    return lambda: torch.utils.data.default_collate([ds[0]])
 
 
 def _loader(ds, sampler, cfg: TrainConfig, device: torch.device) -> feed.ToDevice:
@@ -147,6 +158,7 @@ def train_loop(config: dict) -> dict:
     d = setup_distributed(cfg)
     torch.manual_seed(cfg.run.seed)
     store = open_store(cfg.store_uri)
+    cfg = checkpoint.fresh_or_resumed(store, cfg)  # run.resume false on a run with checkpoints: refused here
     ref, manifest = datasets.open_for_job(store, datasets.parse_ref(cfg.data.dataset))
     window = manifest.get("modalities", {}).get("sensor", {}).get("window")
     present = manifest["split"].get("windows") or manifest["split"].get("records") or {}
@@ -196,20 +208,22 @@ def train_loop(config: dict) -> dict:
             return profile.steps(clock.steps(train_loader))
     eval_loaders = {s: _loader(ds, ShardSampler(len(ds), d.rank, d.world, shuffle=False), cfg, d.device)
                     for s, ds in splits.items() if s != "train" or task.needs_fit}  # train: anomaly fits on it
+    spares = {s: first_sample(splits[s]) for s in eval_loaders}  # filler batches of ZeRO-3's lockstep forwards
 
     def score(split: str) -> dict:
         if task.needs_fit:  # the anomaly Gaussian of the current weights, on the training normals
-            task.fit(outputs(engine, eval_loaders["train"], d.device), engine.module)
-        return evaluate(engine, eval_loaders[split], task, d.device)
+            task.fit(outputs(engine, eval_loaders["train"], d.device, spares["train"]), engine.module)
+        return evaluate(engine, eval_loaders[split], task, d.device, spares[split])
 
     model = create_model(cfg.model, store=store)
     finetune.apply_tuning(model, cfg.model, log=d.rank == 0)  # freezing, LoRA adapters (trainers.finetune)
     model = model.to(d.device)
     groups = finetune.param_groups(model, cfg.model, cfg.optim.lr, cfg.optim.weight_decay)
-    steps_per_epoch = max(1, n_batches // cfg.optim.grad_accum)
+    total_batches = n_batches * cfg.optim.epochs  # `step` counts these: what progress is reported in
+    # the schedule spans the optimizer steps the engine will take (accumulation runs across epoch ends)
+    total_updates = optimizer_steps(n_batches, cfg.optim.grad_accum, cfg.optim.epochs)
     # strategy (ddp or DeepSpeed ZeRO), fused AdamW over the groups, fast paths: trainers.engine
-    engine, sched = build_engine(model, cfg, d, warmup_cosine(steps_per_epoch * cfg.optim.epochs, cfg.optim.warmup_frac),
-                                 store, param_groups=groups)
+    engine, sched = build_engine(model, cfg, d, warmup_cosine(total_updates, cfg.optim.warmup_frac), store, param_groups=groups)
 
     start_epoch, step, start_batch = 0, 0, 0
     found = checkpoint.latest(store, cfg.run.name) if cfg.run.resume else None
@@ -247,8 +261,8 @@ def train_loop(config: dict) -> dict:
                 metrics.add("train_loss", last_loss, step)
                 metrics.add("lr", sched.get_last_lr()[0], step)
                 if d.rank == 0:
-                    progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step,
-                                   steps=steps_per_epoch * cfg.optim.epochs, loss=round(last_loss, 5))
+                    progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step, steps=total_batches,
+                                   loss=round(last_loss, 5))
             if every_steps and step % every_steps == 0 and skip + batches_run < n_batches:  # the epoch's end saves its own
                 metrics.flush()
                 meta = {"epoch": epoch, "batch": skip + batches_run, "step": step, "mlflow_run_id": cfg.mlflow_run_id,
@@ -266,7 +280,7 @@ def train_loop(config: dict) -> dict:
                 metrics.add(f"val_{key}", value, step)
         metrics.flush()
         if d.rank == 0:
-            progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step, steps=steps_per_epoch * cfg.optim.epochs,
+            progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step, steps=total_batches,
                            loss=round(loss_sum / max(1, batches_run), 5), val_accuracy=val.get("accuracy"))
             print(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {loss_sum / max(1, batches_run):.4f}"
                   + (f", val {headline} {val.get(headline, float('nan')):.4f}" if val else "") + f" ({took:.1f} s)",

@@ -3,6 +3,7 @@ prefetching feed) trains under DeepSpeed; the torch engine resumes to the very w
 uninterrupted run reaches; batches gathered by index equal what a DataLoader would collate;
 the chosen strategy reaches MLflow."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,3 +232,125 @@ def test_under_deepspeed_a_checkpoint_missing_a_trained_tensor_is_refused(store_
     store.put_bytes(key, buf.getvalue())
     with pytest.raises(UserError, match=rf"1 tensor\(s\) missing or unexpected, e.g. {held[0]}"):
         train_loop(config(store, ref, "ds-missing", ["sensor", "image"], **dict(over, **{"optim.epochs": 2})))
+
+
+# ---- evaluation under ZeRO-3: every forward is a collective --------------------------------------
+
+def _write(store, name: str, labels: dict[str, list[int]]) -> str:
+    """A dataset version with these labels per split (sensor windows of 2 x 128)."""
+    from indai.platform import datasets
+
+    rng = np.random.default_rng(0)
+    writer = datasets.VersionWriter(store, name)
+    for split, y in labels.items():
+        writer.put_shard(split, 0, dict(samples(len(y), 4, rng, sensor=(2, 128)), label=np.asarray(y, np.int64)))
+    version, _ = writer.commit({"member": "synthetic", "constructed": True, "classes": [f"class{i}" for i in range(4)],
+                                "modalities": {"sensor": {"channels": ["ch0", "ch1"], "window": 128,
+                                                          "norm": {"mean": [0.0, 0.0], "std": [1.0, 1.0]}}},
+                                "split": {"records": {s: len(y) for s, y in labels.items()}}})
+    return f"{name}@{version}"
+
+
+def _zero3_rank(rank: int, world: int, port: int, configs: list[dict], out_dir: str) -> None:
+    import datetime
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # two ranks on a shared machine
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    # a deadlock fails the collective after this long, instead of hanging the test for gloo's 30 minutes
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        results = [train_loop(cfg) for cfg in configs]  # the loop keeps the process group it finds
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results, default=str))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_zero3_evaluates_shards_of_unequal_size_on_two_ranks(tmp_path):
+    """Under ZeRO-3 a rank with one more evaluation batch than the other waited in that forward's
+    parameter gather while the other waited in the scorer's all-reduce. Batch 4 on 2 ranks: a
+    val split of 9 gives rank 0 two batches and rank 1 one; a test split of 1 gives rank 1 none
+    at all; the anomaly task fits its Gaussian on 9 training normals, 2 batches against 1. Every
+    sample counts once, the filler forwards not at all. Sensor width 96: two convolution weights of
+    the encoder (110,592 and 221,184 elements) are over ZeRO-3's persistence threshold (1e5), so
+    they are partitioned and every forward gathers them (the debug model's tensors are all below
+    it: ZeRO-3 keeps them whole, and its forwards gather nothing)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from indai.trainers.loop import _free_port
+
+    store = open_store(tmp_path / "store")
+    cls = _write(store, "uneven", {"train": [0, 1, 2, 3] * 8, "val": [0, 1, 2, 3, 0, 1, 2, 3, 0], "test": [2]})
+    # anomaly: train keeps its 9 normals (class0); val and test hold normals and anomalies
+    anomaly = _write(store, "uneven-anomaly", {"train": [0] * 9 + [1, 2, 3], "val": [0, 0, 0, 0, 0, 1, 2, 0, 3],
+                                               "test": [0, 1, 0, 2, 0, 3, 0, 1, 0]})
+    over = {"optim.epochs": 1, "optim.batch_size": 4, "deepspeed.strategy": "zero3", "run.log_every": 1000,
+            "model.sensor.width": 96}
+    configs = [config(store, cls, "zero3-cls", ["sensor"], **over),
+               config(store, anomaly, "zero3-anomaly", ["sensor"],
+                      **over, **{"model.task": "anomaly", "model.anomaly.normal_class": "class0"})]
+    mp.spawn(_zero3_rank, args=(2, _free_port(), configs, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        classified, detected = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert classified["step"] == 4  # 32 training samples, 16 a rank, 4 a batch
+        assert classified["val"]["n"] == 9 and sum(map(sum, classified["val"]["confusion"])) == 9
+        assert classified["test"]["n"] == 1 and sum(map(sum, classified["test"]["confusion"])) == 1
+        test, val = detected["test"], detected["val"]
+        assert (test["n"], test["n_normal"], test["n_anomalous"]) == (9, 5, 4)
+        assert (val["n"], val["n_normal"], test["calibration_normals"]) == (9, 6, 6)
+        assert test["tp"] + test["fp"] + test["fn"] + test["tn"] == 9
+    assert store.read_commit("checkpoints/zero3-cls/epoch-00000")["strategy"] == "zero3"
+    # the partitioned weights: one shard per rank of the optimizer state
+    assert sum("optim_states" in f for f in store.list("checkpoints/zero3-cls/epoch-00000")) == 2
+
+
+# ---- the LR schedule and the optimizer steps that run -------------------------------------------
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero0"])
+def test_lr_schedule_spans_the_optimizer_steps_that_run_also_after_a_resume(tmp_path, strategy, monkeypatch, capfd):
+    """7 batches an epoch, grad_accum 4, 4 epochs: both engines count micro-batches across epoch
+    ends, so 28 micro-batches take 7 optimizer steps (not 4 x (7 // 4) = 4, which left the last 3
+    steps at learning rate 0). A run resumed after the first epoch, in the middle of an
+    accumulation window (step 7), steps where the uninterrupted run does, under either engine.
+    Progress reports micro-batches against micro-batches."""
+    import json
+
+    from indai.trainers import loop
+    from indai.trainers.loop import PROGRESS_PREFIX
+
+    built = []
+    real_build = loop.build_engine
+
+    def recording_build(model, cfg, d, lr_lambda, *args, **kwargs):
+        engine, sched = real_build(model, cfg, d, lr_lambda, *args, **kwargs)
+        built.append((engine, sched, lr_lambda))
+        return engine, sched
+
+    monkeypatch.setattr(loop, "build_engine", recording_build)
+    store = open_store(tmp_path / "store")
+    ref, _ = write_dataset(store, "accum", {"train": 28, "test": 8}, classes=4, sensor=(2, 128))
+    cfg = config(store, ref, f"accum-{strategy}", ["sensor"], **{
+        "optim.epochs": 4, "optim.batch_size": 4, "optim.grad_accum": 4, "deepspeed.strategy": strategy,
+        "run.log_every": 1, "run.keep_checkpoints": 4, "run.resume": True})
+    capfd.readouterr()
+    out = train_loop(cfg)
+    engine, sched, factor = built[-1]
+    assert out["step"] == 28 and engine.global_steps == 7 and sched.last_epoch == 7
+    assert all(factor(k) > 0 for k in range(7)) and factor(7) == 0.0  # the cosine ends with the last step
+    events = [json.loads(line[len(PROGRESS_PREFIX):]) for line in capfd.readouterr().out.splitlines()
+              if line.startswith(PROGRESS_PREFIX)]
+    assert {e["steps"] for e in events} == {28} and max(e["step"] for e in events) == 28
+    assert all(e["step"] <= e["steps"] for e in events)
+
+    for tag in ("epoch-00001", "epoch-00002", "epoch-00003", "final"):  # as if it died after the first epoch (step 7)
+        store.delete_prefix(f"checkpoints/accum-{strategy}/{tag}")
+    resumed = train_loop(cfg)
+    engine, sched, _ = built[-1]
+    assert resumed["step"] == 28 and resumed["timing"]["steps"] == 21
+    assert engine.micro_steps == 28 and engine.global_steps == 7 and sched.last_epoch == 7

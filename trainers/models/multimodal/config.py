@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from indai.platform.config import Strict
+from indai.trainers.models.checks import check_heads, check_sensor, check_timm_name
 from indai.trainers.models.presets import with_flavour
 
 Modality = Literal["sensor", "image", "text"]
@@ -56,14 +57,26 @@ class SensorEncoderConfig(Strict):
     layers: int = Field(default=2, ge=1, description="transformer layers (patch_transformer)")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="fine-tuning policy of this encoder")
 
+    @model_validator(mode="after")
+    def _fits_the_encoder(self):
+        # also when the launcher sets length from the dataset's window (validate_assignment)
+        check_sensor(self.kind, self.length, self.width, self.patch)
+        return self
+
 
 class ImageEncoderConfig(Strict):
-    timm_name: str = Field(default="test_resnet", description="any timm model name, e.g. resnet50; pretrained weights come from the mirror")
+    timm_name: str = Field(default="test_resnet", description="a timm architecture name (lower-case letters, digits, '_', "
+                                                              "'.'), e.g. resnet50; pretrained weights come from the mirror")
     size: int = Field(default=64, ge=16, le=1024, description="square input size in pixels")
     pretrained: str | None = Field(default=None, pattern=MIRROR_NAME,
                                    description="weight-mirror entry whose weights initialise the backbone, e.g. "
                                                "efficientnet-lite0 (null: random init)")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="fine-tuning policy of this encoder")
+
+    @field_validator("timm_name")
+    @classmethod
+    def _timm_name(cls, v: str) -> str:
+        return check_timm_name(v)
 
     @field_validator("pretrained", mode="before")
     @classmethod
@@ -100,6 +113,8 @@ class TextEncoderConfig(Strict):
                              "e.g. all-minilm-l6-v2) or text.config_from (architecture only, random init)")
         if self.kind == "byte_transformer" and (self.pretrained or self.config_from):
             raise ValueError("text.pretrained / text.config_from apply to text.kind hf; the byte_transformer trains from scratch")
+        if self.kind == "byte_transformer":  # an hf encoder has its own width and heads (its config.json)
+            check_heads("text", self.width, self.heads)
         return self
 
 

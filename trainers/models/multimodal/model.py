@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from indai.platform.modalities import TEXT_VOCAB
 from indai.trainers.models import build, register
+from indai.trainers.models.checks import CNN1D_CONVS, CNN1D_POOL, patch_transformer_heads
 from indai.trainers.models.multimodal.config import ANOMALY_PRETEXT, ModelConfig
 from indai.trainers.models.multimodal.text_hf import mirror_folder  # also registers the hf text encoder
 
@@ -62,9 +63,13 @@ class SensorCNN(nn.Module):
     def __init__(self, channels: int, dim: int, width: int = 32, **_):
         super().__init__()
         w = width
-        layers: list[nn.Module] = [nn.Conv1d(channels, w, 64, stride=8, padding=28), nn.BatchNorm1d(w), nn.ReLU(), nn.MaxPool1d(2)]
-        for cin, cout in ((w, 2 * w), (2 * w, 2 * w), (2 * w, 4 * w)):
-            layers += [nn.Conv1d(cin, cout, 3, padding=1), nn.BatchNorm1d(cout), nn.ReLU(), nn.MaxPool1d(2)]
+        sizes = (channels, w, 2 * w, 2 * w, 4 * w)
+        layers: list[nn.Module] = []
+        # the stages' geometry lives in trainers.models.checks, which derives the shortest window
+        # this encoder takes from it (config validation refuses shorter ones)
+        for (kernel, stride, padding), cin, cout in zip(CNN1D_CONVS, sizes, sizes[1:]):
+            layers += [nn.Conv1d(cin, cout, kernel, stride=stride, padding=padding), nn.BatchNorm1d(cout), nn.ReLU(),
+                       nn.MaxPool1d(CNN1D_POOL)]
         self.body = nn.Sequential(*layers)
         self.out = nn.Linear(4 * w, dim)
 
@@ -82,7 +87,7 @@ class SensorPatchTransformer(nn.Module):
 
     def __init__(self, channels: int, dim: int, length: int, width: int = 64, patch: int = 16, layers: int = 2, **_):
         super().__init__()
-        heads = max(1, width // 64)
+        heads = patch_transformer_heads(width)  # config validation checks that they divide the width
         self.embed = nn.Conv1d(channels, width, patch, stride=patch)
         self.pos = nn.Parameter(torch.zeros(1, length // patch, width))
         self.blocks = nn.ModuleList(Block(width, heads, 0.0) for _ in range(layers))

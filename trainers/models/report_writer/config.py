@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from indai.platform.config import Strict
+from indai.trainers.models.checks import check_sensor, check_timm_name
 from indai.trainers.models.presets import with_flavour
 
 MIRROR_NAME = r"^[a-z0-9][a-z0-9._-]{0,127}$"
@@ -42,12 +43,23 @@ class SensorPrefixConfig(Strict):
     layers: int = Field(default=2, ge=1, description="transformer layers (patch_transformer)")
     tokens: int = Field(default=8, ge=1, le=256, description="prefix embeddings the window becomes")
 
+    @model_validator(mode="after")
+    def _fits_the_encoder(self):
+        # the multimodal family's sensor encoders: the same limits (trainers.models.checks)
+        check_sensor(self.kind, self.length, self.width, self.patch)
+        return self
+
 
 class ImagePrefixConfig(Strict):
-    timm_name: str = Field(default="test_resnet", pattern=r"^[a-z0-9_.]{1,64}$", description="timm architecture")
+    timm_name: str = Field(default="test_resnet", description="timm architecture (lower-case letters, digits, '_', '.')")
     size: int = Field(default=64, ge=16, le=1024, description="square input size; set from the manifest")
     pretrained: str | None = Field(default=None, pattern=MIRROR_NAME, description="weight-mirror entry of the backbone (null: random init)")
     tokens: int = Field(default=8, ge=1, le=256, description="prefix embeddings the image becomes")
+
+    @field_validator("timm_name")
+    @classmethod
+    def _timm_name(cls, v: str) -> str:
+        return check_timm_name(v)  # the same rule as the multimodal family's image encoder
 
 
 FLAVOURS: dict[str, dict] = {

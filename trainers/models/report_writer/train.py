@@ -30,7 +30,7 @@ from indai.platform.storage import open_store
 from indai.trainers import checkpoint
 from indai.trainers.config import TrainConfig
 from indai.trainers.data import ShardSampler
-from indai.trainers.engine import bf16_enabled, build_engine, full_state_dict
+from indai.trainers.engine import bf16_enabled, build_engine, full_state_dict, lockstep, optimizer_steps
 from indai.trainers.loop import progress_event, setup_distributed, warmup_cosine
 from indai.trainers.profiling import Profile, log_traces, record_profile
 from indai.trainers.tracking import MetricBuffer
@@ -79,22 +79,14 @@ def evaluate(engine, loader, device: torch.device) -> dict:
     """Mean loss per response token over the whole split (summed across ranks).
 
     Under ZeRO-3 every forward gathers parameters from all ranks, so every rank runs as many
-    forwards as the rank with the most batches (the extra ones repeat a batch and count zero)."""
+    forwards as the rank with the most batches (trainers.engine.lockstep, as the train loop's
+    evaluation does); the filler forwards count nothing."""
     engine.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)
-    steps = len(loader)
-    if dist.is_initialized() and engine.zero_optimization_stage() == 3:
-        most = torch.tensor([steps], device=device)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX)
-        steps = int(most.item())
-    batches, spare = iter(loader), None
-    for _ in range(steps):
-        batch = next(batches, None)
-        weight = 1.0 if batch is not None else 0.0
-        batch = batch if batch is not None else (spare or collate([loader.dataset[0]]))
-        spare = batch
+    for batch, real in lockstep(engine, loader, device, lambda: collate([loader.dataset[0]])):
         loss, n = engine(**_inputs(to_device(batch, device)))
-        sums += weight * torch.stack([loss.double() * n, n.double()])
+        if real:
+            sums += torch.stack([loss.double() * n, n.double()])
     if dist.is_initialized():
         dist.all_reduce(sums)
     engine.train()
@@ -108,6 +100,7 @@ def train_report_writer(config: dict) -> dict:
     cuda = d.device.type == "cuda"
     torch.manual_seed(cfg.run.seed)
     store = open_store(cfg.store_uri)
+    cfg = checkpoint.fresh_or_resumed(store, cfg)  # run.resume false on a run with checkpoints: refused here
     ref, manifest = datasets.open_for_job(store, datasets.parse_ref(cfg.data.dataset))
     model = build_model(cfg, store).to(d.device)
     present = manifest["split"].get("records") or {}
@@ -117,8 +110,10 @@ def train_report_writer(config: dict) -> dict:
     train_loader = _loader(splits["train"], sampler, cfg, cuda)
     eval_loaders = {s: _loader(ds, ShardSampler(len(ds), d.rank, d.world, shuffle=False), cfg, cuda)
                     for s, ds in splits.items() if s != "train"}
-    steps_per_epoch = max(1, len(train_loader) // cfg.optim.grad_accum)
-    engine, sched = build_engine(model, cfg, d, warmup_cosine(steps_per_epoch * cfg.optim.epochs, cfg.optim.warmup_frac), store)
+    total_batches = len(train_loader) * cfg.optim.epochs  # `step` counts these: what progress is reported in
+    # the schedule spans the optimizer steps the engine will take (accumulation runs across epoch ends)
+    total_updates = optimizer_steps(len(train_loader), cfg.optim.grad_accum, cfg.optim.epochs)
+    engine, sched = build_engine(model, cfg, d, warmup_cosine(total_updates, cfg.optim.warmup_frac), store)
     if cuda and bf16_enabled(cfg, cuda) and engine.zero_optimization_stage() < 3:  # ZeRO-3 holds the weights partitioned
         cast = hold_frozen_in_bf16(model.lm)
         if d.rank == 0:
@@ -151,7 +146,7 @@ def train_report_writer(config: dict) -> dict:
                 metrics.add("train_loss", last_loss, step)
                 metrics.add("lr", sched.get_last_lr()[0], step)
                 if d.rank == 0:
-                    progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step, steps=steps_per_epoch * cfg.optim.epochs,
+                    progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step, steps=total_batches,
                                    loss=round(last_loss, 5))
         loss_sum, tokens = sums.tolist()
         took = time.perf_counter() - t0
@@ -162,7 +157,7 @@ def train_report_writer(config: dict) -> dict:
             metrics.add("val_loss", val["loss"], step)
         metrics.flush()
         if d.rank == 0:
-            progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step, steps=steps_per_epoch * cfg.optim.epochs,
+            progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step, steps=total_batches,
                            loss=round(loss_sum / max(1, batches), 5), val_loss=val.get("loss"))
             print(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {loss_sum / max(1, batches):.4f}"
                   + (f", val loss {val['loss']:.4f}" if val else "") + f" ({took:.1f} s)", file=sys.stderr, flush=True)
@@ -214,6 +209,13 @@ def write_final(state: dict, store, cfg: TrainConfig, result: dict) -> None:
 
 def complete_from_manifest(cfg: TrainConfig, manifest: dict) -> TrainConfig:
     """Fields the dataset decides: which prefixes, sensor shape and normalisation, image size."""
+    from indai.trainers.launch import completing_from
+
+    with completing_from(manifest):
+        return _complete_from_manifest(cfg, manifest)
+
+
+def _complete_from_manifest(cfg: TrainConfig, manifest: dict) -> TrainConfig:
     if manifest.get("layout") != "instruct":
         raise UserError(f"dataset {manifest['name']}@{manifest['version']} is not an instruction dataset: the report writer "
                         "trains on `indai data instruct` output")
