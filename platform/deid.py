@@ -261,8 +261,9 @@ _EN_PERSON_CTX = re.compile(rf"(?<![A-Za-z]){_EN_CTX}\s*[:,\-]?\s+(?:(?:the|our|
 _EN_PERSON_ROLE_AFTER = re.compile(rf"(?<![A-Za-z.])({_EN_NAME2})\s*(?:[,(]|-|–)\s*(?:(?:our|the|a|an|senior|junior|chief|lead|head|shift|"
                                    rf"[A-Za-z/&]{{2,12}})\s+){{0,3}}(?:{_EN_ROLES}|manager|QA|QC)\b")
 _EN_GREETING = re.compile(r"(?<![A-Za-z])(?i:hi|hello|dear|thanks|thank\s+you|cheers|regards)\s*,?\s+([A-Z][a-z]+)(?=\s*[,!:;.])")
-# "Escalation: I. Nelson (", "Visitor log: Tomasz L. Reed,": a heading, a colon, then a name set off by punctuation
-_EN_PERSON_HEADING = re.compile(rf"(?:^|(?<=[.;!?\n]\s)|(?<=\n))[A-Z][a-z]+(?:\s[a-z]+)?:\s+({_EN_NAME2})(?=\s*[,(<;])")
+# "Escalation: I. Nelson (", "Visitor log: Tomasz L. Reed,": a heading, a colon, then a name set off by punctuation;
+# headings nest ("Work order: Visitor log: Tomasz L. Reed,"), so one may follow another's colon
+_EN_PERSON_HEADING = re.compile(rf"(?:^|(?<=[.;:!?\n]\s)|(?<=\n))[A-Z][a-z]+(?:\s[a-z]+)?:\s+({_EN_NAME2})(?=\s*[,(<;])")
 _EN_PERSON_PHONE_LEFT = re.compile(rf"(?<![A-Za-z.])({_EN_NAME2})\s?[(/,:]?\s?(?:(?i:tel|phone|mobile|cell|on|at)\.?:?\s)?$")
 _EN_PERSON_VERB = re.compile(rf"(?<![A-Za-z.])({_EN_NAME2})(?=\s+(?:will|would|has|had|is|was|replaced|noticed|reported|confirmed|"
                             r"checked|said|called|asked|approved|requested|found|fixed|repaired|inspected|signed|wrote|sent|"

@@ -42,6 +42,8 @@ def kinds_of(text: str, config: DeidConfig = CFG) -> dict[str, list[str]]:
     ("person", "Dear Mr. Miller, the PPAP is attached.", "Miller"),
     ("person", "Inspector Kim Min-su requested rework.", "Kim Min-su"),
     ("person", "Approved by Jamie Doe.", "Jamie Doe"),
+    ("person", "Visitor log: Tomasz L. Reed, arrived 09:10", "Tomasz L. Reed"),
+    ("person", "Work order: Visitor log: Tomasz L. Reed, arrived 09:10", "Tomasz L. Reed"),  # nested headings
     ("phone", "연락처 010-1234-5678 로 회신", "010-1234-5678"),
     ("phone", "휴대폰 01098765432", "01098765432"),
     ("phone", "방재센터 031-123-4567", "031-123-4567"),
@@ -87,6 +89,7 @@ def test_each_kind_detected(kind, text, value):
     "도장 반장 지시로 건조로 온도 180℃ 유지, 오전 반장과 교대",
     "Spindle speed 1600-1800 rpm; PM done 2024-03-15; bracket BK-2231-A in stock.",
     "Checked by the QA team; no findings on Line 3.",
+    "Work order: Main Pump (line 3) leaking; Status: Open Valve (pending)",
 ])
 def test_look_alikes_are_not_identifiers(text):
     assert scan(text, CFG) == []
