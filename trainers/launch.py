@@ -137,9 +137,11 @@ def _open_run(cfg: TrainConfig, store, manifest: dict, ref: datasets.DatasetRef,
     if not cfg.run.resume:  # a fresh run under a name that has checkpoints: refused before anything starts
         checkpoint.refuse_existing(store, cfg.run.name)
     found = checkpoint.latest(store, cfg.run.name) if cfg.run.resume else None
-    saved = checkpoint.read_run_config(store, cfg.run.name) if cfg.run.resume and not found else None
+    saved = checkpoint.read_run_config(store, cfg.run.name) if cfg.run.resume else None
     # killed before its first checkpoint: the MLflow run it had opened is reopened all the same
     run_id = found[1].get("mlflow_run_id") if found else (saved or {}).get("mlflow_run_id")
+    if run_id:
+        check_same_dataset(cfg.run.name, (saved or {}).get("data", {}).get("dataset"), ref)
     mlflow.set_experiment(cfg.run.experiment)
     if run_id:
         save_run_config(store, cfg, run_id)
@@ -155,6 +157,19 @@ def _open_run(cfg: TrainConfig, store, manifest: dict, ref: datasets.DatasetRef,
     mlflow.log_dict(manifest, "dataset/manifest.json")
     save_run_config(store, cfg, run.info.run_id)
     return run, None
+
+
+def check_same_dataset(run_name: str, trained_on: str | None, ref: datasets.DatasetRef) -> None:
+    """A resumed run goes on with the dataset version it started with. A submission that names
+    the dataset by name or @latest resolves again, and once a newer version is committed it would
+    continue the old weights, optimizer state and position on other data (classes, normalisation
+    and split sizes may all differ), and the registered model would name a version it was only
+    partly trained on. A UserError then, which names both versions and the two ways on."""
+    if not trained_on or trained_on == str(ref):
+        return
+    raise UserError(f"run {run_name} trained on dataset {trained_on}, and this submission resolves data.dataset to "
+                    f"{ref}: a run resumes on the version it started with. Resume it with data.dataset={trained_on} "
+                    f"(`indai train resume {run_name}` does), or train {ref} under a new run.name")
 
 
 RUN_CONFIG_SECRET_FIELDS = {"store_uri", "mlflow_uri"}  # may hold credentials (user:password@host); the launcher fills them

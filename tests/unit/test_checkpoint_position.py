@@ -168,6 +168,41 @@ def test_the_driver_refuses_before_it_opens_an_mlflow_run(tmp_path):
         mlflow.set_tracking_uri(before)
 
 
+@pytest.mark.parametrize("checkpointed", [True, False], ids=["with checkpoints", "killed before its first"])
+def test_a_resumed_run_goes_on_only_with_the_dataset_version_it_started_with(tmp_path, checkpointed):
+    """A resubmission that names the dataset by @latest resolves again; once a newer version is
+    committed, resuming would continue the old weights and position on other data. Refused, naming
+    both versions, before the MLflow run is reopened; the version it started with resumes."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from indai.platform.datasets import DatasetRef
+    from indai.trainers.launch import _open_run, save_run_config
+
+    uri, before = f"sqlite:///{tmp_path / 'mlflow.db'}", mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        store = open_store(tmp_path / "store")
+        old = MlflowClient(uri).create_run(MlflowClient(uri).create_experiment("indai")).info.run_id
+        cfg = TrainConfig.model_validate({**_cfg(name="r"), "data": {"dataset": "d@v1"}})
+        save_run_config(store, cfg, old)
+        if checkpointed:
+            _commit(store, "r", "epoch-00000", epoch=0, step=8, mlflow_run_id=old)
+        resubmitted = TrainConfig.model_validate({**_cfg(name="r"), "data": {"dataset": "d@v2"}})  # @latest moved on
+        with pytest.raises(UserError) as e:
+            _open_run(resubmitted, store, {"member": "m"}, DatasetRef("d", "v2"))
+        assert str(e.value) == ("run r trained on dataset d@v1, and this submission resolves data.dataset to d@v2: a run "
+                                "resumes on the version it started with. Resume it with data.dataset=d@v1 (`indai train "
+                                "resume r` does), or train d@v2 under a new run.name")
+        assert MlflowClient(uri).get_run(old).info.status == "RUNNING"  # never reopened nor ended
+        assert checkpoint.read_run_config(store, "r")["data"]["dataset"] == "d@v1"  # the saved config is untouched
+        run, resumed = _open_run(cfg, store, {"member": "m"}, DatasetRef("d", "v1"))
+        with run:
+            assert run.info.run_id == old and resumed == ("epoch-00000" if checkpointed else None)
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
 def test_a_worker_restarted_inside_its_job_goes_on_from_its_own_checkpoints(tmp_path):
     """Ray Train restarts the workers of a job with the same config: with run.resume false the
     checkpoints they find are their own run's (the driver refused any other), and they go on from
