@@ -39,6 +39,22 @@ class PostgresServer:
     def url(self) -> str:
         return f"postgresql+psycopg://{self.user}:{self.password}@127.0.0.1:{self.port}/postgres"
 
+    def new_database(self, prefix: str = "t") -> str:
+        """A new, empty database on this server (its name: `prefix` and a random suffix, so tests
+        never share one); its URL."""
+        import uuid
+
+        from sqlalchemy import create_engine, text
+
+        name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+        engine = create_engine(self.url)
+        try:
+            with engine.connect() as c:
+                c.execution_options(isolation_level="AUTOCOMMIT").execute(text(f'CREATE DATABASE "{name}"'))
+        finally:
+            engine.dispose()
+        return self.url.rsplit("/", 1)[0] + "/" + name
+
     def __enter__(self) -> "PostgresServer":
         bins = pg_bin()
         data, pwfile = self.dir / "data", self.dir / "pw"

@@ -74,18 +74,12 @@ def stop_all(ray: dict, marker: str) -> None:
 
 def platform_db(request, kind: str, tmp_path):
     """A fresh platform database of the given kind, with one member and its researcher."""
-    from sqlalchemy import text
-
     from indai.platform import db, tenancy
 
     if kind == "sqlite":
         eng = db.engine(f"sqlite:///{tmp_path / 'platform.db'}")
     else:
-        postgres = request.getfixturevalue("postgres")
-        name = f"t_adm_{uuid.uuid4().hex[:8]}"
-        with db.engine(postgres.url).connect() as c:
-            c.execution_options(isolation_level="AUTOCOMMIT").execute(text(f"CREATE DATABASE {name}"))
-        eng = db.engine(postgres.url.rsplit("/", 1)[0] + "/" + name)
+        eng = db.engine(request.getfixturevalue("postgres").new_database("t_adm"))
     db.upgrade(eng)
     tenancy.add_member(eng, "steel-a", "Steel A", "steel", "demand")
     tenancy.add_user(eng, "kim", "steel-a", "researcher")

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from sqlalchemy import text
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -30,9 +29,7 @@ def gw(services, postgres):
     from indai.platform.gateway import Limits, build_gateway
     from indai.platform.storage import open_store
 
-    with db.engine(postgres.url).connect() as c:
-        c.execution_options(isolation_level="AUTOCOMMIT").execute(text("CREATE DATABASE t_idem"))
-    eng = db.engine(postgres.url.rsplit("/", 1)[0] + "/t_idem")
+    eng = db.engine(postgres.new_database("t_idem"))
     db.upgrade(eng)
     tenancy.add_member(eng, "cwru-demo", "CWRU demo", "other", "research")
     tenancy.add_member(eng, "auto-b", "Auto B", "automotive", "demand")

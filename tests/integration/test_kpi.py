@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from chromium import chromium  # noqa: F401 - the session fixture
@@ -36,13 +36,7 @@ def eng(request, tmp_path):
     if request.param == "sqlite":
         e = db.engine(f"sqlite:///{tmp_path / 'platform.db'}")
     else:
-        import uuid
-
-        pg = request.getfixturevalue("postgres")
-        name = f"k_{uuid.uuid4().hex[:8]}"
-        with db.engine(pg.url).connect() as c:
-            c.execution_options(isolation_level="AUTOCOMMIT").execute(text(f"CREATE DATABASE {name}"))
-        e = db.engine(pg.url.rsplit("/", 1)[0] + f"/{name}")
+        e = db.engine(request.getfixturevalue("postgres").new_database("k"))
     db.upgrade(e)
     yield e
     e.dispose()

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from sqlalchemy import text
 
 from secret_scan import TOKEN_SHAPE, SecretScan
 from waiting import wait
@@ -44,15 +43,11 @@ def free_port() -> int:
 def demo(tmp_path_factory, postgres, minio, repo):
     """`indai demo` in a fresh INDAI_HOME on PostgreSQL and MinIO, then `indai gateway serve`
     in front of its Ray with its log in $INDAI_HOME/logs; everything stopped afterwards."""
-    from indai.platform import db
-
     home = tmp_path_factory.mktemp("secrets-home")
-    database = f"t_secrets_{uuid.uuid4().hex[:6]}"
-    with db.engine(postgres.url).connect() as c:
-        c.execution_options(isolation_level="AUTOCOMMIT").execute(text(f"CREATE DATABASE {database}"))
+    database_url = postgres.new_database("t_secrets")
     base = {k: v for k, v in os.environ.items()
             if k not in ("INDAI_MLFLOW_URI", "INDAI_RAY_ADDRESS", "INDAI_SERVE_URL", "INDAI_SECRETS_DIR", "INDAI_GATEWAY", "INDAI_TOKEN")}
-    env = {**base, "INDAI_HOME": str(home), "INDAI_DB_URL": postgres.url.rsplit("/", 1)[0] + f"/{database}",
+    env = {**base, "INDAI_HOME": str(home), "INDAI_DB_URL": database_url,
            "INDAI_STORE_URI": BUCKET_URI, "INDAI_S3_ENDPOINT": minio.endpoint, "INDAI_S3_ACCESS_KEY": minio.access_key,
            "INDAI_S3_SECRET_KEY": minio.secret_key, "INDAI_S3_SECURE": "0"}
     gateway = None

@@ -32,13 +32,7 @@ def member_shared_it_cwru(eng, member: str, industry: str, role: str) -> str:
 def platform_db(services, postgres):
     """A fresh database on the session's PostgreSQL server; INDAI_DB_URL points at it for this
     module, so the ingress started by `serve_model` uses it too."""
-    from sqlalchemy import text
-
-    from indai.platform import db
-
-    with db.engine(postgres.url).connect() as c:
-        c.execution_options(isolation_level="AUTOCOMMIT").execute(text("CREATE DATABASE t_serve"))
-    url = postgres.url.rsplit("/", 1)[0] + "/t_serve"
+    url = postgres.new_database("t_serve")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("INDAI_DB_URL", url)
         yield url

@@ -1,7 +1,6 @@
 """Members, users and tokens on both databases the platform runs on: SQLite (embedded
 default) and PostgreSQL (cluster; a real server from Debian's packages)."""
 import re
-import uuid
 from datetime import timedelta
 
 import pytest
@@ -20,11 +19,7 @@ def eng(request, tmp_path):
     if request.param == "sqlite":
         e = db.engine(f"sqlite:///{tmp_path / 'platform.db'}")
     else:
-        pg = request.getfixturevalue("postgres")
-        schema = f"t_{uuid.uuid4().hex[:8]}"  # a fresh database per test
-        with db.engine(pg.url).connect() as c:
-            c.execution_options(isolation_level="AUTOCOMMIT").execute(text(f"CREATE DATABASE {schema}"))
-        e = db.engine(pg.url.rsplit("/", 1)[0] + f"/{schema}")
+        e = db.engine(request.getfixturevalue("postgres").new_database())  # a fresh database per test
     db.upgrade(e)
     db.upgrade(e)  # migrations are idempotent
     yield e
@@ -151,9 +146,7 @@ def test_gateway_answers_503_while_the_database_is_down_and_recovers(postgres):
 
     from indai.platform.gateway import build_gateway
 
-    with db.engine(postgres.url).connect() as c:
-        c.execution_options(isolation_level="AUTOCOMMIT").execute(text("CREATE DATABASE t_down"))
-    e = db.engine(postgres.url.rsplit("/", 1)[0] + "/t_down")
+    e = db.engine(postgres.new_database("t_down"))
     db.upgrade(e)
     seed(e)
     _, token = tenancy.create_token(e, "kim")
@@ -179,9 +172,7 @@ def test_token_cache_rechecks_and_rides_out_a_database_restart(postgres):
     with DatabaseDown (503), not with 'unknown token'."""
     import time
 
-    with db.engine(postgres.url).connect() as c:
-        c.execution_options(isolation_level="AUTOCOMMIT").execute(text("CREATE DATABASE t_cache"))
-    e = db.engine(postgres.url.rsplit("/", 1)[0] + "/t_cache")
+    e = db.engine(postgres.new_database("t_cache"))
     db.upgrade(e)
     seed(e)
     tid, token = tenancy.create_token(e, "kim")
