@@ -108,12 +108,47 @@ def fresh_or_resumed(store: ObjectStore, cfg):
     return cfg.model_copy(update={"run": cfg.run.model_copy(update={"resume": True})})
 
 
+PARTITIONED = ("zero1", "zero2", "zero3", "zero3_offload")  # strategies that split the optimizer state over ranks
+
+
+def check_resumable(run_name: str, tag: str, meta: dict, world: int, batch_size: int) -> None:
+    """A UserError when a job of `world` workers and batches of `batch_size` cannot go on from
+    checkpoint `tag` (its commit record `meta`), before anything is loaded:
+    - under a ZeRO strategy of stage 1 or more each worker saved its own partition of the
+      optimizer state (and under ZeRO-3 of the weights), and DeepSpeed loads such a checkpoint
+      only with the same number of workers;
+    - a checkpoint inside an epoch holds the position in each worker's shard of the epoch's
+      sample order, in batches; other workers or batch sizes cut other shards, and going on at
+      that position would skip some samples and repeat others.
+    Checkpoints written before the world was recorded are not checked."""
+    was_world, was_batch = meta.get("world"), meta.get("batch_size")
+    if was_world is None:
+        return
+    strategy = meta.get("strategy")
+    if strategy in PARTITIONED and was_world != world:
+        raise UserError(f"checkpoint {tag} of run {run_name} was written by {was_world} workers under {strategy}, which "
+                        f"splits the optimizer state into {was_world} partitions, and this job has {world}: DeepSpeed loads "
+                        f"it only with the same number. Resume with run.workers={was_world}")
+    if meta.get("batch") is not None and (was_world, was_batch) != (world, batch_size):
+        raise UserError(f"checkpoint {tag} of run {run_name} stopped inside epoch {int(meta['epoch']) + 1}, at a position in "
+                        f"the shards of {was_world} workers with batches of {was_batch}, and this job has {world} workers "
+                        f"with batches of {batch_size}: their shards differ, so some samples would be skipped and others "
+                        f"repeated. Resume with run.workers={was_world} and optim.batch_size={was_batch}")
+
+
 def resume_position(state: dict) -> tuple[int, int, int]:
     """(epoch to run, global step, batches of that epoch already done) after a checkpoint's state."""
     epoch, step = int(state["epoch"]), int(state["step"])
     if state.get("batch") is not None:  # mid-epoch: the same epoch again, from that batch on
         return epoch, step, int(state["batch"])
     return epoch + 1, step, 0
+
+
+def _world() -> int:
+    """The workers (data-parallel ranks) of this job: what check_resumable compares."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _barrier() -> None:
@@ -233,7 +268,7 @@ def save(engine, store: ObjectStore, run_name: str, tag: str, meta: dict, rank: 
     # the strategy (trainers.engine) decides the checkpoint's layout; a resumed run keeps it
     t0 = time.perf_counter()
     frozen = frozen_fingerprint(engine.module)  # every rank: a collective under ZeRO-3
-    meta = {**meta, "strategy": getattr(engine, "indai_strategy", None), "frozen": frozen}
+    meta = {**meta, "strategy": getattr(engine, "indai_strategy", None), "frozen": frozen, "world": _world()}
     written = 0
     if rank == 0:
         # the tag may exist already (a restarted run saving the same epoch again): uncommitted

@@ -142,6 +142,9 @@ def _open_run(cfg: TrainConfig, store, manifest: dict, ref: datasets.DatasetRef,
     run_id = found[1].get("mlflow_run_id") if found else (saved or {}).get("mlflow_run_id")
     if run_id:
         check_same_dataset(cfg.run.name, (saved or {}).get("data", {}).get("dataset"), ref)
+    if found:  # the workers check again (torchrun reaches them without this driver)
+        checkpoint.check_resumable(cfg.run.name, *found, cfg.run.workers if cfg.run.launcher == "ray" else 1,
+                                   cfg.optim.batch_size)
     mlflow.set_experiment(cfg.run.experiment)
     if run_id:
         save_run_config(store, cfg, run_id)

@@ -228,6 +228,7 @@ def train_loop(config: dict) -> dict:
     start_epoch, step, start_batch = 0, 0, 0
     found = checkpoint.latest(store, cfg.run.name) if cfg.run.resume else None
     if found:
+        checkpoint.check_resumable(cfg.run.name, found[0], found[1], d.world, cfg.optim.batch_size)
         state = checkpoint.load(engine, store, cfg.run.name, found[0])
         start_epoch, step, start_batch = checkpoint.resume_position(state)
         if d.rank == 0:
@@ -265,8 +266,8 @@ def train_loop(config: dict) -> dict:
                                    loss=round(last_loss, 5))
             if every_steps and step % every_steps == 0 and skip + batches_run < n_batches:  # the epoch's end saves its own
                 metrics.flush()
-                meta = {"epoch": epoch, "batch": skip + batches_run, "step": step, "mlflow_run_id": cfg.mlflow_run_id,
-                        "unsent_metrics": metrics.unsent()}  # a restart sends these again and logs the later steps anew
+                meta = {"epoch": epoch, "batch": skip + batches_run, "batch_size": cfg.optim.batch_size, "step": step,
+                        "mlflow_run_id": cfg.mlflow_run_id, "unsent_metrics": metrics.unsent()}  # a restart sends these again and logs the later steps anew
                 checkpoint.save(engine, store, cfg.run.name, checkpoint.mid_epoch_tag(epoch, skip + batches_run), meta, d.rank)
                 if d.rank == 0:
                     checkpoint.prune(store, cfg.run.name, cfg.run.keep_checkpoints)
@@ -287,7 +288,7 @@ def train_loop(config: dict) -> dict:
                   file=sys.stderr, flush=True)
         last = epoch + 1 == cfg.optim.epochs
         if (epoch + 1) % cfg.run.checkpoint_every == 0 or last or (every_steps and step % every_steps == 0):
-            meta = {"epoch": epoch, "step": step, "mlflow_run_id": cfg.mlflow_run_id,
+            meta = {"epoch": epoch, "step": step, "batch_size": cfg.optim.batch_size, "mlflow_run_id": cfg.mlflow_run_id,
                     "val_accuracy": val.get("accuracy"), "unsent_metrics": metrics.unsent()}
             checkpoint.save(engine, store, cfg.run.name, checkpoint.epoch_tag(epoch), meta, d.rank)
             if d.rank == 0:

@@ -203,6 +203,51 @@ def test_a_resumed_run_goes_on_only_with_the_dataset_version_it_started_with(tmp
         mlflow.set_tracking_uri(before)
 
 
+def test_what_another_world_or_batch_size_may_resume():
+    """Replicated state (ddp, zero0) resumes at an epoch's end with any number of workers; ZeRO
+    partitions do not load into another number; a position inside an epoch is a position in
+    shards that other workers or batch sizes cut differently."""
+    ok = checkpoint.check_resumable
+    ok("r", "epoch-00001", {"epoch": 1, "step": 98, "world": 2, "batch_size": 32, "strategy": "ddp"}, 4, 64)
+    ok("r", "epoch-00001", {"epoch": 1, "step": 98, "world": 2, "batch_size": 32, "strategy": "zero0"}, 1, 32)
+    ok("r", "epoch-00001", {"epoch": 1, "step": 98, "world": 2, "batch_size": 32, "strategy": "zero2"}, 2, 16)
+    ok("r", "epoch-00001-batch-000010", {"epoch": 1, "batch": 10, "step": 59, "world": 2, "batch_size": 32,
+                                         "strategy": "zero3"}, 2, 32)
+    ok("r", "epoch-00001-batch-000010", {"epoch": 1, "batch": 10, "step": 59, "strategy": "ddp"}, 3, 8)  # written before the world was kept
+    with pytest.raises(UserError) as e:
+        ok("r", "epoch-00001", {"epoch": 1, "step": 98, "world": 4, "batch_size": 32, "strategy": "zero2"}, 2, 32)
+    assert str(e.value) == ("checkpoint epoch-00001 of run r was written by 4 workers under zero2, which splits the optimizer "
+                            "state into 4 partitions, and this job has 2: DeepSpeed loads it only with the same number. "
+                            "Resume with run.workers=4")
+    with pytest.raises(UserError) as e:
+        ok("r", "epoch-00001-batch-000010", {"epoch": 1, "batch": 10, "step": 59, "world": 2, "batch_size": 32,
+                                             "strategy": "ddp"}, 1, 32)
+    assert str(e.value) == ("checkpoint epoch-00001-batch-000010 of run r stopped inside epoch 2, at a position in the "
+                            "shards of 2 workers with batches of 32, and this job has 1 workers with batches of 32: their "
+                            "shards differ, so some samples would be skipped and others repeated. Resume with "
+                            "run.workers=2 and optim.batch_size=32")
+    with pytest.raises(UserError, match=r"with batches of 32, and this job has 2 workers with batches of 64"):
+        ok("r", "epoch-00001-batch-000010", {"epoch": 1, "batch": 10, "step": 59, "world": 2, "batch_size": 32,
+                                             "strategy": "zero0"}, 2, 64)
+
+
+def test_checkpoints_record_their_world_and_a_resume_in_another_is_refused_before_loading(tmp_path):
+    from indai.trainers.loop import train_loop
+    from indai.trainers.synthetic import write_dataset
+
+    store = open_store(tmp_path / "store")
+    ref, _ = write_dataset(store, "w", {"train": 64, "test": 32}, classes=4, sensor=(2, 128))
+    train_loop(_train_cfg(store, ref, "one"))
+    meta = store.read_commit("checkpoints/one/epoch-00000")
+    assert (meta["world"], meta["batch_size"], meta["strategy"]) == (1, 32, "ddp")
+    # written by two workers inside an epoch (the files are not even a checkpoint: nothing is loaded)
+    _commit(store, "two", "epoch-00000-batch-000001", epoch=0, batch=1, step=1, world=2, batch_size=32, strategy="ddp")
+    with pytest.raises(UserError, match=r"^checkpoint epoch-00000-batch-000001 of run two stopped inside epoch 1, at a "
+                                        r"position in the shards of 2 workers"):
+        train_loop(_train_cfg(store, ref, "two"))
+    assert store.committed_children("checkpoints/two") == ["epoch-00000-batch-000001"]
+
+
 def test_a_worker_restarted_inside_its_job_goes_on_from_its_own_checkpoints(tmp_path):
     """Ray Train restarts the workers of a job with the same config: with run.resume false the
     checkpoints they find are their own run's (the driver refused any other), and they go on from

@@ -123,6 +123,7 @@ def train_report_writer(config: dict) -> dict:
     start_epoch, step = 0, 0
     found = checkpoint.latest(store, cfg.run.name) if cfg.run.resume else None
     if found:
+        checkpoint.check_resumable(cfg.run.name, found[0], found[1], d.world, cfg.optim.batch_size)
         state = checkpoint.load(engine, store, cfg.run.name, found[0])
         start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
         if d.rank == 0:
@@ -162,7 +163,8 @@ def train_report_writer(config: dict) -> dict:
             print(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {loss_sum / max(1, batches):.4f}"
                   + (f", val loss {val['loss']:.4f}" if val else "") + f" ({took:.1f} s)", file=sys.stderr, flush=True)
         if (epoch + 1) % cfg.run.checkpoint_every == 0 or epoch + 1 == cfg.optim.epochs:
-            meta = {"epoch": epoch, "step": step, "mlflow_run_id": cfg.mlflow_run_id, "val_loss": val.get("loss"),
+            meta = {"epoch": epoch, "step": step, "batch_size": cfg.optim.batch_size, "mlflow_run_id": cfg.mlflow_run_id,
+                    "val_loss": val.get("loss"),
                     "unsent_metrics": metrics.unsent()}
             checkpoint.save(engine, store, cfg.run.name, checkpoint.epoch_tag(epoch), meta, d.rank)
             if d.rank == 0:
