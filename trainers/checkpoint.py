@@ -20,6 +20,7 @@ resolved config (`config.json`, one object, written whole), which `indai train r
 """
 from __future__ import annotations
 
+import base64
 import json
 import re
 import sys
@@ -142,6 +143,27 @@ def resume_position(state: dict) -> tuple[int, int, int]:
     if state.get("batch") is not None:  # mid-epoch: the same epoch again, from that batch on
         return epoch, step, int(state["batch"])
     return epoch + 1, step, 0
+
+
+def rng_state() -> dict:
+    """The torch random generators' state (dropout masks, the anomaly task's pretext draws): saved
+    with a checkpoint and put back by `load`, so a resumed run draws what the uninterrupted run
+    would have drawn. Every rank seeds and draws alike, so rank 0's state is every rank's."""
+    state = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()  # the current device's
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Put back a `rng_state()`; the CUDA generator only where CUDA runs (a run saved on a GPU and
+    resumed on CPUs draws anew there)."""
+    def tensor(text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+    torch.set_rng_state(tensor(state["cpu"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensor(state["cuda"]))
 
 
 def _world() -> int:
@@ -267,6 +289,7 @@ def module_loader(frozen_left_out: bool, tag: str):
 def save(engine, store: ObjectStore, run_name: str, tag: str, meta: dict, rank: int) -> None:
     # the strategy (trainers.engine) decides the checkpoint's layout; a resumed run keeps it
     t0 = time.perf_counter()
+    rng = rng_state()
     frozen = frozen_fingerprint(engine.module)  # every rank: a collective under ZeRO-3
     meta = {**meta, "strategy": getattr(engine, "indai_strategy", None), "frozen": frozen, "world": _world()}
     written = 0
@@ -277,7 +300,7 @@ def save(engine, store: ObjectStore, run_name: str, tag: str, meta: dict, rank: 
         store.delete_prefix(f"{prefix(run_name)}/{tag}")
     _barrier()  # no rank uploads before the tag is empty
     with tempfile.TemporaryDirectory(prefix="indai-ckpt-") as local:
-        engine.save_checkpoint(local, tag=tag, client_state=meta, exclude_frozen_parameters=bool(frozen))
+        engine.save_checkpoint(local, tag=tag, client_state={**meta, "rng": rng}, exclude_frozen_parameters=bool(frozen))
         shard = Path(local) / tag
         if shard.is_dir():
             written = sum(f.stat().st_size for f in shard.rglob("*") if f.is_file())
@@ -307,6 +330,8 @@ def load(engine, store: ObjectStore, run_name: str, tag: str) -> dict:
         # step (the same count), both engines step the optimizer where an uninterrupted run does,
         # and the LR schedule ends with the run (trainers.engine.optimizer_steps)
         engine.micro_steps = int(client_state["step"])
+    if client_state.get("rng"):  # checkpoints written before it was saved go on with the run's seed
+        set_rng_state(client_state["rng"])
     return client_state
 
 

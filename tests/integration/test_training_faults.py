@@ -242,9 +242,10 @@ def test_killed_job_continues_with_indai_train_resume(services, cwru_dataset, la
 
 @pytest.mark.timeout(240)
 def test_mid_epoch_resume_trains_the_same_model_as_an_uninterrupted_run(tmp_path):
-    """Without dropout the run is deterministic on CPU: resumed from its mid-epoch checkpoint, it
-    must end with the uninterrupted run's weights. Resuming at the wrong sample position (or
-    without the optimizer and schedule state) would not."""
+    """The run is deterministic on CPU, dropout included: resumed from its mid-epoch checkpoint, it
+    must end with the uninterrupted run's weights. Resuming at the wrong sample position, without
+    the optimizer and schedule state, or without the random generators' state (other dropout
+    masks) would not."""
     from safetensors.torch import load_file
 
     from indai.platform.config import load_config
@@ -257,7 +258,7 @@ def test_mid_epoch_resume_trains_the_same_model_as_an_uninterrupted_run(tmp_path
     name, version, manifest = ingest(REPO / "examples/cwru-0hp/dataset.yaml", store, progress=False)
 
     def run(run_name: str) -> dict:
-        cfg = load_config(TrainConfig, RECIPE, [f"data.dataset={name}@{version}", "optim.epochs=1", "model.dropout=0",
+        cfg = load_config(TrainConfig, RECIPE, [f"data.dataset={name}@{version}", "optim.epochs=1", "model.dropout=0.3",
                                                 f"run.name={run_name}", "run.checkpoint_every_steps=20",
                                                 "run.keep_checkpoints=10", "run.progress=false", "run.launcher=local"])
         cfg = complete_from_manifest(cfg, manifest).model_copy(update={"store_uri": store.uri})

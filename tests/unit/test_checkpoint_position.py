@@ -203,6 +203,19 @@ def test_a_resumed_run_goes_on_only_with_the_dataset_version_it_started_with(tmp
         mlflow.set_tracking_uri(before)
 
 
+def test_the_random_generators_state_round_trips_through_json():
+    import torch
+
+    torch.manual_seed(3)
+    torch.rand(5)
+    saved = json.loads(json.dumps(checkpoint.rng_state()))  # as it travels in a checkpoint's client state
+    expected = torch.rand(1000)
+    torch.manual_seed(99)  # a resumed run seeds anew, and draws differently
+    assert not torch.equal(torch.rand(1000), expected)
+    checkpoint.set_rng_state(saved)
+    assert torch.equal(torch.rand(1000), expected)
+
+
 def test_what_another_world_or_batch_size_may_resume():
     """Replicated state (ddp, zero0) resumes at an epoch's end with any number of workers; ZeRO
     partitions do not load into another number; a position inside an epoch is a position in
