@@ -140,6 +140,10 @@ def pod_specs(doc: dict) -> list[tuple[str, dict]]:
         (f"{name}/{g['groupName']}", g["template"]["spec"]) for g in ray["workerGroupSpecs"]]
 
 
+AUTOSCALER_API_VOLUME = "autoscaler-api-access"
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda p: p.stem)
 def test_every_pod_is_restricted_and_least_privileged(k8s_cluster, scenario):
     """What Pod Security admission checks, and what it does not: tokens, limits, pinned images,
@@ -152,7 +156,11 @@ def test_every_pod_is_restricted_and_least_privileged(k8s_cluster, scenario):
     for where, spec in specs:
         sc = spec["securityContext"]
         assert sc["runAsNonRoot"] is True and sc["runAsUser"] > 0 and sc["seccompProfile"]["type"] == "RuntimeDefault", where
-        assert spec["automountServiceAccountToken"] is (autoscaling and where.endswith("/head")), where
+        # no pod gets API credentials; the autoscaler sidecar alone mounts the head's projected token
+        assert spec["automountServiceAccountToken"] is False, where
+        api_volumes = [v["name"] for v in spec.get("volumes", []) if v["name"] == AUTOSCALER_API_VOLUME]
+        assert api_volumes == ([AUTOSCALER_API_VOLUME] if autoscaling and where.endswith("/head") else []), where
+        assert not any(m["name"] == AUTOSCALER_API_VOLUME for ctr in spec["containers"] for m in ctr.get("volumeMounts", [])), where
         for ctr in spec["containers"]:
             csc = ctr["securityContext"]
             assert csc["allowPrivilegeEscalation"] is False and csc["capabilities"]["drop"] == ["ALL"], where
@@ -175,6 +183,7 @@ def test_every_pod_is_restricted_and_least_privileged(k8s_cluster, scenario):
             if autoscaling:
                 csc = ray["autoscalerOptions"]["securityContext"]
                 assert csc["allowPrivilegeEscalation"] is False and csc["capabilities"]["drop"] == ["ALL"]
+                assert {"name": AUTOSCALER_API_VOLUME, "mountPath": SA_DIR, "readOnly": True} in ray["autoscalerOptions"]["volumeMounts"]
         if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-mlflow"):
             env = {e["name"]: e.get("value") for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
             assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://") and env["MLFLOW_BACKEND_STORE_URI"].endswith("/mlflow")
@@ -359,7 +368,13 @@ def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
                                                          if p["status"].get("phase") == "Running"])[0]
     names = [ctr["name"] for ctr in head["spec"]["containers"]]
     assert len(names) == 2 and "autoscaler" in names, names
-    assert node_pool(c, head["spec"]["nodeName"]) == "cpu" and head["spec"]["automountServiceAccountToken"] is True
+    assert node_pool(c, head["spec"]["nodeName"]) == "cpu" and head["spec"]["automountServiceAccountToken"] is False
+    # the API credentials reach the autoscaler sidecar only: job drivers run in ray-head, and with
+    # them could patch the RayCluster (any image, any Secret of the namespace mounted)
+    api = {ctr["name"]: [m for m in ctr.get("volumeMounts", []) if m["mountPath"] == SA_DIR] for ctr in head["spec"]["containers"]}
+    assert api == {"ray-head": [], "autoscaler": [{"name": AUTOSCALER_API_VOLUME, "mountPath": SA_DIR, "readOnly": True}]}, api
+    sources = next(v for v in head["spec"]["volumes"] if v["name"] == AUTOSCALER_API_VOLUME)["projected"]["sources"]
+    assert sources[0]["serviceAccountToken"]["path"] == "token" and sources[1]["configMap"]["name"] == "kube-root-ca.crt"
     gpu = wait("GPU worker", lambda: [p for p in pods(c, ns, mine + ",indai.io/component=ray-worker-gpu") if p["status"].get("phase") == "Running"])
     assert len(gpu) == 1  # minReplicas
     assert node_pool(c, gpu[0]["spec"]["nodeName"]) == "gpu"

@@ -186,6 +186,20 @@ kubelet give their group read access to it, which the non-root Ray and gateway p
   secret: {secretName: {{ . }}, defaultMode: 0400}
 {{- end }}
 {{- end -}}
+{{/* The Ray service account's API credentials, as the ServiceAccount admission plugin would inject
+them (a short-lived token, the cluster's CA, the namespace), but in the head pod only and
+mounted into the autoscaler sidecar only: the pod itself has automountServiceAccountToken false. */}}
+{{- define "indai.autoscalerApiVolume" -}}
+- name: autoscaler-api-access
+  projected:
+    sources:
+      - serviceAccountToken: {path: token, expirationSeconds: 3607}
+      - configMap: {name: kube-root-ca.crt, items: [{key: ca.crt, path: ca.crt}]}
+      - downwardAPI: {items: [{path: namespace, fieldRef: {apiVersion: v1, fieldPath: metadata.namespace}}]}
+{{- end -}}
+{{- define "indai.autoscalerApiMount" -}}
+- {name: autoscaler-api-access, mountPath: /var/run/secrets/kubernetes.io/serviceaccount, readOnly: true}
+{{- end -}}
 {{- define "indai.rayAuthEnv" -}}
 - {name: RAY_AUTH_MODE, value: token}
 - {name: RAY_AUTH_TOKEN_PATH, value: {{ include "indai.rayAuthDir" . }}/token}

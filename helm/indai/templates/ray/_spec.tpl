@@ -2,15 +2,21 @@
 {{- define "indai.rayPodSpec" -}}
 {{- $ := .root -}}
 serviceAccountName: {{ include "indai.fullname" $ }}-ray
-{{- /* only the head runs the autoscaler sidecar, the one container that talks to the API server */}}
-automountServiceAccountToken: {{ and .head $.Values.ray.autoscaling.enabled }}
+{{- /* Never the pod: job drivers run in the head's ray-head container, and with the token they could
+patch the RayCluster (another image, any Secret of the namespace mounted). Only the autoscaler
+sidecar, the one container that talks to the API server, mounts it (indai.autoscalerApiMount). */}}
+automountServiceAccountToken: false
 securityContext: {{- include "indai.podSecurity" $ | nindent 2 }}
 {{- with $.Values.imagePullSecrets }}
 imagePullSecrets: {{- toYaml . | nindent 2 }}
 {{- end }}
 nodeSelector: {{- toYaml .group.nodeSelector | nindent 2 }}
 tolerations: {{- toYaml .group.tolerations | nindent 2 }}
-{{- with include "indai.rayPodVolumes" $ | trim }}
+{{- $volumes := include "indai.rayPodVolumes" $ | trim }}
+{{- if and .head $.Values.ray.autoscaling.enabled }}
+{{- $volumes = printf "%s\n%s" $volumes (include "indai.autoscalerApiVolume" $) | trim }}
+{{- end }}
+{{- with $volumes }}
 volumes: {{- . | nindent 2 }}
 {{- end }}
 containers:
@@ -68,8 +74,12 @@ autoscalerOptions:
   {{- if include "indai.rayAuth" . }}
   {{- /* the sidecar talks to the GCS: the head pod's token volume, and Ray's settings */}}
   env: {{- include "indai.rayAuthEnv" . | nindent 4 }}
-  volumeMounts: {{- include "indai.rayAuthMount" . | nindent 4 }}
   {{- end }}
+  volumeMounts:
+    {{- include "indai.autoscalerApiMount" . | nindent 4 }}
+    {{- if include "indai.rayAuth" . }}
+    {{- include "indai.rayAuthMount" . | nindent 4 }}
+    {{- end }}
 {{- end }}
 headGroupSpec:
   rayStartParams:
