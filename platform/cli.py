@@ -632,6 +632,13 @@ def cmd_gateway_serve(a) -> int:
     return 0
 
 
+def cmd_admin_provision_store(a) -> int:
+    from indai.platform import store_users
+
+    store_users.provision_from_env(wait_s=a.wait)
+    return 0
+
+
 # ---- KPIs -----------------------------------------------------------------------------------
 
 def cmd_kpi_hours(a) -> int:
@@ -872,6 +879,12 @@ def parser() -> argparse.ArgumentParser:
     gs.add_argument("--port", type=int, default=8266)
     gs.add_argument("--ray-dashboard", help="Ray job server URL (default: the embedded one)")
     gs.set_defaults(fn=cmd_gateway_serve)
+
+    adm = sub.add_parser("admin", help="cluster set-up steps the chart runs").add_subparsers(dest="admin_cmd", required=True, metavar="ACTION")
+    aps = adm.add_parser("provision-store", help="on the cluster's MinIO: the bucket, and the jobs' own user and policy "
+                                                 "(no MLflow artefacts, no admin rights); reads its settings from the environment")
+    aps.add_argument("--wait", type=float, default=120.0, help="seconds to wait for MinIO to answer")
+    aps.set_defaults(fn=cmd_admin_provision_store)
 
     from indai.platform.kpi import INDICATORS, PHASES
 

@@ -151,7 +151,14 @@ def test_every_pod_is_restricted_and_least_privileged(k8s_cluster, scenario):
     docs = [d for d in yaml.safe_load_all(k8s_cluster.helm("template", "indai", CHART, "-f", scenario).stdout) if d]
     values = yaml.safe_load(scenario.read_text()) or {}
     autoscaling = values.get("ray", {}).get("autoscaling", {}).get("enabled", False)
+    minio = values.get("minio", {}).get("enabled", True)
     specs = [x for d in docs for x in pod_specs(d)]
+    if minio:  # the hook Job that makes the bucket and the jobs' MinIO user runs `indai admin provision-store`
+        job = next(spec for where, spec in specs if where == "indai-minio-provision")
+        assert job["containers"][0]["command"][:3] == ["indai", "admin", "provision-store"]
+        assert {e["name"] for e in job["containers"][0]["env"]} >= {"MINIO_ROOT_USER", "INDAI_JOBS_S3_ACCESS_KEY"}
+        secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "indai-secrets")
+        assert {"jobsAccessKey", "jobsSecretKey"} <= set(secret["data"])
     assert any(w.endswith("/head") for w, _ in specs) and any("test-" in w for w, _ in specs)
     for where, spec in specs:
         sc = spec["securityContext"]
@@ -169,6 +176,15 @@ def test_every_pod_is_restricted_and_least_privileged(k8s_cluster, scenario):
             for env in ctr.get("env", []):
                 if any(k in env["name"] for k in ("PASSWORD", "SECRET", "ACCESS_KEY")):
                     assert "secretKeyRef" in env.get("valueFrom", {}), (where, env["name"])
+                ref = env.get("valueFrom", {}).get("secretKeyRef", {})
+                if minio and ref.get("name") == "indai-secrets" and ref.get("key") in ("accessKey", "secretKey"):
+                    # MinIO's root keys: MinIO, the MLflow server (its artefact proxy) and the hook Job only
+                    assert where in ("indai-minio", "indai-mlflow", "indai-minio-provision"), (where, env["name"])
+            names = {e["name"]: e for e in ctr.get("env", [])}
+            if minio and "INDAI_S3_ACCESS_KEY" in names and where != "indai-minio-provision":
+                # Ray pods (researchers' code) and the gateway: the jobs' own user (platform/store_users.py)
+                assert names["INDAI_S3_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "indai-secrets", "key": "jobsAccessKey"}, where
+                assert names["INDAI_S3_SECRET_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "indai-secrets", "key": "jobsSecretKey"}, where
         if where.endswith("/gpu"):
             assert spec["nodeSelector"] == {"indai.io/pool": "gpu"}
             assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in spec["tolerations"])
@@ -478,7 +494,8 @@ def test_ray_auth_token_reaches_every_ray_pod_and_the_gateway_only(k8s_cluster):
         assert "INDAI_SECRETS_DIR" not in env, name  # no member keys given: a release there is refused, not keyed at random
     scaler = spec["autoscalerOptions"]
     assert {e["name"]: e["value"] for e in scaler["env"]} == RAY_AUTH_ENV
-    assert scaler["volumeMounts"] == [{"name": "ray-auth-token", "mountPath": RAY_TOKEN_DIR, "readOnly": True}]
+    assert scaler["volumeMounts"] == [{"name": AUTOSCALER_API_VOLUME, "mountPath": SA_DIR, "readOnly": True},
+                                      {"name": "ray-auth-token", "mountPath": RAY_TOKEN_DIR, "readOnly": True}]
 
     # the pods KubeRay made of it: every container that talks to Ray holds the token
     ray = "ray.io/cluster=indai-ray"

@@ -110,10 +110,12 @@ keep their schema version in an Alembic table of the same name. */}}
   value: {{ include "indai.s3Endpoint" . | quote }}
 - name: INDAI_S3_SECURE
   value: {{ include "indai.s3Secure" . | quote }}
+{{- /* with the chart's MinIO, the jobs' own user (platform/store_users.py: the platform bucket, no
+MLflow artefacts, no admin rights), never MinIO's root keys: Ray pods run researchers' code */}}
 - name: INDAI_S3_ACCESS_KEY
-  valueFrom: {secretKeyRef: {name: {{ include "indai.s3Secret" . }}, key: accessKey}}
+  valueFrom: {secretKeyRef: {name: {{ include "indai.s3Secret" . }}, key: {{ ternary "jobsAccessKey" "accessKey" .Values.minio.enabled }}}}
 - name: INDAI_S3_SECRET_KEY
-  valueFrom: {secretKeyRef: {name: {{ include "indai.s3Secret" . }}, key: secretKey}}
+  valueFrom: {secretKeyRef: {name: {{ include "indai.s3Secret" . }}, key: {{ ternary "jobsSecretKey" "secretKey" .Values.minio.enabled }}}}
 - name: INDAI_MLFLOW_URI
   value: {{ include "indai.mlflowUri" . | quote }}
 {{- /* pretrained weights come from the platform's mirror only (platform/settings.py OFFLINE_ENV) */}}
