@@ -170,6 +170,21 @@ def compile_regions(model: torch.nn.Module) -> str | None:
     return "regions " + ", ".join(f"{n} x {k}" for k, n in kinds.items())
 
 
+def use_the_environments_ninja() -> None:
+    """Put this Python environment's `bin` first on PATH when it holds a `ninja`, so every process
+    that JIT-builds DeepSpeed's ops (its CPU shared-memory all-reduce on CPUs, CPU Adam under
+    offload) runs the same ninja. torch runs the first `ninja` on PATH; Ray starts its workers with
+    the environment's `bin` first and a plain `indai train --launcher local` (or a test) may not,
+    so one process found pip's ninja 1.13 and another Debian's 1.11. The two hash commands
+    differently in the build log they share (in TORCH_EXTENSIONS_DIR), each took the other's
+    entries for changed commands, and the op was compiled again at every alternation: 1.5 to 2.5
+    minutes on 2 cores each time, ten times in one run of the test suite."""
+    here = Path(sys.executable).parent
+    path = os.environ.get("PATH", "")
+    if (here / "ninja").is_file() and path.split(os.pathsep)[0] != str(here):
+        os.environ["PATH"] = str(here) + (os.pathsep + path if path else "")
+
+
 def build_engine(model: torch.nn.Module, cfg, d, lr_lambda: Callable[[int], float], store=None,
                  param_groups: list | None = None):
     """(engine, lr scheduler) for `model` (already on d.device) under the strategy `decide`
@@ -184,6 +199,7 @@ def build_engine(model: torch.nn.Module, cfg, d, lr_lambda: Callable[[int], floa
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     regional = cfg.run.compile and compile_regions(model)  # None: the engine compiles the whole model
     if choice.uses_deepspeed:
+        use_the_environments_ninja()  # before DeepSpeed builds its ops
         import deepspeed
 
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
