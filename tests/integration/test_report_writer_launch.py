@@ -63,7 +63,12 @@ def test_torchrun_zero3_two_processes_and_resume(tmp_path, monkeypatch):
     assert frozen and all(n.startswith("lm.") and "lora_" not in n for n in frozen)
     held = store.download_dir("checkpoints/plain-rw/epoch-00000", tmp_path / "epoch-00000")
     size = sum(f.stat().st_size for f in held.rglob("*") if f.is_file())
-    assert size < 2 * sum(v[0] for v in frozen.values()), size
+    # beside the weights, each rank's model-states file carries the random generators' state (a
+    # fixed ~7 KB, trainers.checkpoint.rng_state), which this toy LM is small enough to feel
+    from indai.trainers import checkpoint as ckpt
+
+    rng_bytes = len(json.dumps(ckpt.rng_state())) * sum("model_states" in f for f in files)
+    assert size - rng_bytes < 2 * sum(v[0] for v in frozen.values()), (size, rng_bytes)
     again = run(2)
     assert "resumed run plain-rw from epoch-00000 (epoch 1, step 2)" in again.stderr
     assert "epoch 2/2" in again.stderr and "epoch 1/2" not in again.stderr
