@@ -103,12 +103,15 @@ def provision_from_env(wait_s: float = 120.0) -> None:
     if missing:
         raise UserError(f"indai admin provision-store needs {', '.join(missing)} in its environment (the chart's "
                         "hook Job sets them all)")
+    from indai.platform.storage import StoreError, _parse_s3_uri, _parse_secure  # the store's own rules
+
     uri = os.environ["INDAI_STORE_URI"]
-    if not uri.startswith("s3://") or "/" in uri[5:].strip("/"):
+    try:
+        bucket, base = _parse_s3_uri(uri) if uri.startswith("s3://") else ("", "not s3")
+        secure = _parse_secure(None)
+    except StoreError as e:
+        raise UserError(str(e)) from None
+    if base:
         raise UserError(f"INDAI_STORE_URI is {uri!r}: provision-store takes a whole bucket, s3://<bucket>")
-    secure = os.environ.get("INDAI_S3_SECURE", "1")
-    if secure not in ("0", "1"):
-        raise UserError(f"INDAI_S3_SECURE is {secure!r}; set it to 1 (https) or 0 (http)")
-    provision(os.environ["INDAI_S3_ENDPOINT"], secure == "1",
-              (os.environ["MINIO_ROOT_USER"], os.environ["MINIO_ROOT_PASSWORD"]), uri[5:].strip("/"),
-              (os.environ["INDAI_JOBS_S3_ACCESS_KEY"], os.environ["INDAI_JOBS_S3_SECRET_KEY"]), wait_s)
+    provision(os.environ["INDAI_S3_ENDPOINT"], secure, (os.environ["MINIO_ROOT_USER"], os.environ["MINIO_ROOT_PASSWORD"]),
+              bucket, (os.environ["INDAI_JOBS_S3_ACCESS_KEY"], os.environ["INDAI_JOBS_S3_SECRET_KEY"]), wait_s)
