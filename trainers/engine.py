@@ -237,6 +237,7 @@ class TorchEngine:
         self.device, self.world, self.rank = device, world, rank
         self.grad_accum, self.clip, self.bf16 = grad_accum, clip, bf16
         self.micro_steps = self.global_steps = 0
+        self._grad_norm: torch.Tensor | None = None
         self.ddp = None
         wrapped = module
         if world > 1:
@@ -266,8 +267,12 @@ class TorchEngine:
         self.micro_steps += 1
         if self.micro_steps % self.grad_accum:
             return
+        foreach = self.device.type == "cuda" or None
         if self.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self._params, self.clip, foreach=self.device.type == "cuda" or None)
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.clip, foreach=foreach)
+        else:
+            self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self._params if p.grad is not None],
+                                                            foreach=foreach)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.lr_scheduler is not None:
@@ -283,6 +288,11 @@ class TorchEngine:
 
     def zero_optimization_stage(self) -> int:
         return 0
+
+    def get_global_grad_norm(self) -> torch.Tensor | None:
+        """The 2-norm of the gradients the last optimizer step used, before clipping, across all
+        ranks (DDP has averaged them); on the device, so reading it is the caller's host wait."""
+        return self._grad_norm
 
     def get_lr(self) -> list[float]:
         return [g["lr"] for g in self.optimizer.param_groups]

@@ -149,6 +149,24 @@ def progress_event(**fields) -> None:
     print(PROGRESS_PREFIX + json.dumps(fields), flush=True)
 
 
+def log_step(metrics: MetricBuffer, engine, sched, loss: torch.Tensor, step: int, show: bool, **event) -> None:
+    """Every `run.log_every` batches: the batch's loss, the learning rate and the gradient norm of
+    the last optimizer step (before clipping, across ranks; none yet during the first
+    accumulation window, or where the engine does not compute it) as MLflow metrics, and as a
+    progress line from rank 0. Reading them is the host's one wait for the device here."""
+    last_loss = loss.item()
+    metrics.add("train_loss", last_loss, step)
+    metrics.add("lr", sched.get_last_lr()[0], step)
+    fields = dict(event, step=step, loss=round(last_loss, 5))
+    norm = engine.get_global_grad_norm() if engine.global_steps else None
+    if norm is not None:
+        norm = float(norm)
+        metrics.add("grad_norm", norm, step)
+        fields["grad_norm"] = round(norm, 6)
+    if show:
+        progress_event(**fields)
+
+
 def train_loop(config: dict) -> dict:
     if (config.get("model") or {}).get("family") == "report_writer":  # the LM family's own worker, same launchers
         from indai.trainers.models.report_writer.train import train_report_writer
@@ -258,12 +276,8 @@ def train_loop(config: dict) -> dict:
             seen += batch["label"].shape[0]
             loss_sum = loss_sum + loss.detach().float()  # summed on the device: no host sync every step
             if step % cfg.run.log_every == 0:
-                last_loss = loss.item()
-                metrics.add("train_loss", last_loss, step)
-                metrics.add("lr", sched.get_last_lr()[0], step)
-                if d.rank == 0:
-                    progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step, steps=total_batches,
-                                   loss=round(last_loss, 5))
+                log_step(metrics, engine, sched, loss, step, d.rank == 0, epoch=epoch + 1, epochs=cfg.optim.epochs,
+                         steps=total_batches)
             if every_steps and step % every_steps == 0 and skip + batches_run < n_batches:  # the epoch's end saves its own
                 metrics.flush()
                 meta = {"epoch": epoch, "batch": skip + batches_run, "batch_size": cfg.optim.batch_size, "step": step,

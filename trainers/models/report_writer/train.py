@@ -12,12 +12,14 @@ checkpoints in the object store with resume) and the engine's strategy choice by
 from __future__ import annotations
 
 import json
+import math
 import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
@@ -31,7 +33,7 @@ from indai.trainers import checkpoint
 from indai.trainers.config import TrainConfig
 from indai.trainers.data import ShardSampler
 from indai.trainers.engine import bf16_enabled, build_engine, full_state_dict, lockstep, optimizer_steps
-from indai.trainers.loop import progress_event, setup_distributed, warmup_cosine
+from indai.trainers.loop import log_step, progress_event, setup_distributed, warmup_cosine
 from indai.trainers.profiling import Profile, log_traces, record_profile
 from indai.trainers.tracking import MetricBuffer
 from indai.trainers.models.report_writer.data import InstructDataset, collate, to_device
@@ -63,14 +65,64 @@ def _inputs(batch: dict) -> dict:
     return {k: batch[k] for k in ("prompts", "responses", "sensor", "image", "mask") if k in batch}
 
 
-def train_step(engine, batch: dict, device: torch.device, sums: torch.Tensor) -> torch.Tensor:
-    """One optimizer step on a collated batch. Adds (loss, response tokens) to `sums` on the device:
-    nothing here makes the host wait for the GPU, the loop reads the sums once per epoch
-    (tests/gpu/test_gpu_host_waits.py counts the waits). Returns the loss, on the device."""
+class TokenWindows:
+    """The loss of an optimizer step is the mean over every response token of its accumulation
+    window, on every rank, as if the window were one batch.
+
+    The model returns each micro-batch's mean per token, and the engines (DeepSpeed and
+    TorchEngine alike) divide what `backward` gets by the accumulation steps and average the
+    gradients across ranks. That weights a micro-batch of 3 response tokens as much as one of
+    300, so the gradient would depend on how the same samples are cut into micro-batches and
+    ranks (the gradient-accumulation error Hugging Face Trainer fixed in 2024). Here each
+    micro-batch's mean is scaled by `its tokens * grad_accum * world / the window's tokens`, which
+    the engines' division and averaging turn into the window's per-token mean.
+
+    The token counts need no look-ahead: responses are tokenised up front and the sampler's
+    order is a function of seed and epoch, so every micro-batch's count of every epoch is known
+    at the start, on the host. One all-reduce of those counts (epochs x batches integers) gives
+    the windows' totals on every rank; a window that crosses an epoch's end, as accumulation
+    does (trainers.engine.optimizer_steps), is summed like any other. Micro-batch `i` of epoch `e`
+    is the engine's micro-step `e * batches + i`."""
+
+    def __init__(self, lengths: np.ndarray, sampler: ShardSampler, batch_size: int, grad_accum: int, epochs: int,
+                 world: int, device: torch.device):
+        batches = math.ceil(len(sampler) / batch_size)
+        mine = np.zeros((epochs, batches), dtype=np.int64)
+        for epoch in range(epochs):
+            order = ShardSampler(sampler.n, sampler.rank, sampler.world, sampler.shuffle, sampler.seed)
+            order.set_epoch(epoch)
+            idx = np.fromiter(iter(order), dtype=np.int64, count=len(order))
+            mine[epoch] = np.add.reduceat(lengths[idx], np.arange(0, len(idx), batch_size))
+        total = torch.from_numpy(mine.ravel().copy())
+        if dist.is_initialized() and world > 1:
+            total = total.to(device)
+            dist.all_reduce(total)
+            total = total.cpu()
+        self.batches, self.grad_accum, self.world = batches, grad_accum, world
+        self.mine, self.all = mine.ravel(), total.numpy()
+        starts = np.arange(0, len(self.all), grad_accum)
+        self.window = np.add.reduceat(self.all, starts) if len(self.all) else np.zeros(0, dtype=np.int64)
+
+    def scale(self, epoch: int, i: int) -> float:
+        """What micro-batch `i` of `epoch`'s mean loss is multiplied by before `backward`."""
+        g = epoch * self.batches + i
+        return float(self.mine[g] * self.grad_accum * self.world) / max(1, int(self.window[g // self.grad_accum]))
+
+    def epoch_tokens(self, epoch: int) -> int:
+        """Response tokens of the epoch's micro-batches, all ranks together."""
+        return int(self.all[epoch * self.batches: (epoch + 1) * self.batches].sum())
+
+
+def train_step(engine, batch: dict, device: torch.device, sums: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """One micro-step on a collated batch: forward, backward of the mean loss per response token
+    times `scale` (TokenWindows.scale), and the engine's step (the optimizer's at the end of an
+    accumulation window). Adds (summed loss, response tokens) to `sums` on the device: nothing
+    here makes the host wait for the GPU, the loop reads the sums once per epoch
+    (tests/gpu/test_gpu_host_waits.py counts the waits). Returns the mean loss, on the device."""
     loss, n = engine(**_inputs(to_device(batch, device)))
-    engine.backward(loss)
+    engine.backward(loss * scale if scale != 1.0 else loss)
     engine.step()
-    sums += torch.stack([loss.detach().double(), n.double()])
+    sums += torch.stack([loss.detach().double() * n, n.double()])
     return loss
 
 
@@ -132,6 +184,8 @@ def train_report_writer(config: dict) -> dict:
     profile = Profile(cfg, d.rank, d.device, store)  # run.profile_steps (trainers.profiling)
     if found:
         metrics.restore(state.get("unsent_metrics"))
+    windows = TokenWindows(np.array([len(r) for r in splits["train"].responses], dtype=np.int64), sampler,
+                           cfg.optim.batch_size, cfg.optim.grad_accum, cfg.optim.epochs, d.world, d.device)
     val: dict = {}
     for epoch in range(start_epoch, cfg.optim.epochs):
         sampler.set_epoch(epoch)
@@ -140,27 +194,30 @@ def train_report_writer(config: dict) -> dict:
         show_bar = cfg.run.progress and d.rank == 0 and not d.under_ray
         for batch in bar(profile.steps(train_loader), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", total=len(train_loader),
                          enabled=show_bar):
-            loss = train_step(engine, batch, d.device, sums)
+            loss = train_step(engine, batch, d.device, sums, windows.scale(epoch, batches))
             step, batches = step + 1, batches + 1
             if step % cfg.run.log_every == 0:
-                last_loss = loss.item()
-                metrics.add("train_loss", last_loss, step)
-                metrics.add("lr", sched.get_last_lr()[0], step)
-                if d.rank == 0:
-                    progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step, steps=total_batches,
-                                   loss=round(last_loss, 5))
+                log_step(metrics, engine, sched, loss, step, d.rank == 0, epoch=epoch + 1, epochs=cfg.optim.epochs,
+                         steps=total_batches)
+        if dist.is_initialized():
+            dist.all_reduce(sums)  # the epoch's loss per response token, over every rank
         loss_sum, tokens = sums.tolist()
+        if int(tokens) != windows.epoch_tokens(epoch):
+            raise RuntimeError(f"the loss was weighted for {windows.epoch_tokens(epoch)} response tokens in epoch "
+                               f"{epoch + 1}, but the model scored {int(tokens)}: TokenWindows and the model count "
+                               "response tokens differently")
         took = time.perf_counter() - t0
-        metrics.add("epoch_train_loss", loss_sum / max(1, batches), step)
-        metrics.add("response_tokens_per_s", tokens * d.world / took, step)
+        epoch_loss = loss_sum / max(1, tokens)
+        metrics.add("epoch_train_loss", epoch_loss, step)
+        metrics.add("response_tokens_per_s", tokens / took, step)
         if "val" in eval_loaders:
             val = evaluate(engine, eval_loaders["val"], d.device)
             metrics.add("val_loss", val["loss"], step)
         metrics.flush()
         if d.rank == 0:
             progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step, steps=total_batches,
-                           loss=round(loss_sum / max(1, batches), 5), val_loss=val.get("loss"))
-            print(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {loss_sum / max(1, batches):.4f}"
+                           loss=round(epoch_loss, 5), val_loss=val.get("loss"))
+            print(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {epoch_loss:.4f}"
                   + (f", val loss {val['loss']:.4f}" if val else "") + f" ({took:.1f} s)", file=sys.stderr, flush=True)
         if (epoch + 1) % cfg.run.checkpoint_every == 0 or epoch + 1 == cfg.optim.epochs:
             meta = {"epoch": epoch, "step": step, "batch_size": cfg.optim.batch_size, "mlflow_run_id": cfg.mlflow_run_id,
