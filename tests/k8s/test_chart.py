@@ -90,6 +90,8 @@ def test_every_scenario_passes_server_side_dry_run(k8s_cluster, scenario):
 TOGGLES = {
     "no-ray": ["ray.enabled=false"],
     "external-mlflow": ["mlflow.enabled=false", "mlflow.external.uri=http://mlflow.example:5000"],
+    "external-mlflow-login": ["mlflow.enabled=false", "mlflow.external.uri=https://mlflow.example",
+                              "mlflow.external.existingSecret=mlflow-login", "gateway.enabled=true"],
     "no-auth-no-policies": ["mlflow.auth=false", "networkPolicy.enabled=false"],
     "operator-and-serve": ["kuberay-operator.enabled=true", "serve.enabled=true", "ray.auth.enabled=false"],
     "head-only": ["ray.cpuWorkers.enabled=false", "ray.gpuWorkers.enabled=false"],
@@ -114,6 +116,19 @@ def test_each_part_switches_off_or_on(k8s_cluster, name):
         ray = next(d for d in docs if d["kind"] == "RayCluster")
         env = {e["name"]: e.get("value") for e in ray["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
         assert env["INDAI_MLFLOW_URI"] == "http://mlflow.example:5000" and "MLFLOW_TRACKING_PASSWORD" not in env
+    if name == "external-mlflow-login":  # the account comes from the admin's Secret, into every platform pod
+        checked = set()
+        for d in docs:
+            for where, spec in pod_specs(d):
+                for container in spec["containers"]:
+                    env = {e["name"]: e for e in container.get("env", [])}
+                    if "INDAI_MLFLOW_URI" not in env:
+                        continue
+                    checked.add(where)
+                    assert env["INDAI_MLFLOW_URI"]["value"] == "https://mlflow.example"
+                    login = {k: env[f"MLFLOW_TRACKING_{k.upper()}"]["valueFrom"]["secretKeyRef"] for k in ("username", "password")}
+                    assert login == {k: {"name": "mlflow-login", "key": k} for k in ("username", "password")}, (where, env)
+        assert {"indai-gateway", "indai-ray/head"} <= checked, checked
     if name == "no-auth-no-policies":
         assert "NetworkPolicy" not in {k for k, _ in kinds} and ("ConfigMap", "indai-mlflow-auth") not in kinds
     if name == "operator-and-serve":

@@ -134,6 +134,12 @@ MLflow artefacts, no admin rights), never MinIO's root keys: Ray pods run resear
   value: admin
 - name: MLFLOW_TRACKING_PASSWORD
   valueFrom: {secretKeyRef: {name: {{ include "indai.secretName" . }}, key: mlflowAdminPassword}}
+{{- else if and (not .Values.mlflow.enabled) .Values.mlflow.external.existingSecret }}
+{{- /* the external server's account, from the admin's own Secret (never a value in values.yaml) */}}
+- name: MLFLOW_TRACKING_USERNAME
+  valueFrom: {secretKeyRef: {name: {{ .Values.mlflow.external.existingSecret }}, key: username}}
+- name: MLFLOW_TRACKING_PASSWORD
+  valueFrom: {secretKeyRef: {name: {{ .Values.mlflow.external.existingSecret }}, key: password}}
 {{- end }}
 {{- end -}}
 
