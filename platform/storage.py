@@ -559,7 +559,7 @@ _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
-def _parse_s3_uri(uri: str) -> tuple[str, str]:
+def parse_s3_uri(uri: str) -> tuple[str, str]:
     """(bucket, base prefix) of ``s3://bucket[/prefix]``."""
     rest = uri[len("s3://"):]
     bucket, _, base = rest.partition("/")
@@ -574,7 +574,7 @@ def _parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, base
 
 
-def _parse_secure(value: str | bool | None) -> bool:
+def parse_secure(value: str | bool | None) -> bool:
     if value is None:
         value = os.environ.get("INDAI_S3_SECURE", "1")
     if isinstance(value, bool):
@@ -676,7 +676,7 @@ class S3Store(ObjectStore):
 
         if not uri.startswith("s3://"):
             raise StoreError(f"{uri!r} is not an s3:// URI")
-        self.bucket, self.base = _parse_s3_uri(uri)
+        self.bucket, self.base = parse_s3_uri(uri)
         self.uri = f"s3://{self.bucket}" + (f"/{self.base}" if self.base else "")
         endpoint = endpoint or os.environ.get("INDAI_S3_ENDPOINT", "").strip()
         if not endpoint:
@@ -686,7 +686,7 @@ class S3Store(ObjectStore):
         if bool(access_key) != bool(secret_key):
             raise StoreError(f"only one of the S3 access key and secret key is set; "
                              f"{_S3_ENV_HELP}")
-        self.endpoint, self.secure = _split_endpoint(endpoint, _parse_secure(secure))
+        self.endpoint, self.secure = _split_endpoint(endpoint, parse_secure(secure))
         self.retry_deadline_s = _retry_deadline(retry_deadline_s)
         try:
             self._client = Minio(endpoint=self.endpoint, access_key=access_key or None,

@@ -103,11 +103,11 @@ def provision_from_env(wait_s: float = 120.0) -> None:
     if missing:
         raise UserError(f"indai admin provision-store needs {', '.join(missing)} in its environment (the chart's "
                         "hook Job sets them all)")
-    from indai.platform.storage import _parse_s3_uri, _parse_secure  # the store's own rules (StoreError is a UserError)
+    from indai.platform.storage import parse_s3_uri, parse_secure  # the store's own rules (StoreError is a UserError)
 
     uri = os.environ["INDAI_STORE_URI"]
-    bucket, base = _parse_s3_uri(uri) if uri.startswith("s3://") else ("", "not s3")
-    secure = _parse_secure(None)
+    bucket, base = parse_s3_uri(uri) if uri.startswith("s3://") else ("", "not s3")
+    secure = parse_secure(None)
     if base:
         raise UserError(f"INDAI_STORE_URI is {uri!r}: provision-store takes a whole bucket, s3://<bucket>")
     provision(os.environ["INDAI_S3_ENDPOINT"], secure, (os.environ["MINIO_ROOT_USER"], os.environ["MINIO_ROOT_PASSWORD"]),

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from indai.platform import datasets, gateway, mirror, registry, tenancy
 from indai.platform.config import parse_override
 from indai.platform.errors import UserError
-from indai.platform.storage import LocalStore, S3Store, StoreError, _parse_s3_uri, validate_key
+from indai.platform.storage import LocalStore, S3Store, StoreError, parse_s3_uri, validate_key
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def check_s3_key(key: str, root: Path) -> None:
 
 def check_s3_uri(rest: str, root: Path) -> None:
     try:
-        bucket, base = _parse_s3_uri("s3://" + rest)
+        bucket, base = parse_s3_uri("s3://" + rest)
     except StoreError as e:
         check_refusal(e, "bucket", "prefix")
         return
@@ -265,7 +265,7 @@ def test_valid_names_pass_every_check(root):
 
     assert LocalStore(root)._path("data.csv") == root.resolve() / "data.csv"
     assert _S3._name("datasets/cwru/v1") == "base/datasets/cwru/v1"
-    assert _parse_s3_uri("s3://my-bucket/team/a") == ("my-bucket", "team/a")
+    assert parse_s3_uri("s3://my-bucket/team/a") == ("my-bucket", "team/a")
     assert datasets.parse_ref("cwru@0123456789abcdef") == datasets.DatasetRef("cwru", "0123456789abcdef")
     assert mirror.check_name("efficientnet-lite0") == "efficientnet-lite0"
     assert tenancy.check_id("member", "steel-a") == "steel-a"
