@@ -96,7 +96,7 @@ def test_a_step_s_loss_is_per_token_across_micro_batches_and_ranks(records):
         # Adam's first steps move a parameter by about lr * sign(gradient) wherever the gradient is
         # far above its epsilon, so the rounding of another summation order can move a single
         # near-zero component by up to ~lr (seen: 1.3e-4 at most, lr 0.03); each tensor as a whole
-        # must agree (seen: 7e-5 relative). The norms above agree to ~1e-6 relative; averaging the micro-batches' means
-        # instead moves them by 0.6 %.
+        # must agree (seen: 7e-5 relative). The norms above agree to ~1e-6 relative; averaging the
+        # micro-batches' means instead moves them by 0.6 %.
         drift = {k: float((weights[k] - ref_weights[k]).norm() / ref_weights[k].norm().clamp_min(1e-12)) for k in ref_weights}
         assert max(drift.values()) < 1e-3, sorted(drift.items(), key=lambda kv: kv[1])[-3:]
