@@ -50,8 +50,7 @@ def ds_config(micro_batch: int, grad_accum: int, stage: int, offload: bool, clip
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if clip > 0:
-        ds["gradient_clipping"] = clip
+    ds["gradient_clipping"] = clip  # always: DeepSpeed's default is 1.0, which would clip where optim.clip 0 says off
     if bf16:
         # DeepSpeed's own bf16 mode casts the model and breaks BatchNorm (../shared/GPU.md);
         # autocast keeps fp32 master weights and runs matmuls and convolutions in bf16.
@@ -185,6 +184,28 @@ def use_the_environments_ninja() -> None:
         os.environ["PATH"] = str(here) + (os.pathsep + path if path else "")
 
 
+def clip_in_step_hook(optimizer: torch.optim.Optimizer, clip: float, foreach: bool) -> None:
+    """Under DeepSpeed ZeRO-0 the torch optimizer steps as it is: its pre-step hook takes the
+    gradients' norm (DeepSpeed has all-reduced them by then), clips them to `clip` when it is
+    set, and keeps the norm on the optimizer for `grad_norm`. ZeRO 1-3 and the torch engine keep
+    their own (DeepSpeed's `get_global_grad_norm`)."""
+    def hook(opt, args, kwargs):
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        if clip > 0:
+            opt.indai_grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=foreach or None)
+        else:
+            opt.indai_grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=foreach or None)
+
+    optimizer.register_step_pre_hook(hook)
+
+
+def grad_norm(engine) -> torch.Tensor | float | None:
+    """The 2-norm of the gradients of the engine's last optimizer step, before clipping, across
+    ranks; None before the first step or where the engine computes none."""
+    kept = getattr(engine.optimizer, "indai_grad_norm", None)
+    return kept if kept is not None else engine.get_global_grad_norm()
+
+
 def build_engine(model: torch.nn.Module, cfg, d, lr_lambda: Callable[[int], float], store=None,
                  param_groups: list | None = None):
     """(engine, lr scheduler) for `model` (already on d.device) under the strategy `decide`
@@ -202,8 +223,12 @@ def build_engine(model: torch.nn.Module, cfg, d, lr_lambda: Callable[[int], floa
         use_the_environments_ninja()  # before DeepSpeed builds its ops
         import deepspeed
 
+        config = deepspeed_config(cfg, cuda, choice)
+        if not choice.zero_stage:  # DeepSpeed clips ZeRO-0 gradients but keeps no norm: indai clips them
+            config["gradient_clipping"] = 0.0
+            clip_in_step_hook(opt, cfg.optim.clip, foreach=cuda)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                               config=deepspeed_config(cfg, cuda, choice), dist_init_required=False)
+                                               config=config, dist_init_required=False)
         if cfg.run.compile and not regional:
             engine.compile()
     else:

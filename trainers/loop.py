@@ -34,7 +34,7 @@ from indai.platform.storage import open_store
 from indai.trainers import checkpoint, feed, finetune, tasks
 from indai.trainers.config import TrainConfig
 from indai.trainers.engine import (build_engine, deepspeed_config, full_state_dict,  # noqa: F401  (deepspeed_config: kept importable from here)
-                                   lockstep, optimizer_steps)
+                                   grad_norm, lockstep, optimizer_steps)
 from indai.trainers.streaming import split_size
 from indai.trainers.profiling import Profile, record_profile
 from indai.trainers.tracking import MetricBuffer
@@ -152,13 +152,13 @@ def progress_event(**fields) -> None:
 def log_step(metrics: MetricBuffer, engine, sched, loss: torch.Tensor, step: int, show: bool, **event) -> None:
     """Every `run.log_every` batches: the batch's loss, the learning rate and the gradient norm of
     the last optimizer step (before clipping, across ranks; none yet during the first
-    accumulation window, or where the engine does not compute it) as MLflow metrics, and as a
+    accumulation window; trainers.engine.grad_norm) as MLflow metrics, and as a
     progress line from rank 0. Reading them is the host's one wait for the device here."""
     last_loss = loss.item()
     metrics.add("train_loss", last_loss, step)
     metrics.add("lr", sched.get_last_lr()[0], step)
     fields = dict(event, step=step, loss=round(last_loss, 5))
-    norm = engine.get_global_grad_norm() if engine.global_steps else None
+    norm = grad_norm(engine) if engine.global_steps else None
     if norm is not None:
         norm = float(norm)
         metrics.add("grad_norm", norm, step)

@@ -358,3 +358,42 @@ def test_lr_schedule_spans_the_optimizer_steps_that_run_also_after_a_resume(tmp_
     engine, sched, _ = built[-1]
     assert resumed["step"] == 28 and resumed["timing"]["steps"] == 21
     assert engine.micro_steps == 28 and engine.global_steps == 7 and sched.last_epoch == 7
+
+
+# ---- the gradient norm every engine reports ------------------------------------------------------
+
+@pytest.mark.parametrize("clip", [0.05, 0.0])
+def test_every_engine_reports_the_pre_clip_gradient_norm_and_clips_alike(tmp_path, capfd, clip):
+    """The same run (one rank, same data and seed) under the torch engine (ddp), DeepSpeed ZeRO-0
+    (clipped by indai in the optimizer's pre-step hook, since DeepSpeed keeps no norm there) and
+    ZeRO-2 (DeepSpeed's own norm), with gradients clipped far below their norm, and not clipped
+    (optim.clip 0: DeepSpeed's own default would clip at 1.0, below these norms): each optimizer
+    step's `grad_norm` in the progress lines is the same before-clipping norm, and the losses that
+    follow, which depend on every earlier step, are the same."""
+    import json
+
+    from indai.trainers.loop import PROGRESS_PREFIX
+
+    store = open_store(tmp_path / "store")
+    ref, _ = write_dataset(store, "norms", {"train": 64, "test": 16}, classes=4, sensor=(2, 128))
+    seen = {}
+    for strategy in ("ddp", "zero0", "zero2"):
+        capfd.readouterr()
+        train_loop(config(store, ref, f"norm-{strategy}", ["sensor"], **{
+            "optim.epochs": 1, "optim.batch_size": 8, "optim.grad_accum": 2, "optim.clip": clip,
+            "deepspeed.strategy": strategy, "run.log_every": 1}))
+        events = [json.loads(line[len(PROGRESS_PREFIX):]) for line in capfd.readouterr().out.splitlines()
+                  if line.startswith(PROGRESS_PREFIX) and '"step"' in line]
+        seen[strategy] = {e["step"]: (e.get("grad_norm"), e["loss"]) for e in events if "val_accuracy" not in e}
+    ddp = seen["ddp"]
+    assert sorted(ddp) == list(range(1, 9))  # 8 micro-batches, 4 optimizer steps, each logged
+    assert ddp[1][0] is None and all(ddp[s][0] is not None for s in range(2, 9))  # none before the first step
+    assert min(ddp[s][0] for s in range(2, 9)) > max(clip, 1.0)  # clipping (at 0.05, or DeepSpeed's 1.0) would bite
+    for strategy in ("zero0", "zero2"):
+        assert sorted(seen[strategy]) == sorted(ddp), strategy
+        for step, (norm, loss) in ddp.items():
+            other_norm, other_loss = seen[strategy][step]
+            assert math.isclose(other_loss, loss, rel_tol=1e-4, abs_tol=1e-5), (strategy, step, other_loss, loss)
+            assert (other_norm is None) == (norm is None), (strategy, step)
+            if norm is not None:
+                assert math.isclose(other_norm, norm, rel_tol=1e-4), (strategy, step, other_norm, norm)
