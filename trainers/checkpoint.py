@@ -15,7 +15,8 @@ entry replaced, the tune policy changed) is refused rather than trained on other
 Tags say how far the run had got: `epoch-00002` after the third epoch ended (validated), and,
 with run.checkpoint_every_steps, `epoch-00002-batch-000025` after 25 batches of it, so a restart
 loses at most that interval of steps and resumes at that position of the epoch's sample order. Tags
-are ordered by that progress, not by name. Next to the checkpoints the driver keeps the run's
+are ordered by that progress, not by name. An epoch's end inside an accumulation window is saved as
+of the window's start, and a resume goes on from there (WindowStart). Next to the checkpoints the driver keeps the run's
 resolved config (`config.json`, one object, written whole), which `indai train resume` reloads.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import re
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -130,29 +132,132 @@ def check_resumable(run_name: str, tag: str, meta: dict, world: int, batch_size:
         raise UserError(f"checkpoint {tag} of run {run_name} was written by {was_world} workers under {strategy}, which "
                         f"splits the optimizer state into {was_world} partitions, and this job has {world}: DeepSpeed loads "
                         f"it only with the same number. Resume with run.workers={was_world}")
-    if meta.get("batch") is not None and (was_world, was_batch) != (world, batch_size):
+    if (was_world, was_batch) == (world, batch_size):
+        return
+    if meta.get("batch") is not None:
         raise UserError(f"checkpoint {tag} of run {run_name} stopped inside epoch {int(meta['epoch']) + 1}, at a position in "
                         f"the shards of {was_world} workers with batches of {was_batch}, and this job has {world} workers "
                         f"with batches of {batch_size}: their shards differ, so some samples would be skipped and others "
                         f"repeated. Resume with run.workers={was_world} and optim.batch_size={was_batch}")
+    at = meta.get("resume_at") or {}
+    if at.get("batch"):
+        raise UserError(f"checkpoint {tag} of run {run_name} was written inside an accumulation window that began in epoch "
+                        f"{int(at['epoch']) + 1}, and goes on from there, at a position in the shards of {was_world} workers "
+                        f"with batches of {was_batch}; this job has {world} workers with batches of {batch_size}: their "
+                        f"shards differ, so some samples would be skipped and others repeated. Resume with "
+                        f"run.workers={was_world} and optim.batch_size={was_batch}")
 
 
 def resume_position(state: dict) -> tuple[int, int, int]:
-    """(epoch to run, global step, batches of that epoch already done) after a checkpoint's state."""
+    """(epoch to run, global step, batches of that epoch already done) after a checkpoint's state:
+    for a checkpoint written inside an accumulation window, the window's start (WindowStart)."""
+    at = state.get("resume_at")
+    if at:
+        return int(at["epoch"]), int(at["step"]), int(at["batch"])
     epoch, step = int(state["epoch"]), int(state["step"])
     if state.get("batch") is not None:  # mid-epoch: the same epoch again, from that batch on
         return epoch, step, int(state["batch"])
     return epoch + 1, step, 0
 
 
-def rng_state() -> dict:
-    """The torch random generators' state (dropout masks, the anomaly task's pretext draws): saved
-    with a checkpoint and put back by `load`, so a resumed run draws what the uninterrupted run
-    would have drawn. Every rank seeds and draws alike, so rank 0's state is every rank's."""
-    state = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    """The generators' state as tensors (copies, on the host; reading the CUDA generator's waits for nothing)."""
+    state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()  # the current device's
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device's
     return state
+
+
+def rng_state(tensors: dict[str, torch.Tensor] | None = None) -> dict:
+    """The torch random generators' state (dropout masks, the anomaly task's pretext draws), now or
+    as `_rng_tensors` took it: saved with a checkpoint and put back by `load`, so a resumed run
+    draws what the uninterrupted run would have drawn. Every rank seeds and draws alike, so rank
+    0's state is every rank's."""
+    return {k: base64.b64encode(v.numpy().tobytes()).decode() for k, v in (tensors or _rng_tensors()).items()}
+
+
+class WindowStart:
+    """Where the engine's current accumulation window began: what a checkpoint written inside the
+    window goes on from.
+
+    The engines count micro-batches across epoch ends and step the optimizer at every
+    `grad_accum`-th (trainers.engine.optimizer_steps), so an epoch can end inside a window. A
+    checkpoint written there holds the weights, optimizer state and schedule of the window's start
+    (nothing steps inside a window), but not the gradients its micro-batches have summed so far,
+    which neither engine saves: going on after the checkpoint would drop them, and the window's
+    step would see only the micro-batches after the restart. So such a checkpoint is written as of
+    the window's start: it records that position (`resume_at`: epoch, batches of that epoch done,
+    micro-step), the random generators' state there, and the module's buffers there (BatchNorm's
+    running statistics move with every forward); a resumed run goes on from the start and runs the
+    window's micro-batches again, so it steps where and as the uninterrupted run does. A window the
+    run never closes (the micro-batches after its last step, which add no update) needs no rewind.
+
+    The loop calls `after` after every micro-step. At the start of a window in which an epoch ends
+    (the only place a checkpoint can fall inside one: run.checkpoint_every_steps is a multiple of
+    optim.grad_accum) it copies the generators' state (host tensors) and the buffers (one fused
+    copy on the device): once an epoch, nothing waits."""
+
+    def __init__(self, grad_accum: int, batches_per_epoch: int, total_steps: int, module: torch.nn.Module,
+                 epoch: int, batch: int, step: int):
+        self.grad_accum, self.batches, self.total, self.module = grad_accum, batches_per_epoch, total_steps, module
+        self.point: dict | None = None  # the current window's start, when an epoch ends inside the window
+        self.rng: dict[str, torch.Tensor] | None = None
+        self._saved: list[torch.Tensor] | None = None
+        self.after(epoch, batch, step)  # a run starts on a boundary, a resumed one too (a checkpoint written before
+        # resume_at existed may not: then nothing is known until the next boundary, and such a checkpoint goes on as before)
+
+    def _buffers(self) -> list[torch.Tensor]:
+        ids = {id(b) for b in self.module.buffers()}
+        return [v for v in self.module.state_dict(keep_vars=True).values() if id(v) in ids]  # persistent ones
+
+    def after(self, epoch: int, batch: int, step: int) -> None:
+        """After micro-step `step`, the `batch`-th batch of epoch `epoch` (0 before the first)."""
+        if self.grad_accum == 1 or step % self.grad_accum:
+            return
+        if batch >= self.batches:  # the window begins with the next epoch
+            epoch, batch = epoch + 1, 0
+        self.point = None
+        if batch + self.grad_accum <= self.batches:  # the window closes inside this epoch
+            return
+        self.point, self.rng = {"epoch": epoch, "batch": batch, "step": step}, _rng_tensors()
+        buffers = self._buffers()
+        with torch.no_grad():
+            if self._saved is None or len(self._saved) != len(buffers):
+                self._saved = [b.detach().clone() for b in buffers]
+            elif buffers:
+                torch._foreach_copy_(self._saved, [b.detach() for b in buffers])
+
+    def open_at(self, step: int) -> bool:
+        """Whether a checkpoint after micro-step `step` lies inside a window the run will close."""
+        return (self.point is not None and step % self.grad_accum != 0
+                and self.point["step"] + self.grad_accum <= self.total)
+
+    @contextmanager
+    def buffers_at_start(self):
+        """The module's buffers as they were at the window's start, for the time of a save."""
+        buffers = [b.detach() for b in self._buffers()]
+        now = [b.clone() for b in buffers]
+        with torch.no_grad():
+            if buffers:
+                torch._foreach_copy_(buffers, self._saved)
+            try:
+                yield
+            finally:
+                if buffers:
+                    torch._foreach_copy_(buffers, now)
+
+
+def streamed_window_starts(batches_per_epoch: int, grad_accum: int, epochs: int, checkpoint_every: int) -> list[int]:
+    """The epochs (0-based) whose end checkpoint would go on from the middle of an epoch
+    (WindowStart): a streamed split has no position there to go on from."""
+    out, total = [], epochs * batches_per_epoch
+    for epoch in range(epochs):
+        end = (epoch + 1) * batches_per_epoch
+        start = end - end % grad_accum  # the window the epoch ends in began there
+        if ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs) and end % grad_accum \
+                and start + grad_accum <= total and start % batches_per_epoch:  # WindowStart.open_at
+            out.append(epoch)
+    return out
 
 
 def set_rng_state(state: dict) -> None:
@@ -286,10 +391,15 @@ def module_loader(frozen_left_out: bool, tag: str):
     return load_into
 
 
-def save(engine, store: ObjectStore, run_name: str, tag: str, meta: dict, rank: int) -> None:
+def save(engine, store: ObjectStore, run_name: str, tag: str, meta: dict, rank: int,
+         window: WindowStart | None = None) -> None:
+    """Every rank's shard of the checkpoint after micro-step `meta["step"]`, uploaded, then committed
+    by rank 0; inside an accumulation window (`window`), with the window's start to go on from."""
     # the strategy (trainers.engine) decides the checkpoint's layout; a resumed run keeps it
     t0 = time.perf_counter()
-    rng = rng_state()
+    rng, as_of = rng_state(), nullcontext()
+    if window is not None and window.open_at(int(meta["step"])):  # written as of the window's start
+        meta, rng, as_of = {**meta, "resume_at": window.point}, rng_state(window.rng), window.buffers_at_start()
     frozen = frozen_fingerprint(engine.module)  # every rank: a collective under ZeRO-3
     meta = {**meta, "strategy": getattr(engine, "indai_strategy", None), "frozen": frozen, "world": _world()}
     written = 0
@@ -300,7 +410,8 @@ def save(engine, store: ObjectStore, run_name: str, tag: str, meta: dict, rank: 
         store.delete_prefix(f"{prefix(run_name)}/{tag}")
     _barrier()  # no rank uploads before the tag is empty
     with tempfile.TemporaryDirectory(prefix="indai-ckpt-") as local:
-        engine.save_checkpoint(local, tag=tag, client_state={**meta, "rng": rng}, exclude_frozen_parameters=bool(frozen))
+        with as_of:
+            engine.save_checkpoint(local, tag=tag, client_state={**meta, "rng": rng}, exclude_frozen_parameters=bool(frozen))
         shard = Path(local) / tag
         if shard.is_dir():
             written = sum(f.stat().st_size for f in shard.rglob("*") if f.is_file())
@@ -327,9 +438,10 @@ def load(engine, store: ObjectStore, run_name: str, tag: str) -> dict:
     if client_state.get("step") is not None:
         # the engine counts micro-batches to place its accumulation boundaries. DeepSpeed does not
         # save that counter and would start again at 0, TorchEngine saves it: set from the loop's
-        # step (the same count), both engines step the optimizer where an uninterrupted run does,
-        # and the LR schedule ends with the run (trainers.engine.optimizer_steps)
-        engine.micro_steps = int(client_state["step"])
+        # step where the run goes on (the same count; a window's start for a checkpoint inside one),
+        # both engines step the optimizer where an uninterrupted run does, and the LR schedule ends
+        # with the run (trainers.engine.optimizer_steps)
+        engine.micro_steps = int((client_state.get("resume_at") or client_state)["step"])
     if client_state.get("rng"):  # checkpoints written before it was saved go on with the run's seed
         set_rng_state(client_state["rng"])
     return client_state

@@ -277,7 +277,9 @@ def batches(ds, sampler, cfg, device: torch.device) -> ToDevice:
     if cfg.data.num_workers > 0:
         source = DataLoader(_ByBatch(source), sampler=BatchSampler(sampler, cfg.optim.batch_size, drop_last=False),
                             batch_size=None, num_workers=cfg.data.num_workers, pin_memory=cuda,
-                            persistent_workers=True, prefetch_factor=cfg.data.prefetch)
+                            persistent_workers=True, prefetch_factor=cfg.data.prefetch,
+                            # the workers' base seed from a generator of its own, not from the global one dropout draws from
+                            generator=torch.Generator().manual_seed(cfg.run.seed))
     return ToDevice(source, device, channels_last_enabled(cfg, cuda), cfg.data.prefetch)
 
 

@@ -204,8 +204,32 @@ def choose_loader(cfg: TrainConfig, manifest: dict) -> str:
             raise UserError(f"run.checkpoint_every_steps needs the memory loader, and the train split of {cfg.data.dataset} "
                             f"{'is set to stream' if cfg.data.loader == 'stream' else 'streams (over data.stream_above_mb)'}: "
                             "set data.loader: memory, or checkpoint at epoch ends (run.checkpoint_every)")
+        refuse_streamed_windows(cfg, manifest)
         return "stream"
     return "memory"
+
+
+def refuse_streamed_windows(cfg: TrainConfig, manifest: dict) -> None:
+    """A UserError when an epoch-end checkpoint of a streamed run would fall inside an accumulation
+    window that began in the middle of an epoch: a resume goes on from the window's start
+    (trainers.checkpoint.WindowStart), and a streamed epoch has no position to go on from."""
+    from math import gcd
+
+    from indai.trainers.streaming import split_size
+
+    ga = cfg.optim.grad_accum
+    n = max(1, split_size(manifest, "train") // (cfg.optim.batch_size * cfg.run.workers))  # as the workers count
+    bad = checkpoint.streamed_window_starts(n, ga, cfg.optim.epochs, cfg.run.checkpoint_every)
+    if not bad:
+        return
+    divisor = max(k for k in range(1, ga + 1) if n % k == 0)
+    raise UserError(f"the streamed train split of {cfg.data.dataset} gives {n} batches an epoch ({cfg.run.workers} "
+                    f"worker(s), optim.batch_size {cfg.optim.batch_size}), which optim.grad_accum {ga} does not divide: "
+                    f"the checkpoint after epoch {', '.join(str(e + 1) for e in bad[:5])} would fall inside an "
+                    "accumulation window that began in the middle of an epoch, and a resume goes on from that window's "
+                    "start, which a streamed epoch has no position for. Set optim.grad_accum to a divisor of "
+                    f"{n} (e.g. {divisor}), run.checkpoint_every to a multiple of {ga // gcd(n, ga)} epochs, or "
+                    "data.loader: memory")
 
 
 def run_workers(cfg: TrainConfig, settings: Settings, manifest: dict | None = None, loop=None) -> None:

@@ -253,6 +253,9 @@ def train_loop(config: dict) -> dict:
             print(f"resumed run {cfg.run.name} from {found[0]} (epoch {start_epoch}, step {step}"
                   + (f", batch {start_batch} of the epoch" if start_batch else "") + ")", file=sys.stderr, flush=True)
     every_steps = cfg.run.checkpoint_every_steps
+    # what an epoch-end checkpoint inside an accumulation window goes on from (trainers.checkpoint)
+    window = checkpoint.WindowStart(cfg.optim.grad_accum, n_batches, total_batches, engine.module, start_epoch,
+                                    start_batch, step)
 
     metrics = MetricBuffer(cfg, enabled=d.rank == 0)  # sent in the background (trainers.tracking)
     if found:
@@ -273,6 +276,7 @@ def train_loop(config: dict) -> dict:
             engine.step()
             step += 1
             batches_run += 1
+            window.after(epoch, skip + batches_run, step)
             seen += batch["label"].shape[0]
             loss_sum = loss_sum + loss.detach().float()  # summed on the device: no host sync every step
             if step % cfg.run.log_every == 0:
@@ -304,7 +308,7 @@ def train_loop(config: dict) -> dict:
         if (epoch + 1) % cfg.run.checkpoint_every == 0 or last or (every_steps and step % every_steps == 0):
             meta = {"epoch": epoch, "step": step, "batch_size": cfg.optim.batch_size, "mlflow_run_id": cfg.mlflow_run_id,
                     "val_accuracy": val.get("accuracy"), "unsent_metrics": metrics.unsent()}
-            checkpoint.save(engine, store, cfg.run.name, checkpoint.epoch_tag(epoch), meta, d.rank)
+            checkpoint.save(engine, store, cfg.run.name, checkpoint.epoch_tag(epoch), meta, d.rank, window)
             if d.rank == 0:
                 checkpoint.prune(store, cfg.run.name, cfg.run.keep_checkpoints)
         if d.under_ray:

@@ -100,3 +100,36 @@ def test_a_step_s_loss_is_per_token_across_micro_batches_and_ranks(records):
         # micro-batches' means instead moves them by 0.6 %.
         drift = {k: float((weights[k] - ref_weights[k]).norm() / ref_weights[k].norm().clamp_min(1e-12)) for k in ref_weights}
         assert max(drift.values()) < 1e-3, sorted(drift.items(), key=lambda kv: kv[1])[-3:]
+
+
+def test_a_run_resumed_inside_an_accumulation_window_ends_with_the_uninterrupted_weights(records):
+    """32 records in micro-batches of 8 with grad_accum 3, 3 epochs, one process, in this one: 4
+    micro-batches an epoch, so the first epoch ends inside the window of micro-batches 4-6, which
+    began at its 4th batch. Its checkpoint records that start (trainers.checkpoint.WindowStart),
+    and a run resumed from it (the later checkpoints deleted, as if it died after the first epoch)
+    goes on from there, halfway into the first epoch, with LoRA dropout drawing what the
+    uninterrupted run drew: the adapters come out as the uninterrupted run's."""
+    from safetensors.torch import load
+
+    from indai.platform.config import load_config
+    from indai.trainers.config import TrainConfig
+    from indai.trainers.loop import train_loop
+    from indai.trainers.models.report_writer.train import complete_from_manifest
+
+    tmp, store, ref, manifest = records
+    cfg = load_config(TrainConfig, REPO / "trainers/recipes/report_writer_debug.yaml",
+                      [f"data.dataset={ref}", "optim.epochs=3", "optim.batch_size=8", "optim.grad_accum=3",
+                       "deepspeed.strategy=ddp", "model.lora.dropout=0.2", "run.name=rw-window", "run.launcher=local",
+                       "run.progress=false", "run.keep_checkpoints=3"])
+    config = complete_from_manifest(cfg, manifest).model_copy(update={"store_uri": store.uri}).model_dump(mode="json")
+    assert train_loop(config)["step"] == 12
+    whole = load(store.get_bytes("checkpoints/rw-window/final/trained.safetensors"))
+    meta = store.read_commit("checkpoints/rw-window/epoch-00000")
+    assert meta["step"] == 4 and meta["resume_at"] == {"epoch": 0, "batch": 3, "step": 3}
+    for tag in ("epoch-00001", "epoch-00002", "final"):
+        store.delete_prefix(f"checkpoints/rw-window/{tag}")
+    assert train_loop(config)["step"] == 12
+    again = load(store.get_bytes("checkpoints/rw-window/final/trained.safetensors"))
+    assert again.keys() == whole.keys() and any("lora_B" in k and v.abs().sum() > 0 for k, v in whole.items())
+    for name, tensor in whole.items():
+        np.testing.assert_allclose(again[name].numpy(), tensor.numpy(), rtol=0, atol=1e-6, err_msg=name)

@@ -38,6 +38,58 @@ def test_tags_are_ordered_by_progress_not_by_name(tmp_path):
 def test_resume_position_after_an_epoch_and_inside_one():
     assert checkpoint.resume_position({"epoch": 1, "step": 98}) == (2, 98, 0)
     assert checkpoint.resume_position({"epoch": 1, "batch": 20, "step": 69}) == (1, 69, 20)
+    # written inside an accumulation window: where the window began
+    assert checkpoint.resume_position({"epoch": 1, "step": 98, "resume_at": {"epoch": 1, "batch": 47, "step": 96}}) == (1, 96, 47)
+
+
+def test_window_start_is_kept_where_an_epoch_ends_inside_a_window():
+    """7 batches an epoch, grad_accum 4, 3 epochs (21 micro-batches, windows 1-4, 5-8, ..., 17-20,
+    and 21 alone, never closed). Epoch 1 ends at 7, inside the window that began after batch 4;
+    epoch 2 ends at 14, inside the one that began after batch 12 (batch 5 of epoch 2); epoch 3
+    ends at 21, in the window the run never closes: its checkpoint needs no rewind."""
+    import torch
+
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    window = checkpoint.WindowStart(4, 7, 21, module, 0, 0, 0)
+    seen, step = {}, 0
+    for epoch in range(3):
+        for batch in range(1, 8):
+            step += 1
+            module[1].running_mean.fill_(step)  # what each micro-batch's forward moves
+            window.after(epoch, batch, step)
+            if batch == 7:  # the epoch's end, where the loop checkpoints
+                seen[epoch] = window.open_at(step), window.point
+                if epoch == 0:
+                    with window.buffers_at_start():  # a save sees the buffers of the window's start
+                        assert module[1].running_mean.tolist() == [4.0, 4.0]
+                    assert module[1].running_mean.tolist() == [7.0, 7.0]  # training goes on with its own
+    assert seen[0] == (True, {"epoch": 0, "batch": 4, "step": 4})
+    assert seen[1] == (True, {"epoch": 1, "batch": 5, "step": 12})
+    assert seen[2][0] is False  # 21 lies in the window that began at 20 and never closes
+    assert not checkpoint.WindowStart(1, 7, 21, module, 0, 0, 0).open_at(7)  # no accumulation, no window
+
+
+def test_streamed_runs_refuse_epoch_ends_that_would_go_on_from_inside_an_epoch():
+    from indai.trainers.launch import choose_loader
+
+    assert checkpoint.streamed_window_starts(7, 4, 3, 1) == [0, 1]  # as above: from batch 4 of epoch 1, 5 of epoch 2
+    assert checkpoint.streamed_window_starts(8, 4, 5, 1) == []  # every epoch ends on a window's end
+    assert checkpoint.streamed_window_starts(7, 1, 5, 1) == []
+    assert checkpoint.streamed_window_starts(6, 4, 5, 2) == []  # every 2nd epoch: 12, 24 end windows
+    assert checkpoint.streamed_window_starts(6, 4, 5, 1) == [0, 2]  # 6 and 18 fall inside windows begun at 4 and 16
+    cfg = TrainConfig.model_validate({**_cfg(launcher="ray", workers=2), "data": {"dataset": "d", "loader": "stream"},
+                                      "optim": {"epochs": 5, "batch_size": 8, "grad_accum": 4}})
+    manifest = {"modalities": {}, "shards": {}, "split": {"windows": {"train": 96}}}  # 96 / (8 x 2) = 6 batches an epoch
+    with pytest.raises(UserError) as e:
+        choose_loader(cfg, manifest)
+    assert str(e.value) == (
+        "the streamed train split of d gives 6 batches an epoch (2 worker(s), optim.batch_size 8), which optim.grad_accum "
+        "4 does not divide: the checkpoint after epoch 1, 3 would fall inside an accumulation window that began in the "
+        "middle of an epoch, and a resume goes on from that window's start, which a streamed epoch has no position for. "
+        "Set optim.grad_accum to a divisor of 6 (e.g. 3), run.checkpoint_every to a multiple of 2 epochs, or "
+        "data.loader: memory")
+    ok = cfg.model_copy(update={"run": cfg.run.model_copy(update={"checkpoint_every": 2})})
+    assert choose_loader(ok, manifest) == "stream"
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -242,6 +294,15 @@ def test_what_another_world_or_batch_size_may_resume():
     with pytest.raises(UserError, match=r"with batches of 32, and this job has 2 workers with batches of 64"):
         ok("r", "epoch-00001-batch-000010", {"epoch": 1, "batch": 10, "step": 59, "world": 2, "batch_size": 32,
                                              "strategy": "zero0"}, 2, 64)
+    # an epoch's end inside an accumulation window goes on from the window's start: a position inside
+    # an epoch when the window began in one, else the start of an epoch, which any shards have
+    ok("r", "epoch-00001", {"epoch": 1, "step": 98, "world": 2, "batch_size": 32, "strategy": "ddp",
+                            "resume_at": {"epoch": 2, "batch": 0, "step": 96}}, 1, 64)
+    with pytest.raises(UserError, match=r"^checkpoint epoch-00001 of run r was written inside an accumulation window that "
+                                        r"began in epoch 2, and goes on from there, at a position in the shards of 2 "
+                                        r"workers with batches of 32; this job has 1 workers with batches of 32"):
+        ok("r", "epoch-00001", {"epoch": 1, "step": 98, "world": 2, "batch_size": 32, "strategy": "ddp",
+                                "resume_at": {"epoch": 1, "batch": 47, "step": 96}}, 1, 32)
 
 
 def test_checkpoints_record_their_world_and_a_resume_in_another_is_refused_before_loading(tmp_path):

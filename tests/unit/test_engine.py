@@ -320,9 +320,13 @@ def test_zero3_evaluates_shards_of_unequal_size_on_two_ranks(tmp_path):
 def test_lr_schedule_spans_the_optimizer_steps_that_run_also_after_a_resume(tmp_path, strategy, monkeypatch, capfd):
     """7 batches an epoch, grad_accum 4, 4 epochs: both engines count micro-batches across epoch
     ends, so 28 micro-batches take 7 optimizer steps (not 4 x (7 // 4) = 4, which left the last 3
-    steps at learning rate 0). A run resumed after the first epoch, in the middle of an
-    accumulation window (step 7), steps where the uninterrupted run does, under either engine.
-    Progress reports micro-batches against micro-batches."""
+    steps at learning rate 0). Progress reports micro-batches against micro-batches.
+
+    The first epoch's checkpoint (step 7) lies inside the accumulation window of micro-batches
+    5-8, whose gradients no engine saves: a run resumed from it goes on from the window's start
+    (epoch 1, batch 4, step 4, with the random generators' state there: dropout is on) and ends
+    with the uninterrupted run's weights, under either engine. Going on at step 7 would step the
+    window with one micro-batch's gradient."""
     import json
 
     from indai.trainers import loop
@@ -341,9 +345,10 @@ def test_lr_schedule_spans_the_optimizer_steps_that_run_also_after_a_resume(tmp_
     ref, _ = write_dataset(store, "accum", {"train": 28, "test": 8}, classes=4, sensor=(2, 128))
     cfg = config(store, ref, f"accum-{strategy}", ["sensor"], **{
         "optim.epochs": 4, "optim.batch_size": 4, "optim.grad_accum": 4, "deepspeed.strategy": strategy,
-        "run.log_every": 1, "run.keep_checkpoints": 4, "run.resume": True})
+        "model.dropout": 0.3, "run.log_every": 1, "run.keep_checkpoints": 4, "run.resume": True})
     capfd.readouterr()
     out = train_loop(cfg)
+    whole = final_weights(store, f"accum-{strategy}")
     engine, sched, factor = built[-1]
     assert out["step"] == 28 and engine.global_steps == 7 and sched.last_epoch == 7
     assert all(factor(k) > 0 for k in range(7)) and factor(7) == 0.0  # the cosine ends with the last step
@@ -352,12 +357,22 @@ def test_lr_schedule_spans_the_optimizer_steps_that_run_also_after_a_resume(tmp_
     assert {e["steps"] for e in events} == {28} and max(e["step"] for e in events) == 28
     assert all(e["step"] <= e["steps"] for e in events)
 
+    first = store.read_commit(f"checkpoints/accum-{strategy}/epoch-00000")
+    assert first["step"] == 7 and first["resume_at"] == {"epoch": 0, "batch": 4, "step": 4}
+    assert "resume_at" not in store.read_commit(f"checkpoints/accum-{strategy}/epoch-00003")  # a window never closed
+
     for tag in ("epoch-00001", "epoch-00002", "epoch-00003", "final"):  # as if it died after the first epoch (step 7)
         store.delete_prefix(f"checkpoints/accum-{strategy}/{tag}")
+    capfd.readouterr()
     resumed = train_loop(cfg)
+    assert f"resumed run accum-{strategy} from epoch-00000 (epoch 0, step 4, batch 4 of the epoch)" in capfd.readouterr().err
     engine, sched, _ = built[-1]
-    assert resumed["step"] == 28 and resumed["timing"]["steps"] == 21
+    assert resumed["step"] == 28 and resumed["timing"]["steps"] == 24
     assert engine.micro_steps == 28 and engine.global_steps == 7 and sched.last_epoch == 7
+    again = final_weights(store, f"accum-{strategy}")
+    assert again.keys() == whole.keys()
+    for name, tensor in whole.items():
+        torch.testing.assert_close(again[name], tensor, rtol=0, atol=1e-6, msg=name)
 
 
 # ---- the gradient norm every engine reports ------------------------------------------------------

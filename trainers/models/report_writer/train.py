@@ -57,8 +57,11 @@ def build_model(cfg: TrainConfig, store, load_pretrained: bool = True):
 
 
 def _loader(ds, sampler, cfg: TrainConfig, cuda: bool) -> DataLoader:
+    # its own generator: a DataLoader draws its workers' base seed at every iter(), from the global
+    # generator otherwise, which would shift the dropout masks of a run resumed inside an epoch
     return DataLoader(ds, batch_size=cfg.optim.batch_size, sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=collate,
-                      pin_memory=cuda, persistent_workers=cfg.data.num_workers > 0)
+                      pin_memory=cuda, persistent_workers=cfg.data.num_workers > 0,
+                      generator=torch.Generator().manual_seed(cfg.run.seed))
 
 
 def _inputs(batch: dict) -> dict:
@@ -108,9 +111,9 @@ class TokenWindows:
         g = epoch * self.batches + i
         return float(self.mine[g] * self.grad_accum * self.world) / max(1, int(self.window[g // self.grad_accum]))
 
-    def epoch_tokens(self, epoch: int) -> int:
-        """Response tokens of the epoch's micro-batches, all ranks together."""
-        return int(self.all[epoch * self.batches: (epoch + 1) * self.batches].sum())
+    def epoch_tokens(self, epoch: int, start: int = 0) -> int:
+        """Response tokens of the epoch's micro-batches from batch `start` on, all ranks together."""
+        return int(self.all[epoch * self.batches + start: (epoch + 1) * self.batches].sum())
 
 
 def train_step(engine, batch: dict, device: torch.device, sums: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -172,14 +175,18 @@ def train_report_writer(config: dict) -> dict:
             print(f"[indai] the frozen LM is held in bf16 ({cast / 1e6:.1f} M parameters); adapters train in fp32",
                   file=sys.stderr, flush=True)
 
-    start_epoch, step = 0, 0
+    start_epoch, step, start_batch = 0, 0, 0
     found = checkpoint.latest(store, cfg.run.name) if cfg.run.resume else None
     if found:
         checkpoint.check_resumable(cfg.run.name, found[0], found[1], d.world, cfg.optim.batch_size)
         state = checkpoint.load(engine, store, cfg.run.name, found[0])
-        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+        # after an epoch, or where the accumulation window it ended in began (trainers.checkpoint.WindowStart)
+        start_epoch, step, start_batch = checkpoint.resume_position(state)
         if d.rank == 0:
-            print(f"resumed run {cfg.run.name} from {found[0]} (epoch {start_epoch}, step {step})", file=sys.stderr, flush=True)
+            print(f"resumed run {cfg.run.name} from {found[0]} (epoch {start_epoch}, step {step}"
+                  + (f", batch {start_batch} of the epoch" if start_batch else "") + ")", file=sys.stderr, flush=True)
+    window = checkpoint.WindowStart(cfg.optim.grad_accum, len(train_loader), total_batches, engine.module, start_epoch,
+                                    start_batch, step)
     metrics = MetricBuffer(cfg, enabled=d.rank == 0)  # sent in the background (trainers.tracking)
     profile = Profile(cfg, d.rank, d.device, store)  # run.profile_steps (trainers.profiling)
     if found:
@@ -188,22 +195,24 @@ def train_report_writer(config: dict) -> dict:
                            cfg.optim.batch_size, cfg.optim.grad_accum, cfg.optim.epochs, d.world, d.device)
     val: dict = {}
     for epoch in range(start_epoch, cfg.optim.epochs):
-        sampler.set_epoch(epoch)
-        t0, batches = time.perf_counter(), 0
+        skip = start_batch if epoch == start_epoch else 0  # batches of this epoch that ran before the resume point
+        sampler.set_epoch(epoch, start=skip * cfg.optim.batch_size)
+        t0, batches = time.perf_counter(), skip
         sums = torch.zeros(2, dtype=torch.float64, device=d.device)  # loss, response tokens: summed on the device
         show_bar = cfg.run.progress and d.rank == 0 and not d.under_ray
-        for batch in bar(profile.steps(train_loader), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", total=len(train_loader),
-                         enabled=show_bar):
+        for batch in bar(profile.steps(train_loader), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+                         total=len(train_loader), enabled=show_bar):  # the sampler's length: what is left of the epoch
             loss = train_step(engine, batch, d.device, sums, windows.scale(epoch, batches))
             step, batches = step + 1, batches + 1
+            window.after(epoch, batches, step)
             if step % cfg.run.log_every == 0:
                 log_step(metrics, engine, sched, loss, step, d.rank == 0, epoch=epoch + 1, epochs=cfg.optim.epochs,
                          steps=total_batches)
         if dist.is_initialized():
             dist.all_reduce(sums)  # the epoch's loss per response token, over every rank
         loss_sum, tokens = sums.tolist()
-        if int(tokens) != windows.epoch_tokens(epoch):
-            raise RuntimeError(f"the loss was weighted for {windows.epoch_tokens(epoch)} response tokens in epoch "
+        if int(tokens) != windows.epoch_tokens(epoch, skip):
+            raise RuntimeError(f"the loss was weighted for {windows.epoch_tokens(epoch, skip)} response tokens in epoch "
                                f"{epoch + 1}, but the model scored {int(tokens)}: TokenWindows and the model count "
                                "response tokens differently")
         took = time.perf_counter() - t0
@@ -223,7 +232,7 @@ def train_report_writer(config: dict) -> dict:
             meta = {"epoch": epoch, "step": step, "batch_size": cfg.optim.batch_size, "mlflow_run_id": cfg.mlflow_run_id,
                     "val_loss": val.get("loss"),
                     "unsent_metrics": metrics.unsent()}
-            checkpoint.save(engine, store, cfg.run.name, checkpoint.epoch_tag(epoch), meta, d.rank)
+            checkpoint.save(engine, store, cfg.run.name, checkpoint.epoch_tag(epoch), meta, d.rank, window)
             if d.rank == 0:
                 checkpoint.prune(store, cfg.run.name, cfg.run.keep_checkpoints)
         if d.under_ray:
