@@ -316,7 +316,7 @@ def test_zero3_evaluates_shards_of_unequal_size_on_two_ranks(tmp_path):
 
 # ---- the LR schedule and the optimizer steps that run -------------------------------------------
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero0"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero0", "zero2"])
 def test_lr_schedule_spans_the_optimizer_steps_that_run_also_after_a_resume(tmp_path, strategy, monkeypatch, capfd):
     """7 batches an epoch, grad_accum 4, 4 epochs: both engines count micro-batches across epoch
     ends, so 28 micro-batches take 7 optimizer steps (not 4 x (7 // 4) = 4, which left the last 3
@@ -325,8 +325,8 @@ def test_lr_schedule_spans_the_optimizer_steps_that_run_also_after_a_resume(tmp_
     The first epoch's checkpoint (step 7) lies inside the accumulation window of micro-batches
     5-8, whose gradients no engine saves: a run resumed from it goes on from the window's start
     (epoch 1, batch 4, step 4, with the random generators' state there: dropout is on) and ends
-    with the uninterrupted run's weights, under either engine. Going on at step 7 would step the
-    window with one micro-batch's gradient."""
+    with the uninterrupted run's weights, under either engine and under ZeRO-2 (gradients
+    partitioned). Going on at step 7 would step the window with one micro-batch's gradient."""
     import json
 
     from indai.trainers import loop
