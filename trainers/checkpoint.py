@@ -176,6 +176,12 @@ def rng_state(tensors: dict[str, torch.Tensor] | None = None) -> dict:
     return {k: base64.b64encode(v.numpy().tobytes()).decode() for k, v in (tensors or _rng_tensors()).items()}
 
 
+def rewinds(step: int, grad_accum: int, total_steps: int) -> bool:
+    """Whether a checkpoint after micro-step `step` of a run of `total_steps` goes on from the start of
+    its accumulation window (WindowStart): it lies inside one, and the run closes that window."""
+    return step % grad_accum != 0 and step - step % grad_accum + grad_accum <= total_steps
+
+
 class WindowStart:
     """Where the engine's current accumulation window began: what a checkpoint written inside the
     window goes on from.
@@ -229,8 +235,7 @@ class WindowStart:
 
     def open_at(self, step: int) -> bool:
         """Whether a checkpoint after micro-step `step` lies inside a window the run will close."""
-        return (self.point is not None and step % self.grad_accum != 0
-                and self.point["step"] + self.grad_accum <= self.total)
+        return self.point is not None and rewinds(step, self.grad_accum, self.total)
 
     @contextmanager
     def buffers_at_start(self):
@@ -254,8 +259,8 @@ def streamed_window_starts(batches_per_epoch: int, grad_accum: int, epochs: int,
     for epoch in range(epochs):
         end = (epoch + 1) * batches_per_epoch
         start = end - end % grad_accum  # the window the epoch ends in began there
-        if ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs) and end % grad_accum \
-                and start + grad_accum <= total and start % batches_per_epoch:  # WindowStart.open_at
+        if ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs) and rewinds(end, grad_accum, total) \
+                and start % batches_per_epoch:
             out.append(epoch)
     return out
 
