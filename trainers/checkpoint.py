@@ -446,7 +446,7 @@ def load(engine, store: ObjectStore, run_name: str, tag: str) -> dict:
         # step where the run goes on (the same count; a window's start for a checkpoint inside one),
         # both engines step the optimizer where an uninterrupted run does, and the LR schedule ends
         # with the run (trainers.engine.optimizer_steps)
-        engine.micro_steps = int((client_state.get("resume_at") or client_state)["step"])
+        engine.micro_steps = resume_position(client_state)[1]
     if client_state.get("rng"):  # checkpoints written before it was saved go on with the run's seed
         set_rng_state(client_state["rng"])
     return client_state

@@ -316,8 +316,9 @@ def test_zero3_evaluates_shards_of_unequal_size_on_two_ranks(tmp_path):
 
 # ---- the LR schedule and the optimizer steps that run -------------------------------------------
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero0", "zero2"])
-def test_lr_schedule_spans_the_optimizer_steps_that_run_also_after_a_resume(tmp_path, strategy, monkeypatch, capfd):
+@pytest.mark.parametrize("strategy,loader_workers", [("ddp", 0), ("zero0", 0), ("zero2", 0), ("ddp", 1)])
+def test_lr_schedule_spans_the_optimizer_steps_that_run_also_after_a_resume(tmp_path, strategy, loader_workers,
+                                                                            monkeypatch, capfd):
     """7 batches an epoch, grad_accum 4, 4 epochs: both engines count micro-batches across epoch
     ends, so 28 micro-batches take 7 optimizer steps (not 4 x (7 // 4) = 4, which left the last 3
     steps at learning rate 0). Progress reports micro-batches against micro-batches.
@@ -326,7 +327,9 @@ def test_lr_schedule_spans_the_optimizer_steps_that_run_also_after_a_resume(tmp_
     5-8, whose gradients no engine saves: a run resumed from it goes on from the window's start
     (epoch 1, batch 4, step 4, with the random generators' state there: dropout is on) and ends
     with the uninterrupted run's weights, under either engine and under ZeRO-2 (gradients
-    partitioned). Going on at step 7 would step the window with one micro-batch's gradient."""
+    partitioned). Going on at step 7 would step the window with one micro-batch's gradient. With
+    DataLoader workers (data.num_workers 1) the loader draws its workers' seed from a generator of
+    its own: from the global one, its first draw in the resumed run shifted the dropout masks."""
     import json
 
     from indai.trainers import loop
@@ -345,7 +348,8 @@ def test_lr_schedule_spans_the_optimizer_steps_that_run_also_after_a_resume(tmp_
     ref, _ = write_dataset(store, "accum", {"train": 28, "test": 8}, classes=4, sensor=(2, 128))
     cfg = config(store, ref, f"accum-{strategy}", ["sensor"], **{
         "optim.epochs": 4, "optim.batch_size": 4, "optim.grad_accum": 4, "deepspeed.strategy": strategy,
-        "model.dropout": 0.3, "run.log_every": 1, "run.keep_checkpoints": 4, "run.resume": True})
+        "model.dropout": 0.3, "data.num_workers": loader_workers, "run.log_every": 1, "run.keep_checkpoints": 4,
+        "run.resume": True})
     capfd.readouterr()
     out = train_loop(cfg)
     whole = final_weights(store, f"accum-{strategy}")
