@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -160,6 +161,54 @@ def resume_position(state: dict) -> tuple[int, int, int]:
     return epoch + 1, step, 0
 
 
+@dataclass
+class Start:
+    """Where a train loop starts: at the beginning, or where the run's latest checkpoint goes on from (`start_point`)."""
+    epoch: int = 0
+    step: int = 0  # micro-steps done
+    batch: int = 0  # batches of `epoch` done
+    sums: list[float] | None = None  # the epoch's running sums at that point, over every rank (`save`)
+    unsent_metrics: list | None = None  # what MLflow had not confirmed when the checkpoint was written
+    # the checkpoint's step where the run goes on from before it (an accumulation window's start): the
+    # metrics of the steps it runs again are in MLflow already, or among the unsent ones (MetricBuffer.restore)
+    logged_through: int | None = None
+
+    def skip(self, epoch: int) -> int:
+        """Batches of epoch `epoch` done before the start."""
+        return self.batch if epoch == self.epoch else 0
+
+    def open_epoch(self, epoch: int, sums: torch.Tensor, rank: int) -> int:
+        """Start epoch `epoch`'s running sums (`sums`: zeros, this rank's, on the device) and return
+        the batch from which they count: 0, the whole epoch, unless the run resumes inside it from a
+        checkpoint that did not record them (written before they were), which counts from there."""
+        skip = self.skip(epoch)
+        if not skip:
+            return 0
+        if self.sums is None:
+            return skip
+        if rank == 0:  # every rank's sums before the start, held once
+            sums += torch.tensor(self.sums, dtype=sums.dtype, device=sums.device).reshape(sums.shape)
+        return 0
+
+
+def start_point(engine, store: ObjectStore, cfg, world: int, rank: int) -> Start:
+    """The run's latest checkpoint loaded into `engine` where `run.resume` is on and it has one
+    (refused where this job's workers or batch size cannot go on from it), and where to go on."""
+    found = latest(store, cfg.run.name) if cfg.run.resume else None
+    if not found:
+        return Start()
+    tag, meta = found
+    check_resumable(cfg.run.name, tag, meta, world, cfg.optim.batch_size)
+    state = load(engine, store, cfg.run.name, tag)
+    epoch, step, batch = resume_position(state)  # after an epoch, mid-epoch, or an accumulation window's start
+    sums = state.get("epoch_sums")
+    if rank == 0:
+        print(f"resumed run {cfg.run.name} from {tag} (epoch {epoch}, step {step}"
+              + (f", batch {batch} of the epoch" if batch else "") + ")", file=sys.stderr, flush=True)
+    return Start(epoch, step, batch, [float(v) for v in sums] if sums else None, state.get("unsent_metrics"),
+                 int(state["step"]) if state.get("resume_at") else None)
+
+
 def _rng_tensors() -> dict[str, torch.Tensor]:
     """The generators' state as tensors (copies, on the host; reading the CUDA generator's waits for nothing)."""
     state = {"cpu": torch.get_rng_state()}
@@ -208,6 +257,7 @@ class WindowStart:
         self.grad_accum, self.batches, self.total, self.module = grad_accum, batches_per_epoch, total_steps, module
         self.point: dict | None = None  # the current window's start, when an epoch ends inside the window
         self.rng: dict[str, torch.Tensor] | None = None
+        self.sums: torch.Tensor | None = None
         self._saved: list[torch.Tensor] | None = None
         self.after(epoch, batch, step)  # a run starts on a boundary, a resumed one too (a checkpoint written before
         # resume_at existed may not: then nothing is known until the next boundary, and such a checkpoint goes on as before)
@@ -216,16 +266,19 @@ class WindowStart:
         ids = {id(b) for b in self.module.buffers()}
         return [v for v in self.module.state_dict(keep_vars=True).values() if id(v) in ids]  # persistent ones
 
-    def after(self, epoch: int, batch: int, step: int) -> None:
-        """After micro-step `step`, the `batch`-th batch of epoch `epoch` (0 before the first)."""
+    def after(self, epoch: int, batch: int, step: int, sums: torch.Tensor | None = None) -> None:
+        """After micro-step `step`, the `batch`-th batch of epoch `epoch` (0 before the first);
+        `sums`: the loop's running sums of the epoch so far (this rank's, on the device), which a
+        run going on from here starts the epoch's tally with (`save` records them)."""
         if self.grad_accum == 1 or step % self.grad_accum:
             return
         if batch >= self.batches:  # the window begins with the next epoch
-            epoch, batch = epoch + 1, 0
+            epoch, batch, sums = epoch + 1, 0, None
         self.point = None
         if batch + self.grad_accum <= self.batches:  # the window closes inside this epoch
             return
         self.point, self.rng = {"epoch": epoch, "batch": batch, "step": step}, _rng_tensors()
+        self.sums = None if sums is None or not batch else sums.detach().clone()  # a copy on the device: nothing waits
         buffers = self._buffers()
         with torch.no_grad():
             if self._saved is None or len(self._saved) != len(buffers):
@@ -397,14 +450,26 @@ def module_loader(frozen_left_out: bool, tag: str):
 
 
 def save(engine, store: ObjectStore, run_name: str, tag: str, meta: dict, rank: int,
-         window: WindowStart | None = None) -> None:
+         window: WindowStart | None = None, sums: torch.Tensor | None = None) -> None:
     """Every rank's shard of the checkpoint after micro-step `meta["step"]`, uploaded, then committed
-    by rank 0; inside an accumulation window (`window`), with the window's start to go on from."""
+    by rank 0; inside an accumulation window (`window`), with the window's start to go on from.
+    Where the run goes on inside an epoch (a mid-epoch checkpoint: `meta["batch"]`, or a window's
+    start), the epoch's running sums there (`sums`, this rank's; the window's own copy for a
+    window) are recorded summed over the ranks (`epoch_sums`): the resumed epoch's loss is then
+    the whole epoch's, not that of the batches after the restart."""
     # the strategy (trainers.engine) decides the checkpoint's layout; a resumed run keeps it
     t0 = time.perf_counter()
     rng, as_of = rng_state(), nullcontext()
     if window is not None and window.open_at(int(meta["step"])):  # written as of the window's start
         meta, rng, as_of = {**meta, "resume_at": window.point}, rng_state(window.rng), window.buffers_at_start()
+        sums = window.sums
+    elif meta.get("batch") is None:
+        sums = None  # the run goes on with the next epoch: nothing of this one to carry
+    if sums is not None:  # every rank takes part: the condition above is the same on each
+        total = sums.detach().clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total)
+        meta = {**meta, "epoch_sums": [float(v) for v in total.reshape(-1).tolist()]}
     frozen = frozen_fingerprint(engine.module)  # every rank: a collective under ZeRO-3
     meta = {**meta, "strategy": getattr(engine, "indai_strategy", None), "frozen": frozen, "world": _world()}
     written = 0

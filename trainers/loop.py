@@ -243,29 +243,26 @@ def train_loop(config: dict) -> dict:
     # strategy (ddp or DeepSpeed ZeRO), fused AdamW over the groups, fast paths: trainers.engine
     engine, sched = build_engine(model, cfg, d, warmup_cosine(total_updates, cfg.optim.warmup_frac), store, param_groups=groups)
 
-    start_epoch, step, start_batch = 0, 0, 0
-    found = checkpoint.latest(store, cfg.run.name) if cfg.run.resume else None
-    if found:
-        checkpoint.check_resumable(cfg.run.name, found[0], found[1], d.world, cfg.optim.batch_size)
-        state = checkpoint.load(engine, store, cfg.run.name, found[0])
-        start_epoch, step, start_batch = checkpoint.resume_position(state)
-        if d.rank == 0:
-            print(f"resumed run {cfg.run.name} from {found[0]} (epoch {start_epoch}, step {step}"
-                  + (f", batch {start_batch} of the epoch" if start_batch else "") + ")", file=sys.stderr, flush=True)
+    start = checkpoint.start_point(engine, store, cfg, d.world, d.rank)  # run.resume: the latest checkpoint, loaded
+    step = start.step
     every_steps = cfg.run.checkpoint_every_steps
     # what an epoch-end checkpoint inside an accumulation window goes on from (trainers.checkpoint)
-    window = checkpoint.WindowStart(cfg.optim.grad_accum, n_batches, total_batches, engine.module, start_epoch,
-                                    start_batch, step)
+    window = checkpoint.WindowStart(cfg.optim.grad_accum, n_batches, total_batches, engine.module, start.epoch,
+                                    start.batch, step)
 
     metrics = MetricBuffer(cfg, enabled=d.rank == 0)  # sent in the background (trainers.tracking)
-    if found:
-        metrics.restore(state.get("unsent_metrics"))  # what MLflow had not confirmed when the checkpoint was written
+    # what MLflow had not confirmed when the checkpoint was written; steps run again are not logged twice
+    metrics.restore(start.unsent_metrics, start.logged_through)
     val: dict = {}
     headline = tasks.HEADLINE[task.name]
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        skip = start_batch if epoch == start_epoch else 0  # batches this epoch ran before the checkpoint resumed from
+    for epoch in range(start.epoch, cfg.optim.epochs):
+        t0, seen = time.perf_counter(), 0
+        skip = start.skip(epoch)  # batches this epoch ran before the checkpoint resumed from
         batches_run = 0
+        # the epoch's summed batch losses, on the device (no host sync every step); a resumed epoch
+        # starts from the sum before its resume point (the checkpoint's, every rank's)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+        counted_from = start.open_epoch(epoch, loss_sum, d.rank)
         show_bar = cfg.run.progress and d.rank == 0 and not d.under_ray  # Ray relays worker output line by line
         for batch in bar(train_batches(epoch, skip), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", total=n_batches - skip,
                          enabled=show_bar):
@@ -276,9 +273,9 @@ def train_loop(config: dict) -> dict:
             engine.step()
             step += 1
             batches_run += 1
-            window.after(epoch, skip + batches_run, step)
+            loss_sum += loss.detach()
+            window.after(epoch, skip + batches_run, step, loss_sum)
             seen += batch["label"].shape[0]
-            loss_sum = loss_sum + loss.detach().float()  # summed on the device: no host sync every step
             if step % cfg.run.log_every == 0:
                 log_step(metrics, engine, sched, loss, step, d.rank == 0, epoch=epoch + 1, epochs=cfg.optim.epochs,
                          steps=total_batches)
@@ -286,12 +283,16 @@ def train_loop(config: dict) -> dict:
                 metrics.flush()
                 meta = {"epoch": epoch, "batch": skip + batches_run, "batch_size": cfg.optim.batch_size, "step": step,
                         "mlflow_run_id": cfg.mlflow_run_id, "unsent_metrics": metrics.unsent()}  # a restart sends these again and logs the later steps anew
-                checkpoint.save(engine, store, cfg.run.name, checkpoint.mid_epoch_tag(epoch, skip + batches_run), meta, d.rank)
+                checkpoint.save(engine, store, cfg.run.name, checkpoint.mid_epoch_tag(epoch, skip + batches_run), meta, d.rank,
+                                sums=loss_sum)
                 if d.rank == 0:
                     checkpoint.prune(store, cfg.run.name, cfg.run.keep_checkpoints)
-        loss_sum = float(loss_sum)
+        total = loss_sum.clone()
+        if dist.is_initialized():
+            dist.all_reduce(total)  # the epoch's loss over every rank's batches
+        epoch_loss = float(total) / max(1, (skip + batches_run - counted_from) * d.world)
         took = time.perf_counter() - t0
-        metrics.add("epoch_train_loss", loss_sum / max(1, batches_run), step)
+        metrics.add("epoch_train_loss", epoch_loss, step)
         metrics.add("samples_per_s", seen * d.world / took, step)
         if "val" in eval_loaders:
             val = score("val")
@@ -300,8 +301,8 @@ def train_loop(config: dict) -> dict:
         metrics.flush()
         if d.rank == 0:
             progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step, steps=total_batches,
-                           loss=round(loss_sum / max(1, batches_run), 5), val_accuracy=val.get("accuracy"))
-            print(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {loss_sum / max(1, batches_run):.4f}"
+                           loss=round(epoch_loss, 5), val_accuracy=val.get("accuracy"))
+            print(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {epoch_loss:.4f}"
                   + (f", val {headline} {val.get(headline, float('nan')):.4f}" if val else "") + f" ({took:.1f} s)",
                   file=sys.stderr, flush=True)
         last = epoch + 1 == cfg.optim.epochs

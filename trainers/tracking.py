@@ -9,9 +9,11 @@ drops exact repeats, so a batch that arrived but whose answer was lost is not do
 is sent again. At most MAX_PENDING are kept (the oldest are dropped beyond that, with a warning).
 
 What MLflow has not confirmed yet goes into each checkpoint (`unsent()`; `restore()` on resume),
-so a job killed while the server was away loses no metric either. Other errors (a deleted run, a
-rejected metric) stop the sender and are raised in the loop at its next flush. `close()` waits
-for the sender: one last try once the server is away, then what is left is reported as lost.
+so a job killed while the server was away loses no metric either; a run resumed from an
+accumulation window's start, before its checkpoint, does not log the steps it runs again a
+second time. Other errors (a deleted run, a rejected metric) stop the sender and are raised in
+the loop at its next flush. `close()` waits for the sender: one last try once the server is
+away, then what is left is reported as lost.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ class MetricBuffer:
         self._closing = False
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._logged_through: int | None = None  # a resumed run stepping again through steps it had logged (restore)
         if enabled and cfg.mlflow_uri and cfg.mlflow_run_id:
             from mlflow.tracking import MlflowClient
 
@@ -48,6 +51,8 @@ class MetricBuffer:
 
     def add(self, key: str, value: float, step: int) -> None:
         if self.client is not None:  # without a tracking URI mlflow is never imported (the GPU machine has none)
+            if self._logged_through is not None and step <= self._logged_through:
+                return  # logged before the checkpoint this run resumed from went on from an earlier step
             from mlflow.entities import Metric
 
             self.items.append(Metric(key, float(value), int(time.time() * 1000), int(step)))
@@ -90,8 +95,12 @@ class MetricBuffer:
         with self._cv:
             return [[m.key, m.value, m.timestamp, m.step] for m in (*self._outbox, *self.items)]
 
-    def restore(self, rows: list | None) -> None:
-        """Queue again what a checkpoint says MLflow had not confirmed (sent by the next flush)."""
+    def restore(self, rows: list | None, logged_through: int | None = None) -> None:
+        """Queue again what a checkpoint says MLflow had not confirmed (sent by the next flush).
+        `logged_through` (trainers.checkpoint.logged_through): the checkpoint's step, where the
+        resumed run goes on from an earlier one and steps through these again; what it adds for
+        them is left out, so each step's metrics stay in MLflow once, as the first run logged them."""
+        self._logged_through = logged_through
         if self.client is None or not rows:
             return
         from mlflow.entities import Metric

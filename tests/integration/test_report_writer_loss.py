@@ -102,13 +102,14 @@ def test_a_step_s_loss_is_per_token_across_micro_batches_and_ranks(records):
         assert max(drift.values()) < 1e-3, sorted(drift.items(), key=lambda kv: kv[1])[-3:]
 
 
-def test_a_run_resumed_inside_an_accumulation_window_ends_with_the_uninterrupted_weights(records):
+def test_a_run_resumed_inside_an_accumulation_window_ends_with_the_uninterrupted_weights(records, capfd):
     """32 records in micro-batches of 8 with grad_accum 3, 3 epochs, one process, in this one: 4
     micro-batches an epoch, so the first epoch ends inside the window of micro-batches 4-6, which
     began at its 4th batch. Its checkpoint records that start (trainers.checkpoint.WindowStart),
     and a run resumed from it (the later checkpoints deleted, as if it died after the first epoch)
     goes on from there, halfway into the first epoch, with LoRA dropout drawing what the
-    uninterrupted run drew: the adapters come out as the uninterrupted run's."""
+    uninterrupted run drew: the adapters come out as the uninterrupted run's, and the resumed first
+    epoch's loss is the whole epoch's (the sums of its first 3 batches are in the checkpoint)."""
     from safetensors.torch import load
 
     from indai.platform.config import load_config
@@ -122,13 +123,21 @@ def test_a_run_resumed_inside_an_accumulation_window_ends_with_the_uninterrupted
                        "deepspeed.strategy=ddp", "model.lora.dropout=0.2", "run.name=rw-window", "run.launcher=local",
                        "run.progress=false", "run.keep_checkpoints=3"])
     config = complete_from_manifest(cfg, manifest).model_copy(update={"store_uri": store.uri}).model_dump(mode="json")
+    def epoch_lines() -> list[str]:
+        return [line.split(" (")[0] for line in capfd.readouterr().err.splitlines() if line.startswith("epoch ")]
+
+    capfd.readouterr()
     assert train_loop(config)["step"] == 12
+    whole_lines = epoch_lines()
     whole = load(store.get_bytes("checkpoints/rw-window/final/trained.safetensors"))
     meta = store.read_commit("checkpoints/rw-window/epoch-00000")
     assert meta["step"] == 4 and meta["resume_at"] == {"epoch": 0, "batch": 3, "step": 3}
+    loss_sum, tokens = meta["epoch_sums"]  # the first 3 batches' summed loss and response tokens
+    assert loss_sum > 0 and tokens == int(tokens) > 0
     for tag in ("epoch-00001", "epoch-00002", "final"):
         store.delete_prefix(f"checkpoints/rw-window/{tag}")
     assert train_loop(config)["step"] == 12
+    assert len(whole_lines) == 3 and epoch_lines() == whole_lines  # "epoch 1/3: loss ..., val loss ...", each epoch
     again = load(store.get_bytes("checkpoints/rw-window/final/trained.safetensors"))
     assert again.keys() == whole.keys() and any("lora_B" in k and v.abs().sum() > 0 for k, v in whole.items())
     for name, tensor in whole.items():

@@ -42,6 +42,26 @@ def test_resume_position_after_an_epoch_and_inside_one():
     assert checkpoint.resume_position({"epoch": 1, "step": 98, "resume_at": {"epoch": 1, "batch": 47, "step": 96}}) == (1, 96, 47)
 
 
+def test_a_resumed_epoch_starts_its_sums_from_the_checkpoints_once():
+    """The sums a checkpoint recorded (every rank's, summed) start the resumed epoch on rank 0 only,
+    so the epoch's all-reduce counts them once; later epochs start from zero. A checkpoint written
+    before sums were recorded counts the epoch from the resume point, as before."""
+    import torch
+
+    start = checkpoint.Start(epoch=1, step=11, batch=4, sums=[2.5, 30.0])
+    assert (start.skip(1), start.skip(2)) == (4, 0)
+    on = {rank: torch.zeros(2, dtype=torch.float64) for rank in (0, 1)}
+    assert [start.open_epoch(1, on[rank], rank) for rank in (0, 1)] == [0, 0]
+    assert on[0].tolist() == [2.5, 30.0] and on[1].tolist() == [0.0, 0.0]
+    later = torch.zeros(2, dtype=torch.float64)
+    assert start.open_epoch(2, later, 0) == 0 and later.tolist() == [0.0, 0.0]
+    scalar = torch.zeros((), dtype=torch.float64)  # the classifier loop's loss sum
+    assert checkpoint.Start(epoch=0, step=4, batch=4, sums=[1.25]).open_epoch(0, scalar, 0) == 0 and float(scalar) == 1.25
+    older = torch.zeros(2, dtype=torch.float64)
+    assert checkpoint.Start(epoch=1, step=11, batch=4).open_epoch(1, older, 0) == 4 and older.tolist() == [0.0, 0.0]
+    assert checkpoint.Start().open_epoch(0, older, 0) == 0  # a fresh run
+
+
 def test_window_start_is_kept_where_an_epoch_ends_inside_a_window():
     """7 batches an epoch, grad_accum 4, 3 epochs (21 micro-batches, windows 1-4, 5-8, ..., 17-20,
     and 21 alone, never closed). Epoch 1 ends at 7, inside the window that began after batch 4;

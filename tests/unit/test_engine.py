@@ -416,3 +416,74 @@ def test_every_engine_reports_the_pre_clip_gradient_norm_and_clips_alike(tmp_pat
             assert (other_norm is None) == (norm is None), (strategy, step)
             if norm is not None:
                 assert math.isclose(other_norm, norm, rel_tol=1e-4), (strategy, step, other_norm, norm)
+
+
+@pytest.mark.parametrize("where", ["window start", "mid-epoch"])
+def test_a_resumed_run_logs_each_step_once_and_the_whole_epochs_loss(tmp_path, where, monkeypatch, capfd):
+    """A run dies right after a checkpoint from which it goes on inside an epoch: an accumulation
+    window's start before the checkpoint (7 batches an epoch, grad_accum 4: the first epoch's
+    checkpoint, step 7, goes on from step 4) or a mid-epoch checkpoint (run.checkpoint_every_steps
+    4 of 8 batches). Resumed into the same MLflow run, every step's metrics are there once, with
+    the values of a run that never stopped: the steps run again (5-7) are not logged a second time,
+    and the resumed epoch's loss is the whole epoch's (the sum before the resume point is carried
+    in the checkpoint), not the loss of the batches after the restart."""
+    from mlflow.tracking import MlflowClient
+
+    from indai.trainers import checkpoint
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("resume-metrics", artifact_location=(tmp_path / "art").as_uri())
+    store = open_store(tmp_path / "store")
+    if where == "window start":
+        train, over, dies_after, batches = 28, {"optim.grad_accum": 4}, checkpoint.epoch_tag(0), 7
+    else:
+        train, over, dies_after, batches = 32, {"run.checkpoint_every_steps": 4}, checkpoint.mid_epoch_tag(0, 4), 8
+    ref, _ = write_dataset(store, "resume-metrics", {"train": train, "test": 8}, classes=4, sensor=(2, 128))
+
+    def run_config(name: str) -> dict:
+        run_id = client.create_run(experiment, run_name=name).info.run_id
+        return config(store, ref, name, ["sensor"], mlflow_uri=uri, mlflow_run_id=run_id, **over, **{
+            "optim.epochs": 3, "optim.batch_size": 4, "model.dropout": 0.3, "run.log_every": 1, "run.resume": True})
+
+    def epoch_lines(err: str) -> list[str]:
+        return [line.split(" (")[0] for line in err.splitlines() if line.startswith("epoch ")]
+
+    whole = run_config("whole")
+    capfd.readouterr()
+    train_loop(whole)
+    whole_lines = epoch_lines(capfd.readouterr().err)
+
+    class Died(Exception):
+        pass
+
+    real_save = checkpoint.save
+
+    def save_then_die(engine, store, run_name, tag, *args, **kwargs):
+        real_save(engine, store, run_name, tag, *args, **kwargs)
+        if tag == dies_after:
+            raise Died(tag)
+
+    stopped = run_config("stopped")
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(Died):
+        train_loop(stopped)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    held = store.read_commit(f"checkpoints/stopped/{dies_after}")
+    assert held["step"] == (7 if where == "window start" else 4)
+    assert ("resume_at" in held) == (where == "window start") and held["epoch_sums"][0] > 0
+    capfd.readouterr()
+    train_loop(stopped)
+    err = capfd.readouterr().err
+    assert "resumed run stopped from " + dies_after + " (epoch 0, step 4, batch 4 of the epoch)" in err
+    assert epoch_lines(err) == whole_lines  # the resumed first epoch prints the whole epoch's loss
+
+    total = 3 * batches
+    for key, steps in (("train_loss", list(range(1, total + 1))), ("lr", list(range(1, total + 1))),
+                       ("epoch_train_loss", [batches, 2 * batches, total]), ("test_accuracy", [total])):
+        want = sorted((m.step, m.value) for m in client.get_metric_history(whole["mlflow_run_id"], key))
+        got = sorted((m.step, m.value) for m in client.get_metric_history(stopped["mlflow_run_id"], key))
+        assert [s for s, _ in got] == steps, key  # each step once
+        assert [s for s, _ in want] == steps, key
+        for (s, a), (_, b) in zip(got, want):
+            assert a == pytest.approx(b, rel=1e-6, abs=1e-7), (key, s)

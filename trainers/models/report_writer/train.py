@@ -175,44 +175,38 @@ def train_report_writer(config: dict) -> dict:
             print(f"[indai] the frozen LM is held in bf16 ({cast / 1e6:.1f} M parameters); adapters train in fp32",
                   file=sys.stderr, flush=True)
 
-    start_epoch, step, start_batch = 0, 0, 0
-    found = checkpoint.latest(store, cfg.run.name) if cfg.run.resume else None
-    if found:
-        checkpoint.check_resumable(cfg.run.name, found[0], found[1], d.world, cfg.optim.batch_size)
-        state = checkpoint.load(engine, store, cfg.run.name, found[0])
-        # after an epoch, or where the accumulation window it ended in began (trainers.checkpoint.WindowStart)
-        start_epoch, step, start_batch = checkpoint.resume_position(state)
-        if d.rank == 0:
-            print(f"resumed run {cfg.run.name} from {found[0]} (epoch {start_epoch}, step {step}"
-                  + (f", batch {start_batch} of the epoch" if start_batch else "") + ")", file=sys.stderr, flush=True)
-    window = checkpoint.WindowStart(cfg.optim.grad_accum, len(train_loader), total_batches, engine.module, start_epoch,
-                                    start_batch, step)
+    # run.resume: the latest checkpoint, loaded; going on after an epoch or where the accumulation
+    # window it ended in began (trainers.checkpoint.WindowStart)
+    start = checkpoint.start_point(engine, store, cfg, d.world, d.rank)
+    step = start.step
+    window = checkpoint.WindowStart(cfg.optim.grad_accum, len(train_loader), total_batches, engine.module, start.epoch,
+                                    start.batch, step)
     metrics = MetricBuffer(cfg, enabled=d.rank == 0)  # sent in the background (trainers.tracking)
     profile = Profile(cfg, d.rank, d.device, store)  # run.profile_steps (trainers.profiling)
-    if found:
-        metrics.restore(state.get("unsent_metrics"))
+    metrics.restore(start.unsent_metrics, start.logged_through)  # steps run again are logged once
     windows = TokenWindows(np.array([len(r) for r in splits["train"].responses], dtype=np.int64), sampler,
                            cfg.optim.batch_size, cfg.optim.grad_accum, cfg.optim.epochs, d.world, d.device)
     val: dict = {}
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        skip = start_batch if epoch == start_epoch else 0  # batches of this epoch that ran before the resume point
+    for epoch in range(start.epoch, cfg.optim.epochs):
+        skip = start.skip(epoch)  # batches of this epoch that ran before the resume point
         sampler.set_epoch(epoch, start=skip * cfg.optim.batch_size)
         t0, batches = time.perf_counter(), skip
         sums = torch.zeros(2, dtype=torch.float64, device=d.device)  # loss, response tokens: summed on the device
+        counted_from = start.open_epoch(epoch, sums, d.rank)  # the whole epoch's, the resumed one's too
         show_bar = cfg.run.progress and d.rank == 0 and not d.under_ray
         for batch in bar(profile.steps(train_loader), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
                          total=len(train_loader), enabled=show_bar):  # the sampler's length: what is left of the epoch
             loss = train_step(engine, batch, d.device, sums, windows.scale(epoch, batches))
             step, batches = step + 1, batches + 1
-            window.after(epoch, batches, step)
+            window.after(epoch, batches, step, sums)
             if step % cfg.run.log_every == 0:
                 log_step(metrics, engine, sched, loss, step, d.rank == 0, epoch=epoch + 1, epochs=cfg.optim.epochs,
                          steps=total_batches)
         if dist.is_initialized():
             dist.all_reduce(sums)  # the epoch's loss per response token, over every rank
         loss_sum, tokens = sums.tolist()
-        if int(tokens) != windows.epoch_tokens(epoch, skip):
-            raise RuntimeError(f"the loss was weighted for {windows.epoch_tokens(epoch, skip)} response tokens in epoch "
+        if int(tokens) != windows.epoch_tokens(epoch, counted_from):
+            raise RuntimeError(f"the loss was weighted for {windows.epoch_tokens(epoch, counted_from)} response tokens in epoch "
                                f"{epoch + 1}, but the model scored {int(tokens)}: TokenWindows and the model count "
                                "response tokens differently")
         took = time.perf_counter() - t0
