@@ -11,6 +11,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 from minio_server import MinioServer  # noqa: E402
 
 
+MINIO_FIXTURES = {"minio", "minio_server"}  # the fixtures that start a MinioServer (here and in test_storage_faults)
+
+
+def pytest_collection_finish(session):
+    """Build the pinned MinIO (minutes, the first time on a machine) before the first test runs
+    when a selected test needs it: built inside a test's setup, the build counted against that
+    test's timeout, so running test_storage_faults.py alone on a fresh machine failed."""
+    if session.config.option.collectonly:
+        return
+    if any(MINIO_FIXTURES & set(getattr(item, "fixturenames", ())) for item in session.items):
+        from minio_server import minio_binary
+
+        minio_binary()
+
+
 @pytest.fixture(scope="session")
 def minio():
     """A real MinIO server for the whole session (tests may stop() and start() it)."""
@@ -19,6 +34,25 @@ def minio():
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+MLFLOW_FALLBACKS = ("mlflow.db", "mlruns", "mlartifacts")  # what MLflow writes into the working folder unless told where
+
+
+@pytest.fixture(autouse=True)
+def _nothing_of_mlflow_left_in_the_working_folder():
+    """A test that names no tracking URI, or an experiment without an artifact location, makes
+    MLflow fall back to ./mlflow.db and ./mlruns: into the checkout, where they were once committed.
+    The test that leaves them fails here (its teardown), and they are removed."""
+    import shutil
+
+    here = Path.cwd()
+    before = {name for name in MLFLOW_FALLBACKS if (here / name).exists()}
+    yield
+    left = sorted(name for name in MLFLOW_FALLBACKS if (here / name).exists() and name not in before)
+    for name in left:
+        shutil.rmtree(here / name) if (here / name).is_dir() else (here / name).unlink()
+    assert not left, (f"the test left MLflow's fallback {', '.join(left)} in {here}: give it a tracking URI and its "
+                      "experiments an artifact_location under tmp_path")
 
 
 @pytest.fixture(scope="session")

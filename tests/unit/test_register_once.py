@@ -14,7 +14,7 @@ def mlflow_home(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    mlflow.set_experiment("register-once")
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("register-once", artifact_location=(tmp_path / "art").as_uri()))
     try:
         yield uri
     finally:
