@@ -242,14 +242,26 @@ def run_workers(cfg: TrainConfig, settings: Settings, manifest: dict | None = No
         loop(config)
         return
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
+    connected_here = not ray.is_initialized()
+    if connected_here:
         from indai.platform.services import use_ray_auth
 
         use_ray_auth()
         ray.init(address=settings.require_ray(), log_to_driver=True, logging_level="WARNING")
+    try:
+        _fit(cfg, settings, manifest, loop, loader, config)
+    finally:
+        # the workers' lines are relayed while training; a connection left open went on relaying
+        # whatever this process started next (`indai demo`: every Serve request's log line)
+        if connected_here:
+            ray.shutdown()
+
+
+def _fit(cfg: TrainConfig, settings: Settings, manifest: dict | None, loop, loader: str, config: dict) -> None:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     streams = {}
     if loader == "stream":
         from indai.trainers.streaming import split_stream

@@ -259,3 +259,15 @@ def test_no_secret_in_logs_records_or_error_bodies_after_a_demo_run(demo, postgr
     found = {f.split(": ", 1)[1].split(" after ")[0] for f in control.findings}
     assert {"Ray's token", "the demo's API token", "member key of cwru-demo"} <= found
     assert TOKEN_SHAPE.search(demo_token.encode())
+
+
+def test_the_demo_relays_the_training_workers_lines_and_not_every_serve_request(demo):
+    """What the demo's user reads (this module's demo run, the suite's only one): the training
+    workers' epoch lines, relayed by Ray while they train, and the demo's own stages; not a log
+    line of the Serve replicas for each of the 218 requests. The connection the training opened
+    went on relaying whatever ran next until `run_workers` closed it after the fit."""
+    said = demo["run"].stdout + demo["run"].stderr
+    assert "epoch 2/2: loss" in said and "RayTrainWorker" in said  # relayed from a training worker
+    assert "ServeReplica" not in said and "POST /v1/predict" not in said, [
+        line for line in said.splitlines() if "ServeReplica" in line][:5]
+    assert "stage timings:" in said and "served accuracy" in said
