@@ -21,9 +21,14 @@ def pytest_collection_finish(session):
     if session.config.option.collectonly:
         return
     if any(MINIO_FIXTURES & set(getattr(item, "fixturenames", ())) for item in session.items):
+        import subprocess
+
         from minio_server import minio_binary
 
-        minio_binary()
+        try:
+            minio_binary()
+        except (RuntimeError, OSError, subprocess.CalledProcessError):
+            pass  # no Go, or the build failed: the fixture says so again, in the tests that need MinIO only
 
 
 @pytest.fixture(scope="session")
