@@ -115,7 +115,8 @@ def database_url() -> str:
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
         raise UserError("INDAI_DB_URL is not set in this pod: on Kubernetes the platform database is the release's "
                         "PostgreSQL, and a pod-local SQLite file would hold no members or tokens. The chart sets it in "
-                        "the gateway and, with serve.enabled, in the Ray pods; elsewhere set INDAI_DB_URL yourself")
+                        "the gateway and in the serving cluster's pods (serve.enabled), never in the jobs' RayCluster, "
+                        "where researchers' code runs; elsewhere set INDAI_DB_URL yourself")
     return f"sqlite:///{home() / 'platform.db'}"
 
 

@@ -83,8 +83,8 @@ def test_every_scenario_passes_server_side_dry_run(k8s_cluster, scenario):
     assert "NetworkPolicy" in kinds and "Secret" in kinds
     if "external" in scenario.stem:
         assert "StatefulSet" not in kinds
-    if "gpu-autoscaling" in scenario.stem:
-        assert "RayService" in kinds and "RayCluster" not in kinds
+    if "gpu-autoscaling" in scenario.stem:  # serving on a cluster of its own, beside the jobs' RayCluster
+        assert {"RayService", "RayCluster"} <= kinds
 
 
 TOGGLES = {
@@ -93,7 +93,7 @@ TOGGLES = {
     "external-mlflow-login": ["mlflow.enabled=false", "mlflow.external.uri=https://mlflow.example",
                               "mlflow.external.existingSecret=mlflow-login", "gateway.enabled=true"],
     "no-auth-no-policies": ["mlflow.auth=false", "networkPolicy.enabled=false"],
-    "operator-and-serve": ["kuberay-operator.enabled=true", "serve.enabled=true", "ray.auth.enabled=false"],
+    "operator-and-serve": ["kuberay-operator.enabled=true", "serve.enabled=true"],
     "head-only": ["ray.cpuWorkers.enabled=false", "ray.gpuWorkers.enabled=false"],
     "gateway-pull-secret": ["gateway.enabled=true", "imagePullSecrets[0].name=regcred"],
 }
@@ -132,7 +132,8 @@ def test_each_part_switches_off_or_on(k8s_cluster, name):
     if name == "no-auth-no-policies":
         assert "NetworkPolicy" not in {k for k, _ in kinds} and ("ConfigMap", "indai-mlflow-auth") not in kinds
     if name == "operator-and-serve":
-        assert ("Deployment", "indai-kuberay-operator") in kinds and ("RayService", "indai-ray") in kinds
+        assert ("Deployment", "indai-kuberay-operator") in kinds and ("RayService", "indai-serve") in kinds
+        assert ("RayCluster", "indai-ray") in kinds and ("ServiceAccount", "indai-serve") in kinds
     if name == "head-only":
         assert not next(d for d in docs if d["kind"] == "RayCluster")["spec"]["workerGroupSpecs"]
     if name == "gateway-pull-secret":
@@ -155,6 +156,18 @@ def pod_specs(doc: dict) -> list[tuple[str, dict]]:
         (f"{name}/{g['groupName']}", g["template"]["spec"]) for g in ray["workerGroupSpecs"]]
 
 
+def pod_templates(doc: dict) -> list[tuple[dict, dict]]:
+    """(labels, pod spec) for every pod template of a rendered workload, Ray groups included."""
+    kind, spec = doc["kind"], doc.get("spec", {})
+    if kind in ("Deployment", "StatefulSet", "Job"):
+        return [(spec["template"]["metadata"].get("labels", {}), spec["template"]["spec"])]
+    ray = spec.get("rayClusterConfig", spec) if kind == "RayService" else spec if kind == "RayCluster" else None
+    if ray is None:
+        return []
+    groups = [ray["headGroupSpec"], *ray["workerGroupSpecs"]]
+    return [(g["template"]["metadata"]["labels"], g["template"]["spec"]) for g in groups]
+
+
 AUTOSCALER_API_VOLUME = "autoscaler-api-access"
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
@@ -175,13 +188,16 @@ def test_every_pod_is_restricted_and_least_privileged(k8s_cluster, scenario):
         secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "indai-secrets")
         assert {"jobsAccessKey", "jobsSecretKey"} <= set(secret["data"])
     assert any(w.endswith("/head") for w, _ in specs) and any("test-" in w for w, _ in specs)
+    serving = values.get("serve", {}).get("enabled", False)
+    assert any(w == "indai-serve/head" for w, _ in specs) is serving and any(w == "indai-ray/head" for w, _ in specs)
     for where, spec in specs:
         sc = spec["securityContext"]
         assert sc["runAsNonRoot"] is True and sc["runAsUser"] > 0 and sc["seccompProfile"]["type"] == "RuntimeDefault", where
         # no pod gets API credentials; the autoscaler sidecar alone mounts the head's projected token
         assert spec["automountServiceAccountToken"] is False, where
         api_volumes = [v["name"] for v in spec.get("volumes", []) if v["name"] == AUTOSCALER_API_VOLUME]
-        assert api_volumes == ([AUTOSCALER_API_VOLUME] if autoscaling and where.endswith("/head") else []), where
+        # (the jobs' head only: the serving cluster has a fixed size and no autoscaler)
+        assert api_volumes == ([AUTOSCALER_API_VOLUME] if autoscaling and where == "indai-ray/head" else []), where
         assert not any(m["name"] == AUTOSCALER_API_VOLUME for ctr in spec["containers"] for m in ctr.get("volumeMounts", [])), where
         for ctr in spec["containers"]:
             csc = ctr["securityContext"]
@@ -200,6 +216,14 @@ def test_every_pod_is_restricted_and_least_privileged(k8s_cluster, scenario):
                 # Ray pods (researchers' code) and the gateway: the jobs' own user (platform/store_users.py)
                 assert names["INDAI_S3_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "indai-secrets", "key": "jobsAccessKey"}, where
                 assert names["INDAI_S3_SECRET_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "indai-secrets", "key": "jobsSecretKey"}, where
+        envs = {e["name"] for ctr in spec["containers"] for e in ctr.get("env", [])}
+        if where.startswith("indai-ray/"):
+            # the jobs' RayCluster runs researchers' code: never the platform database
+            assert not envs & {"INDAI_DB_URL", "DB_PASSWORD"}, where
+        if where.startswith("indai-serve/"):
+            # the serving cluster checks tokens and meters calls in it, and holds nothing of the jobs'
+            assert {"INDAI_DB_URL", "DB_PASSWORD"} <= envs and spec["serviceAccountName"] == "indai-serve", where
+            assert not any("RAY_AUTH" in e or e == "INDAI_SECRETS_DIR" for e in envs) and not spec.get("volumes"), where
         if where.endswith("/gpu"):
             assert spec["nodeSelector"] == {"indai.io/pool": "gpu"}
             assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in spec["tolerations"])
@@ -209,7 +233,9 @@ def test_every_pod_is_restricted_and_least_privileged(k8s_cluster, scenario):
             assert spec["containers"][0]["image"].endswith("-cpu"), where
     for d in docs:
         ray = d["spec"].get("rayClusterConfig", d["spec"]) if d["kind"] in ("RayCluster", "RayService") else None
-        if ray is not None:
+        if ray is not None and d["kind"] == "RayService":
+            assert ray["enableInTreeAutoscaling"] is False and "autoscalerOptions" not in ray
+        elif ray is not None:
             assert ray["enableInTreeAutoscaling"] is autoscaling
             if autoscaling:
                 csc = ray["autoscalerOptions"]["securityContext"]
@@ -230,33 +256,75 @@ def test_every_pod_is_restricted_and_least_privileged(k8s_cluster, scenario):
             assert env["INDAI_DB_URL"].startswith("postgresql+psycopg://") and env["INDAI_DB_URL"].endswith("/indai")
 
 
+JOBS_CLUSTER = ["ray-head", "ray-worker-cpu", "ray-worker-gpu"]
+SERVING_CLUSTER = ["serve-head", "serve-worker"]
+
+
+def cluster_of(peer: dict) -> list[str]:
+    """The components a peer that selects one Ray cluster's own pods names (release label checked)."""
+    assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/instance": "indai"}, peer
+    (expr,) = peer["podSelector"]["matchExpressions"]
+    assert (expr["key"], expr["operator"]) == ("indai.io/component", "In"), peer
+    return expr["values"]
+
+
 def test_network_policies_keep_ray_ports_inside_the_release(k8s_cluster):
+    """Two Ray clusters, two trust domains: the jobs' Ray ports answer its own pods and the gateway;
+    the serving cluster's its own pods and the KubeRay operator, and Serve's port everyone; neither
+    cluster is the other's peer. PostgreSQL answers only the pods that hold a password for it."""
     docs = [d for d in yaml.safe_load_all(k8s_cluster.helm("template", "indai", CHART, "--set", "serve.enabled=true",
-                                                                 "--set", "ray.auth.enabled=false").stdout) if d]
-    head = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "indai-ray-head")
-    for rule in head["spec"]["ingress"]:
-        ports = {p["port"] for p in rule.get("ports", [])}
-        peers = rule.get("from")
-        if peers is None:  # open to everyone: Serve only
-            assert ports == {8000}
-            continue
-        for peer in peers:
-            labels = peer["podSelector"].get("matchLabels", {})
-            if "namespaceSelector" in peer:  # the KubeRay operator deploys Serve apps through the dashboard
-                assert labels == {"app.kubernetes.io/name": "kuberay-operator"} and ports == {8265}
+                                                                 "--set", "gateway.enabled=true").stdout) if d]
+    policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+    seen = {}
+    for name, cluster, own in (("indai-ray-head", "jobs", JOBS_CLUSTER), ("indai-ray-workers", "jobs", JOBS_CLUSTER),
+                               ("indai-serve-head", "serving", SERVING_CLUSTER), ("indai-serve-workers", "serving", SERVING_CLUSTER)):
+        rules = policies[name]["ingress"]
+        for rule in rules:
+            ports = {p["port"] for p in rule.get("ports", [])}
+            peers = rule.get("from")
+            if peers is None:  # open to everyone: Serve's HTTP port on the serving cluster, nothing on the jobs'
+                assert cluster == "serving" and ports == {8000}, name
+                seen[(name, "open")] = True
                 continue
-            assert labels["app.kubernetes.io/instance"] == "indai"
-            component = labels.get("indai.io/component")
-            if component is None:  # the RayCluster's own pods, on every port
-                assert peer["podSelector"]["matchExpressions"][0]["values"] == ["ray-head", "ray-worker-cpu", "ray-worker-gpu"]
-                assert not ports
-            else:
-                assert (component, ports) == ("gateway", {8265, 6379, 10001})
-    for name, port in (("indai-minio", 9000), ("indai-postgresql", 5432), ("indai-mlflow", 5000)):
-        pol = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == name)
-        (rule,) = pol["spec"]["ingress"]
+            for peer in peers:
+                labels = peer["podSelector"].get("matchLabels", {})
+                if "namespaceSelector" in peer:  # the KubeRay operator deploys Serve apps through the dashboard
+                    assert name == "indai-serve-head" and labels == {"app.kubernetes.io/name": "kuberay-operator"} and ports == {8265}
+                    seen[(name, "operator")] = True
+                elif labels.get("indai.io/component") == "gateway":  # the only way in to the job API
+                    assert name == "indai-ray-head" and ports == {8265, 6379, 10001}
+                    seen[(name, "gateway")] = True
+                else:  # the cluster's own pods, on every port, and never the other cluster's
+                    assert cluster_of(peer) == own and not ports, name
+                    seen[(name, "own")] = True
+    assert set(seen) == {("indai-ray-head", "own"), ("indai-ray-head", "gateway"), ("indai-ray-workers", "own"),
+                         ("indai-serve-head", "own"), ("indai-serve-head", "operator"), ("indai-serve-head", "open"),
+                         ("indai-serve-workers", "own"), ("indai-serve-workers", "open")}
+    # every Ray pod the chart makes is selected by one of these policies
+    selected = {"indai-ray-head": ["ray-head"], "indai-ray-workers": ["ray-worker-cpu", "ray-worker-gpu"],
+                "indai-serve-head": ["serve-head"], "indai-serve-workers": ["serve-worker"]}
+    for name, components in selected.items():
+        sel = policies[name]["podSelector"]
+        got = [sel["matchLabels"]["indai.io/component"]] if "indai.io/component" in sel["matchLabels"] else sel["matchExpressions"][0]["values"]
+        assert got == components, name
+    made = {labels["indai.io/component"] for d in docs if d["kind"] in ("RayCluster", "RayService") for labels, _ in pod_templates(d)}
+    assert made == {c for cs in selected.values() for c in cs}
+    for name, port in (("indai-minio", 9000), ("indai-mlflow", 5000)):
+        (rule,) = policies[name]["ingress"]
         assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "indai", "indai.io/platform": "true"}}}]
         assert rule["ports"] == [{"port": port, "protocol": "TCP"}]
+    (rule,) = policies["indai-postgresql"]["ingress"]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/instance": "indai", "indai.io/platform": "true"}
+    (expr,) = peer["podSelector"]["matchExpressions"]
+    assert (expr["key"], expr["operator"]) == ("indai.io/component", "In")
+    assert not set(expr["values"]) & set(JOBS_CLUSTER)  # researchers' code never reaches the platform database
+    assert set(expr["values"]) == {"gateway", "mlflow", "serve-head", "serve-worker", "helm-test"}
+    assert rule["ports"] == [{"port": 5432, "protocol": "TCP"}]
+    # and the pods the PostgreSQL rule admits are exactly those that hold one of its passwords (or probe it)
+    holders = {labels["indai.io/component"] for d in docs for labels, spec in pod_templates(d)
+               if any(e["name"] == "DB_PASSWORD" for ctr in spec["containers"] for e in ctr.get("env", []))}
+    assert holders - {"postgresql"} == {"gateway", "mlflow", "serve-head", "serve-worker"}
 
 
 def test_restricted_namespace_rejects_privileged_pod(k8s_cluster):
@@ -364,14 +432,13 @@ def test_gateway_is_the_only_peer_of_rays_job_port(k8s_cluster):
     wait("gateway pod", lambda: [p for p in pods(c, ns, "indai.io/component=gateway") if p["status"].get("phase") == "Running"])
     policy = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "indai-ray-head")
     # the RayCluster's own pods on every port (raylets and object managers need more than the three),
-    # the gateway on the job (8265), GCS (6379) and client (10001) ports, and only Serve open to everyone
-    ray_pods, gateway, open_rule = policy["spec"]["ingress"]
+    # the gateway on the job (8265), GCS (6379) and client (10001) ports, and nobody else
+    ray_pods, gateway = policy["spec"]["ingress"]
     assert ray_pods["from"][0]["podSelector"]["matchExpressions"][0]["values"] == ["ray-head", "ray-worker-cpu", "ray-worker-gpu"]
     assert gateway["from"][0]["podSelector"]["matchLabels"]["indai.io/component"] == "gateway"
     assert {p["port"] for p in gateway["ports"]} == {8265, 6379, 10001}
     peers = ray_pods["from"] + gateway["from"]
     assert len(peers) == 2 and all("namespaceSelector" not in p and "ipBlock" not in p for p in peers)
-    assert open_rule == {"ports": [{"port": 8000, "protocol": "TCP"}]}  # only Serve is open to everyone
     tests = [d for d in docs if d.get("metadata", {}).get("annotations", {}).get("helm.sh/hook") == "test"]
     assert "indai-test-gateway" in {t["metadata"]["name"] for t in tests}  # helm test reaches Ray's side through the gateway
     gw = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "indai-gateway")
@@ -390,7 +457,7 @@ def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
     c.helm("install", "auto", CHART, "-n", ns, "-f", CHART / "ci/external-values.yaml", "-f", CHART / "ci/gpu-autoscaling-values.yaml",
            "--set", "ray.memberKeys.existingSecret=indai-member-keys", "--wait", "--timeout", "180s")
     assert not json.loads(c.kubectl("get", "statefulsets,pvc", "-n", ns, "-o", "json").stdout)["items"]
-    served = yaml.safe_load(json.loads(c.kubectl("get", "rayservice", "auto-indai-ray", "-n", ns, "-o", "json").stdout)["spec"]["serveConfigV2"])
+    served = yaml.safe_load(json.loads(c.kubectl("get", "rayservice", "auto-indai-serve", "-n", ns, "-o", "json").stdout)["spec"]["serveConfigV2"])
     args = served["applications"][0]["args"]
     assert (args["num_replicas"], args["ingress_replicas"]) == (2, 2)  # the defaults: one replica of each may die
 
@@ -415,13 +482,25 @@ def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
     env = {e["name"]: e for e in gateway[0]["spec"]["containers"][0]["env"]}
     assert env["DB_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "indai-db"
     assert env["INDAI_S3_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "indai-s3"
-    # Serve's ingress replicas run on any Ray pod and check tokens, access rules and metering in the
-    # platform database: the same PostgreSQL as the gateway, never a pod-local SQLite file
-    for p in (head, gpu[0]):
+    # Serve's ingress replicas check tokens, access rules and metering in the platform database: on the
+    # serving cluster, the same PostgreSQL as the gateway, never a pod-local SQLite file; and never on
+    # the jobs' RayCluster, where researchers' code runs
+    serving = wait("serving head and worker", lambda: (s := [p for p in pods(c, ns, mine) if p["metadata"]["labels"].get("indai.io/component")
+                                                             in ("serve-head", "serve-worker") and p["status"].get("phase") == "Running"])
+                   and len(s) == 2 and s)
+    for p in serving:
         ray_env = {e["name"]: e for e in ray_container(p["spec"])["env"]}
         assert ray_env["INDAI_DB_URL"]["value"] == env["INDAI_DB_URL"]["value"] == \
             "postgresql+psycopg://indai:$(DB_PASSWORD)@postgres.example.internal:5432/indai", p["metadata"]["name"]
         assert ray_env["DB_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "indai-db", "key": "password"}
+        # no Ray token, member keys or API credentials: no Secret or projected volume at all
+        assert "INDAI_SECRETS_DIR" not in ray_env and not any(k.startswith("RAY_AUTH") for k in ray_env), p["metadata"]["name"]
+        assert not [v["name"] for v in p["spec"].get("volumes", []) if "secret" in v or "projected" in v], p["metadata"]["name"]
+        assert p["spec"]["serviceAccountName"] == "auto-indai-serve" and p["spec"]["automountServiceAccountToken"] is False
+        assert node_pool(c, p["spec"]["nodeName"]) == "cpu"
+    for p in (head, gpu[0]):
+        ray_env = {e["name"]: e for e in ray_container(p["spec"])["env"]}
+        assert "INDAI_DB_URL" not in ray_env and "DB_PASSWORD" not in ray_env, p["metadata"]["name"]
         # the members' de-identification keys: the admin's Secret, read-only, where `indai data release` looks
         assert ray_env["INDAI_SECRETS_DIR"]["value"] == "/var/run/secrets/indai/member-keys"
         volumes = {v["name"]: v for v in p["spec"]["volumes"]}
@@ -433,6 +512,7 @@ def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
     assert can(c, ns, "auto-indai-ray", "list", "pods") and can(c, ns, "auto-indai-ray", "patch", "rayclusters.ray.io")
     assert not can(c, ns, "auto-indai-ray", "get", "secrets") and not can(c, ns, "auto-indai-ray", "create", "rayjobs.ray.io")
     for verb, resource in (("get", "secrets"), ("list", "pods"), ("create", "rayjobs.ray.io"), ("get", "rayclusters.ray.io")):
+        assert not can(c, ns, "auto-indai-serve", verb, resource), (verb, resource)
         assert not can(c, ns, "auto-indai-gateway", verb, resource), (verb, resource)
         assert not can(c, ns, "auto-indai-mlflow", verb, resource), (verb, resource)
 
@@ -555,8 +635,8 @@ def test_ray_auth_token_reaches_every_ray_pod_and_the_gateway_only(k8s_cluster):
 def test_ray_auth_existing_secret_off_switch_and_schema(k8s_cluster):
     """ray.auth.existingSecret moves every mount to the admin's Secret (and the chart generates no
     token); ray.auth.enabled=false (or ray.enabled=false) renders none of it; the schema refuses
-    unknown keys and bad Secret names; Serve, which KubeRay v1.5.0 deploys without the token, asks
-    for auth off."""
+    unknown keys and bad Secret names; Serve, which KubeRay v1.5.0 deploys without the token, runs
+    on a cluster of its own without it while the jobs' RayCluster keeps it."""
     c = k8s_cluster
     on = ["--set", "gateway.enabled=true", "--set", "ray.autoscaling.enabled=true", "--set", "networkPolicy.enabled=false"]
     ns = restricted_namespace(c, "rayauth-own")
@@ -595,7 +675,12 @@ def test_ray_auth_existing_secret_off_switch_and_schema(k8s_cluster):
     assert typo.returncode != 0 and "additional properties 'enabeld' not allowed" in typo.stderr
     name = c.helm("template", "t", CHART, "--set", "ray.auth.existingSecret=Ray_Token", check=False)
     assert name.returncode != 0 and "/ray/auth/existingSecret" in name.stderr
-    serve = c.helm("template", "t", CHART, "--set", "serve.enabled=true", check=False)
-    assert serve.returncode != 0 and "serve.enabled=true needs ray.auth.enabled=false" in serve.stderr
-    served = c.helm("template", "t", CHART, "--set", "serve.enabled=true", "--set", "ray.auth.enabled=false").stdout
-    assert "kind: RayService" in served and "RAY_AUTH" not in served
+    served = [d for d in yaml.safe_load_all(c.helm("template", "indai", CHART, "--set", "serve.enabled=true").stdout) if d]
+    for d in served:
+        for where, spec in pod_specs(d):
+            env, mounts = ray_auth_of(spec, ray_container(spec)) if d["kind"] in ("RayCluster", "RayService") else ({}, {})
+            if d["kind"] == "RayService":
+                assert env == {} and mounts == {}, where
+            elif d["kind"] == "RayCluster":
+                assert (env, mounts) == (RAY_AUTH_ENV, token_mount("indai-secrets")), where
+    assert {d["kind"] for d in served} >= {"RayService", "RayCluster"}

@@ -126,7 +126,7 @@ MLflow artefacts, no admin rights), never MinIO's root keys: Ray pods run resear
 - {name: RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S, value: "2"}
 {{- if .Values.serve.enabled }}
 - name: INDAI_SERVE_URL
-  value: http://{{ include "indai.fullname" . }}-ray-serve-svc:8000
+  value: http://{{ include "indai.fullname" . }}-serve-serve-svc:8000
 {{- end }}
 {{- if and .Values.mlflow.enabled .Values.mlflow.auth }}
 {{- /* the admin account until `indai member` hands out MLflow users per researcher */}}
@@ -144,12 +144,17 @@ MLflow artefacts, no admin rights), never MinIO's root keys: Ray pods run resear
 {{- end -}}
 
 
-{{/* Labels of the RayCluster's own pods (head and both worker groups). */}}
-{{- define "indai.rayPeers" -}}
+{{/* Peers that are one Ray cluster's own pods: (dict "root" . "part" "ray") for the jobs'
+RayCluster (head and both worker groups), "serve" for the serving RayService's. */}}
+{{- define "indai.clusterPeers" -}}
 podSelector:
-  matchLabels: {app.kubernetes.io/instance: {{ .Release.Name }}}
+  matchLabels: {app.kubernetes.io/instance: {{ .root.Release.Name }}}
   matchExpressions:
+    {{- if eq .part "serve" }}
+    - {key: indai.io/component, operator: In, values: [serve-head, serve-worker]}
+    {{- else }}
     - {key: indai.io/component, operator: In, values: [ray-head, ray-worker-cpu, ray-worker-gpu]}
+    {{- end }}
 {{- end -}}
 
 {{- define "indai.mlflowAllowedHosts" -}}

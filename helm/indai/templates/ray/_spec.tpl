@@ -1,7 +1,14 @@
-{{/* The RayCluster spec, shared by the RayCluster and the RayService. */}}
+{{/* The Ray clusters' pod and cluster specs. Two clusters, never one: the jobs' RayCluster
+(`<fullname>-ray`: researchers' code, Ray's token, the members' keys, no platform database) and,
+with serve.enabled, the serving RayService (`<fullname>-serve`: the Serve application, which checks
+tokens and meters calls in the platform database, so its pods hold the database password). Ray is
+one trust domain inside a cluster: a job may place its tasks on any node (custom resources are not
+a boundary), call or kill any named actor, Serve's included, and read the environment of the
+processes beside it, which run as the same user. So what serving holds is never on a node of the
+cluster where jobs run. */}}
 {{- define "indai.rayPodSpec" -}}
 {{- $ := .root -}}
-serviceAccountName: {{ include "indai.fullname" $ }}-ray
+serviceAccountName: {{ include "indai.fullname" $ }}-{{ ternary "serve" "ray" .serving }}
 {{- /* Never the pod: job drivers run in the head's ray-head container, and with the token they could
 patch the RayCluster (another image, any Secret of the namespace mounted). Only the autoscaler
 sidecar, the one container that talks to the API server, mounts it (indai.autoscalerApiMount). */}}
@@ -12,8 +19,8 @@ imagePullSecrets: {{- toYaml . | nindent 2 }}
 {{- end }}
 nodeSelector: {{- toYaml .group.nodeSelector | nindent 2 }}
 tolerations: {{- toYaml .group.tolerations | nindent 2 }}
-{{- $volumes := include "indai.rayPodVolumes" $ | trim }}
-{{- if and .head $.Values.ray.autoscaling.enabled }}
+{{- $volumes := ternary "" (include "indai.rayPodVolumes" $ | trim) .serving }}
+{{- if and .head (not .serving) $.Values.ray.autoscaling.enabled }}
 {{- $volumes = printf "%s\n%s" $volumes (include "indai.autoscalerApiVolume" $) | trim }}
 {{- end }}
 {{- with $volumes }}
@@ -28,11 +35,12 @@ containers:
       {{- include "indai.platformEnv" $ | nindent 6 }}
       - name: INDAI_RAY_ADDRESS
         value: auto
-      {{- if $.Values.serve.enabled }}
-      {{- /* Serve's ingress replicas (on any Ray pod) check members' tokens and access rules and meter
-      each call in the platform database; without it they would open an empty pod-local SQLite file */}}
+      {{- if .serving }}
+      {{- /* Serve's ingress replicas check members' tokens and access rules and meter each call in
+      the platform database; without it they would open an empty pod-local SQLite file. Only the
+      serving cluster's pods get it: no researcher's job runs there */}}
       {{- include "indai.dbUrlEnv" $ | nindent 6 }}
-      {{- end }}
+      {{- else }}
       {{- if include "indai.rayAuth" $ }}
       {{- /* KubeRay copies env and mounts into the workers' wait-gcs-ready init container, whose
       `ray health-check` needs the token too */}}
@@ -41,7 +49,8 @@ containers:
       {{- if $.Values.ray.memberKeys.existingSecret }}
       - {name: INDAI_SECRETS_DIR, value: {{ include "indai.memberKeysDir" $ }}}
       {{- end }}
-    {{- if or (include "indai.rayAuth" $) $.Values.ray.memberKeys.existingSecret }}
+      {{- end }}
+    {{- if and (not .serving) (or (include "indai.rayAuth" $) $.Values.ray.memberKeys.existingSecret) }}
     volumeMounts:
       {{- if include "indai.rayAuth" $ }}
       {{- include "indai.rayAuthMount" $ | nindent 6 }}
@@ -64,21 +73,27 @@ containers:
     {{- end }}
 {{- end -}}
 
+{{/* A RayCluster spec: (dict "root" . "serving" false) for the jobs' cluster, "serving" true for
+the RayService's. */}}
 {{- define "indai.rayClusterSpec" -}}
-rayVersion: {{ .Values.ray.rayVersion | quote }}
-enableInTreeAutoscaling: {{ .Values.ray.autoscaling.enabled }}
-{{- if .Values.ray.autoscaling.enabled }}
+{{- $ := .root -}}
+{{- $serving := .serving -}}
+{{- $autoscaling := and (not $serving) $.Values.ray.autoscaling.enabled -}}
+{{- $part := ternary "serve" "ray" $serving -}}
+rayVersion: {{ $.Values.ray.rayVersion | quote }}
+enableInTreeAutoscaling: {{ $autoscaling }}
+{{- if $autoscaling }}
 autoscalerOptions:
-  idleTimeoutSeconds: {{ .Values.ray.autoscaling.idleTimeoutSeconds }}
-  securityContext: {{- include "indai.containerSecurity" . | nindent 4 }}
-  {{- if include "indai.rayAuth" . }}
+  idleTimeoutSeconds: {{ $.Values.ray.autoscaling.idleTimeoutSeconds }}
+  securityContext: {{- include "indai.containerSecurity" $ | nindent 4 }}
+  {{- if include "indai.rayAuth" $ }}
   {{- /* the sidecar talks to the GCS: the head pod's token volume, and Ray's settings */}}
-  env: {{- include "indai.rayAuthEnv" . | nindent 4 }}
+  env: {{- include "indai.rayAuthEnv" $ | nindent 4 }}
   {{- end }}
   volumeMounts:
-    {{- include "indai.autoscalerApiMount" . | nindent 4 }}
-    {{- if include "indai.rayAuth" . }}
-    {{- include "indai.rayAuthMount" . | nindent 4 }}
+    {{- include "indai.autoscalerApiMount" $ | nindent 4 }}
+    {{- if include "indai.rayAuth" $ }}
+    {{- include "indai.rayAuthMount" $ | nindent 4 }}
     {{- end }}
 {{- end }}
 headGroupSpec:
@@ -87,15 +102,34 @@ headGroupSpec:
     num-cpus: "0"
   template:
     metadata:
-      labels: {{- include "indai.selector" . | nindent 8 }}
-        indai.io/component: ray-head
-    spec: {{- include "indai.rayPodSpec" (dict "root" . "head" true "group" .Values.ray.head "container" "ray-head" "image" .Values.images.platform "gpus" 0 "ports" (list (dict "name" "gcs" "containerPort" 6379) (dict "name" "dashboard" "containerPort" 8265) (dict "name" "client" "containerPort" 10001) (dict "name" "serve" "containerPort" 8000))) | nindent 6 }}
-{{- if not (or .Values.ray.cpuWorkers.enabled .Values.ray.gpuWorkers.enabled) }}
+      labels: {{- include "indai.selector" $ | nindent 8 }}
+        indai.io/component: {{ $part }}-head
+    {{- if $serving }}
+    spec: {{- include "indai.rayPodSpec" (dict "root" $ "head" true "serving" true "group" $.Values.serve.head "container" "ray-head" "image" $.Values.images.platform "gpus" 0 "ports" (list (dict "name" "gcs" "containerPort" 6379) (dict "name" "dashboard" "containerPort" 8265) (dict "name" "serve" "containerPort" 8000))) | nindent 6 }}
+    {{- else }}
+    spec: {{- include "indai.rayPodSpec" (dict "root" $ "head" true "serving" false "group" $.Values.ray.head "container" "ray-head" "image" $.Values.images.platform "gpus" 0 "ports" (list (dict "name" "gcs" "containerPort" 6379) (dict "name" "dashboard" "containerPort" 8265) (dict "name" "client" "containerPort" 10001))) | nindent 6 }}
+    {{- end }}
+{{- if $serving }}
+workerGroupSpecs:
+{{- with $.Values.serve.workers }}
+  - groupName: cpu
+    replicas: {{ .replicas }}
+    minReplicas: {{ .replicas }}
+    maxReplicas: {{ .replicas }}
+    rayStartParams: {}
+    template:
+      metadata:
+        labels: {{- include "indai.selector" $ | nindent 10 }}
+          indai.io/component: serve-worker
+      spec: {{- include "indai.rayPodSpec" (dict "root" $ "head" false "serving" true "group" . "container" "ray-worker" "image" $.Values.images.platform "gpus" 0 "ports" (list (dict "name" "serve" "containerPort" 8000))) | nindent 8 }}
+{{- end }}
+{{- else }}
+{{- if not (or $.Values.ray.cpuWorkers.enabled $.Values.ray.gpuWorkers.enabled) }}
 workerGroupSpecs: []
 {{- else }}
 workerGroupSpecs:
 {{- end }}
-{{- with .Values.ray.cpuWorkers }}
+{{- with $.Values.ray.cpuWorkers }}
 {{- if .enabled }}
   - groupName: cpu
     replicas: {{ .replicas }}
@@ -106,10 +140,10 @@ workerGroupSpecs:
       metadata:
         labels: {{- include "indai.selector" $ | nindent 10 }}
           indai.io/component: ray-worker-cpu
-      spec: {{- include "indai.rayPodSpec" (dict "root" $ "head" false "group" . "container" "ray-worker" "image" $.Values.images.platform "gpus" 0) | nindent 8 }}
+      spec: {{- include "indai.rayPodSpec" (dict "root" $ "head" false "serving" false "group" . "container" "ray-worker" "image" $.Values.images.platform "gpus" 0) | nindent 8 }}
 {{- end }}
 {{- end }}
-{{- with .Values.ray.gpuWorkers }}
+{{- with $.Values.ray.gpuWorkers }}
 {{- if .enabled }}
   - groupName: gpu
     replicas: {{ .replicas }}
@@ -121,7 +155,8 @@ workerGroupSpecs:
       metadata:
         labels: {{- include "indai.selector" $ | nindent 10 }}
           indai.io/component: ray-worker-gpu
-      spec: {{- include "indai.rayPodSpec" (dict "root" $ "head" false "group" . "container" "ray-worker" "image" $.Values.images.platformGpu "gpus" .gpusPerWorker) | nindent 8 }}
+      spec: {{- include "indai.rayPodSpec" (dict "root" $ "head" false "serving" false "group" . "container" "ray-worker" "image" $.Values.images.platformGpu "gpus" .gpusPerWorker) | nindent 8 }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end -}}
