@@ -84,6 +84,43 @@ def _committed(store: ObjectStore, run_name: str) -> list[str]:
     return [t for t in store.committed_children(prefix(run_name)) if progress(t) or t == FINAL]
 
 
+RUN_OWNER = "owner.json"
+
+
+def claim_run(store: ObjectStore, run_name: str) -> None:
+    """A run name belongs to the member whose job first opened it, as a dataset name does
+    (`datasets.claim_name`). Run names are chosen by researchers and share one namespace, and
+    `run.resume` is on by default: without this, a member's run that happened to take another
+    member's run name would load that member's weights and optimizer state and log into, and
+    register from, that member's MLflow run. So the first job records its member (`datasets.job_identity`;
+    none outside a gateway job) under `checkpoints/<run>/owner.json`, and a researcher's job of any
+    other member is refused before anything is read. The admin (a process outside a gateway job, or
+    an admin's token) may open any run. A run written before owners were recorded belongs to no
+    member: the admin may go on with it, a researcher's job takes a new run.name.
+
+    The store has no create-if-absent write: two members' first jobs racing on one new name could
+    both write the record, and the later writer's record stands; the loser's workers read it back
+    (`fresh_or_resumed`) and stop."""
+    from indai.platform.datasets import job_identity
+
+    member, role = job_identity()
+    key = f"{prefix(run_name)}/{RUN_OWNER}"
+    if store.exists(key):
+        try:
+            owner = json.loads(store.get_bytes(key))["member"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"owner record {key!r} in {store.uri} is damaged: the admin must restore it "
+                            "(it names the member whose job started the run)") from None
+    else:
+        legacy = bool(_committed(store, run_name)) or store.exists(f"{prefix(run_name)}/{RUN_CONFIG}")
+        owner = None if legacy else member
+        if not legacy:  # a new name: this job's member takes it (a run from before owners stays as it was)
+            store.put_bytes(key, json.dumps({"member": owner}).encode())
+    if role != "admin" and owner != member:
+        whose = f"member {owner}" if owner else "no member (it was started outside a member's job, or before runs had owners)"
+        raise UserError(f"run {run_name} belongs to {whose}; this job runs for member {member}: choose another run.name")
+
+
 def refuse_existing(store: ObjectStore, run_name: str, own_mlflow_run: str | None = None) -> bool:
     """For `run.resume: false`, which starts a run from nothing. Checkpoints already under the run's
     name would mix with the new run's: tags are ordered by progress, so pruning deletes the new
@@ -105,8 +142,9 @@ def refuse_existing(store: ObjectStore, run_name: str, own_mlflow_run: str | Non
 
 
 def fresh_or_resumed(store: ObjectStore, cfg):
-    """A worker's TrainConfig after the `refuse_existing` check: unchanged, or, when a worker of this
+    """A worker's TrainConfig after the `claim_run` and `refuse_existing` checks: unchanged, or, when a worker of this
     very job finds the checkpoints its own earlier attempt wrote, set to resume from them."""
+    claim_run(store, cfg.run.name)  # a run of another member's: refused before anything is read
     if cfg.run.resume or not refuse_existing(store, cfg.run.name, cfg.mlflow_run_id):
         return cfg
     return cfg.model_copy(update={"run": cfg.run.model_copy(update={"resume": True})})

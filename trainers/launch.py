@@ -134,6 +134,7 @@ def _open_run(cfg: TrainConfig, store, manifest: dict, ref: datasets.DatasetRef,
     The run's resolved config is saved next to its checkpoints (`indai train resume` reads it)."""
     import mlflow
 
+    checkpoint.claim_run(store, cfg.run.name)  # another member's run name: refused before its MLflow run is reopened
     if not cfg.run.resume:  # a fresh run under a name that has checkpoints: refused before anything starts
         checkpoint.refuse_existing(store, cfg.run.name)
     found = checkpoint.latest(store, cfg.run.name) if cfg.run.resume else None

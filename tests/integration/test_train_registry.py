@@ -72,3 +72,29 @@ def test_rerun_resumes_from_checkpoint_and_registers_once(services, trained_mode
     assert third.resumed_from == "epoch-00001" and third.run_id == first.run_id and third.model_version == max(versions) + 1
     history = MlflowClient(services.mlflow_uri).get_metric_history(first.run_id, "val_accuracy")
     assert len(history) == 3  # epochs 1 and 2 from the first run, 3 from the resumed one
+
+
+def test_another_members_job_cannot_take_over_a_run_by_its_name(services, trained_model, monkeypatch):
+    """A researcher's job (the identity the gateway gives it) that names a run started outside its
+    member's jobs, on data it may read, is refused before the run's MLflow run is reopened or a
+    checkpoint is read: nothing is logged into that run and no model version is registered."""
+    from mlflow.tracking import MlflowClient
+
+    from indai.platform.errors import UserError
+    from indai.platform.storage import open_store
+    from indai.trainers.launch import train
+
+    cfg, first = trained_model
+    client = MlflowClient(services.mlflow_uri)
+    metrics = {k: len(client.get_metric_history(first.run_id, k)) for k in ("val_accuracy", "train_loss")}
+    versions = {v.version for v in client.search_model_versions(f"name='{cfg.run.register_as}'")}
+    store = open_store(services.store_uri)
+    checkpoints = {k: store.get_bytes(k) for k in store.list("checkpoints/it-cwru")}
+    monkeypatch.setenv("INDAI_JOB_MEMBER", "cwru-demo")  # the dataset's own member: its read is allowed
+    monkeypatch.setenv("INDAI_JOB_ROLE", "researcher")
+    with pytest.raises(UserError, match="^run it-cwru belongs to no member .*: choose another run.name$"):
+        train(cfg.model_copy(update={"run": cfg.run.model_copy(update={"alias": None})}), services)
+    assert {k: len(client.get_metric_history(first.run_id, k)) for k in ("val_accuracy", "train_loss")} == metrics
+    assert {v.version for v in client.search_model_versions(f"name='{cfg.run.register_as}'")} == versions
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert {k: store.get_bytes(k) for k in store.list("checkpoints/it-cwru")} == checkpoints

@@ -424,3 +424,61 @@ def test_compare_refuses_a_taken_scratch_name_before_either_run_trains(tmp_path)
     finally:  # the registry client sets both on the way (old behaviour); leave them as they were
         mlflow.set_tracking_uri(before[0])
         mlflow.set_registry_uri(before[1])
+
+
+def _as_job(monkeypatch, member: str | None, role: str = "researcher") -> None:
+    """The identity the job gateway gives a job (INDAI_JOB_MEMBER, INDAI_JOB_ROLE); None: outside a gateway job (the admin)."""
+    for name, value in (("INDAI_JOB_MEMBER", member), ("INDAI_JOB_ROLE", role if member else None)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+
+
+def test_a_run_name_belongs_to_the_member_whose_job_took_it_first(tmp_path, monkeypatch):
+    """run.resume is on by default, so without owners a member's run that took another member's run
+    name would go on from that member's weights and log into that member's MLflow run. The first job
+    records its member; another member's job is refused in the driver and in every worker before
+    anything of the run is read; the owner and the admin go on."""
+    store = open_store(tmp_path / "store")
+    _as_job(monkeypatch, "steel-a")
+    cfg = TrainConfig.model_validate({**_cfg(name="line-3"), "mlflow_run_id": "a-run"})
+    assert checkpoint.fresh_or_resumed(store, cfg) is cfg
+    assert json.loads(store.get_bytes("checkpoints/line-3/owner.json")) == {"member": "steel-a"}
+    _commit(store, "line-3", "epoch-00000", epoch=0, step=8, mlflow_run_id="a-run")
+    store.put_bytes("checkpoints/line-3/config.json", b"{}")
+    before = {k: store.get_bytes(k) for k in store.list("checkpoints/line-3")}
+
+    _as_job(monkeypatch, "auto-b")
+    with pytest.raises(UserError) as e:
+        checkpoint.fresh_or_resumed(store, cfg)
+    assert str(e.value) == "run line-3 belongs to member steel-a; this job runs for member auto-b: choose another run.name"
+    with pytest.raises(UserError, match="^run line-3 belongs to member steel-a"):  # the driver too, before any MLflow run
+        checkpoint.claim_run(store, "line-3")
+    assert {k: store.get_bytes(k) for k in store.list("checkpoints/line-3")} == before  # nothing of steel-a's changed
+
+    _as_job(monkeypatch, "steel-a")  # the owner goes on
+    assert checkpoint.fresh_or_resumed(store, cfg).run.resume is True
+    _as_job(monkeypatch, "auto-b", role="admin")  # an admin's token may open any run
+    checkpoint.claim_run(store, "line-3")
+    _as_job(monkeypatch, None)  # and so may a process outside a gateway job (the admin's shell, the demo)
+    checkpoint.claim_run(store, "line-3")
+    assert json.loads(store.get_bytes("checkpoints/line-3/owner.json")) == {"member": "steel-a"}
+
+
+def test_a_run_from_before_owners_belongs_to_no_member(tmp_path, monkeypatch):
+    """Its checkpoints or saved config exist without an owner record: a researcher's job is refused,
+    the admin goes on, and nothing is written (the run is left as it was)."""
+    store = open_store(tmp_path / "store")
+    _commit(store, "old", "epoch-00001", epoch=1, step=16, mlflow_run_id="old-run")
+    store.put_bytes("checkpoints/config-only/config.json", b"{}")  # killed before its first checkpoint
+    for run in ("old", "config-only"):
+        _as_job(monkeypatch, "steel-a")
+        with pytest.raises(UserError, match=f"^run {run} belongs to no member .*before runs had owners.*: choose another run.name$"):
+            checkpoint.claim_run(store, run)
+        _as_job(monkeypatch, None)
+        checkpoint.claim_run(store, run)
+        assert not store.exists(f"checkpoints/{run}/owner.json")
+    store.put_bytes("checkpoints/broken/owner.json", b"{not json")
+    with pytest.raises(UserError, match="owner record 'checkpoints/broken/owner.json' .* is damaged"):
+        checkpoint.claim_run(store, "broken")
