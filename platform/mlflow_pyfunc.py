@@ -13,7 +13,9 @@ class IndaiPyfunc(mlflow.pyfunc.PythonModel):
 
         self.model = IndaiModel.load(Path(context.artifacts["indai_model"]))
 
-    def predict(self, context, model_input, params=None):
+    # annotated pd.DataFrame: what pyfunc hands over after it checked the input against the
+    # model's signature (given at logging); MLflow infers nothing from this hint and wraps nothing
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if isinstance(model_input, pd.DataFrame):
             rows = [{k: v for k, v in r.items() if v is not None and not (isinstance(v, float) and v != v)}
                     for r in model_input.to_dict(orient="records")]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import sys
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
@@ -36,6 +35,7 @@ import torch.distributed as dist
 
 from indai.platform.errors import UserError
 from indai.platform.storage import ObjectStore
+from indai.trainers import relay
 
 FINAL = "final"
 
@@ -241,8 +241,8 @@ def start_point(engine, store: ObjectStore, cfg, world: int, rank: int) -> Start
     epoch, step, batch = resume_position(state)  # after an epoch, mid-epoch, or an accumulation window's start
     sums = state.get("epoch_sums")
     if rank == 0:
-        print(f"resumed run {cfg.run.name} from {tag} (epoch {epoch}, step {step}"
-              + (f", batch {batch} of the epoch" if batch else "") + ")", file=sys.stderr, flush=True)
+        relay.say(f"resumed run {cfg.run.name} from {tag} (epoch {epoch}, step {step}"
+                  + (f", batch {batch} of the epoch" if batch else "") + ")")
     return Start(epoch, step, batch, [float(v) for v in sums] if sums else None, state.get("unsent_metrics"),
                  int(state["step"]) if state.get("resume_at") else None)
 
@@ -528,9 +528,8 @@ def save(engine, store: ObjectStore, run_name: str, tag: str, meta: dict, rank: 
     if rank == 0:
         store.commit(f"{prefix(run_name)}/{tag}", meta)
         left = sum(v[0] for v in frozen.values())
-        print(f"[indai] checkpoint {tag}: {written / 2**20:,.1f} MiB from rank 0 in {time.perf_counter() - t0:.1f} s"
-              + (f"; {len(frozen)} frozen tensors ({left:,} parameters) left out" if frozen else ""),
-              file=sys.stderr, flush=True)
+        relay.say(f"[indai] checkpoint {tag}: {written / 2**20:,.1f} MiB from rank 0 in {time.perf_counter() - t0:.1f} s"
+                  + (f"; {len(frozen)} frozen tensors ({left:,} parameters) left out" if frozen else ""))
     _barrier()
 
 

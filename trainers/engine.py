@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from indai.platform.errors import UserError
-from indai.trainers import checkpoint
+from indai.trainers import checkpoint, relay
 from indai.trainers.strategy import Choice, choose, requested_strategy
 
 TORCH_ENGINE_FORMAT = "indai-torch-engine/1"
@@ -125,7 +125,7 @@ def decide(model: torch.nn.Module, cfg, device: torch.device, world: int, store=
 
 def log_choice(cfg, choice: Choice) -> None:
     """On stderr, and in MLflow: the strategy as a param, the reason as a tag."""
-    print(f"[indai] strategy: {choice.reason}", file=sys.stderr, flush=True)
+    relay.say(f"[indai] strategy: {choice.reason}")
     if cfg.mlflow_uri and cfg.mlflow_run_id:
         from mlflow.tracking import MlflowClient
 
@@ -236,7 +236,7 @@ def build_engine(model: torch.nn.Module, cfg, d, lr_lambda: Callable[[int], floa
                              grad_accum=cfg.optim.grad_accum, clip=cfg.optim.clip, bf16=bf16_enabled(cfg, cuda),
                              compile=cfg.run.compile and not regional)
     if cfg.run.compile and d.rank == 0:
-        print(f"[indai] compile: {regional or 'the whole model'}", file=sys.stderr, flush=True)
+        relay.say(f"[indai] compile: {regional or 'the whole model'}")
     engine.indai_strategy = choice.strategy  # recorded with each checkpoint (trainers.checkpoint.save)
     return engine, sched
 

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from indai.platform.errors import UserError
 from indai.platform.model_format import mlflow_signature, write_card
 from indai.platform.settings import Settings
 from indai.platform.storage import open_store
-from indai.trainers import checkpoint, tasks
+from indai.trainers import checkpoint, relay, tasks
 from indai.trainers.config import TrainConfig
 from indai.trainers.loop import train_loop
 from indai.trainers.profiling import log_traces
@@ -260,9 +261,6 @@ def run_workers(cfg: TrainConfig, settings: Settings, manifest: dict | None = No
 
 
 def _fit(cfg: TrainConfig, settings: Settings, manifest: dict | None, loop, loader: str, config: dict) -> None:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     streams = {}
     if loader == "stream":
         from indai.trainers.streaming import split_stream
@@ -276,6 +274,15 @@ def _fit(cfg: TrainConfig, settings: Settings, manifest: dict | None, loop, load
                                         tokenizer)
         print(f"streaming the train split of {cfg.data.dataset} through Ray Data ({len(datasets.shards(manifest, 'train'))} shards)",
               file=sys.stderr)
+    # rank 0's progress and lines, shown here: a bar on a terminal (unless run.progress is off), else lines
+    with relay.board(relay.Show(terminal=None if cfg.run.progress else False)) as board_env:
+        _fit_with(cfg, settings, loop, config, streams, board_env)
+
+
+def _fit_with(cfg: TrainConfig, settings: Settings, loop, config: dict, streams: dict, board_env: dict) -> None:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     trainer = TorchTrainer(
         loop,
         train_loop_config=config,
@@ -286,7 +293,7 @@ def _fit(cfg: TrainConfig, settings: Settings, manifest: dict | None, loop, load
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                              # Ray Train's print patch both prints a worker's stderr line and logs it,
                              # and Ray relays both: every line of the loop reached the user twice
-                             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
+                             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **board_env}}),
     )
     trainer.fit()
 
@@ -322,8 +329,12 @@ def log_model_once(cfg: TrainConfig, run_id: str, step: int, pkg: Path, signatur
         return int(existing.version)
     # the "model from code" file, found without importing (importing it registers a model)
     pyfunc_file = importlib.util.find_spec("indai.platform.mlflow_pyfunc").origin
-    info = mlflow.pyfunc.log_model(name="model", python_model=str(pyfunc_file), artifacts={"indai_model": str(pkg)},
-                                   signature=signature, pip_requirements=["indai"])
+    with warnings.catch_warnings():
+        # a UserWarning every run printed, about what indai chooses not to do: no input example is
+        # stored (the signature is given), since one would copy a member's data into the model
+        warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(pyfunc_file), artifacts={"indai_model": str(pkg)},
+                                       signature=signature, pip_requirements=["indai"])
     if not name:
         return None
     # the tags that make a re-run find this version travel in the request that creates it: a

@@ -31,7 +31,8 @@ from indai.platform import datasets
 from indai.platform.errors import UserError
 from indai.platform.progress import bar
 from indai.platform.storage import open_store
-from indai.trainers import checkpoint, feed, finetune, tasks
+from indai.trainers import checkpoint, feed, finetune, relay, tasks
+from indai.trainers.relay import PROGRESS_PREFIX  # noqa: F401  (kept importable from here)
 from indai.trainers.config import TrainConfig
 from indai.trainers.engine import (build_engine, deepspeed_config, full_state_dict,  # noqa: F401  (deepspeed_config: kept importable from here)
                                    grad_norm, lockstep, optimizer_steps)
@@ -140,13 +141,10 @@ def _loader(ds, sampler, cfg: TrainConfig, device: torch.device) -> feed.ToDevic
     return feed.batches(ds, sampler, cfg, device)
 
 
-PROGRESS_PREFIX = "[indai] progress "
-
-
 def progress_event(**fields) -> None:
-    """One machine-readable line on stdout (relayed into the Ray job's log), from which
-    `indai train submit` draws its progress bar."""
-    print(PROGRESS_PREFIX + json.dumps(fields), flush=True)
+    """A progress event from rank 0: to the driver's progress bar under Ray, else one
+    machine-readable `[indai] progress {...}` line on stdout (trainers.relay)."""
+    relay.event(**fields)
 
 
 def log_step(metrics: MetricBuffer, engine, sched, loss: torch.Tensor, step: int, show: bool, **event) -> None:
@@ -302,9 +300,8 @@ def train_loop(config: dict) -> dict:
         if d.rank == 0:
             progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step, steps=total_batches,
                            loss=round(epoch_loss, 5), val_accuracy=val.get("accuracy"))
-            print(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {epoch_loss:.4f}"
-                  + (f", val {headline} {val.get(headline, float('nan')):.4f}" if val else "") + f" ({took:.1f} s)",
-                  file=sys.stderr, flush=True)
+            relay.say(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {epoch_loss:.4f}"
+                      + (f", val {headline} {val.get(headline, float('nan')):.4f}" if val else "") + f" ({took:.1f} s)")
         last = epoch + 1 == cfg.optim.epochs
         if (epoch + 1) % cfg.run.checkpoint_every == 0 or last or (every_steps and step % every_steps == 0):
             meta = {"epoch": epoch, "step": step, "batch_size": cfg.optim.batch_size, "mlflow_run_id": cfg.mlflow_run_id,

@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from indai.trainers import relay
+
 TOP = 8
 STEP_RANGE = "indai step "  # each profiled step's named range in the trace
 
@@ -121,8 +123,8 @@ class Profile:
                        "wall_ms_per_step": round(1000 * wall / max(1, steps), 3), "device_busy": busy,
                        "top": top, "trace": self._save(prof)}
         if self.rank == 0:
-            print(f"[indai] profile: {steps} step(s) from step {self.first}: {describe(self.result)}"
-                  + (f"; trace {self.result['trace']}" if self.result["trace"] else ""), file=sys.stderr, flush=True)
+            relay.say(f"[indai] profile: {steps} step(s) from step {self.first}: {describe(self.result)}"
+                      + (f"; trace {self.result['trace']}" if self.result["trace"] else ""))
 
     def _save(self, prof) -> str | None:
         """The trace's key in the store, or None. A trace that cannot be saved is reported, not

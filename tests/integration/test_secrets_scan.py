@@ -262,12 +262,17 @@ def test_no_secret_in_logs_records_or_error_bodies_after_a_demo_run(demo, postgr
 
 
 def test_the_demo_relays_the_training_workers_lines_and_not_every_serve_request(demo):
-    """What the demo's user reads (this module's demo run, the suite's only one): the training
-    workers' epoch lines, relayed by Ray while they train, and the demo's own stages; not a log
-    line of the Serve replicas for each of the 218 requests. The connection the training opened
-    went on relaying whatever ran next until `run_workers` closed it after the fit."""
+    """What the demo's user reads (this module's demo run, the suite's only one): rank 0's epoch
+    lines and progress, passed to the driver through its board (trainers.relay) while the workers
+    train, and the demo's own stages; not a log line of the Serve replicas for each of the 218
+    requests. The connection the training opened went on relaying whatever ran next until
+    `run_workers` closed it after the fit."""
     said = demo["run"].stdout + demo["run"].stderr
-    assert "epoch 2/2: loss" in said and "RayTrainWorker" in said  # relayed from a training worker
+    epochs = [line for line in said.splitlines() if "epoch 2/2: loss" in line or "epoch 1/2: loss" in line]
+    assert len(epochs) == 2 and all(line.startswith("epoch ") for line in epochs), epochs  # the driver's, no worker prefix
+    # not a terminal: the progress events as the lines `indai train submit` follows, from the driver
+    events = [line for line in demo["run"].stdout.splitlines() if "[indai] progress {" in line]
+    assert events and all(line.startswith("[indai] progress {") for line in events), events[:3]
     assert "ServeReplica" not in said and "POST /v1/predict" not in said, [
         line for line in said.splitlines() if "ServeReplica" in line][:5]
     assert "stage timings:" in said and "served accuracy" in said

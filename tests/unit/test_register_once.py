@@ -22,10 +22,11 @@ def mlflow_home(tmp_path):
         mlflow.set_registry_uri(before[1])
 
 
-def test_the_version_is_created_with_its_run_and_step_and_registered_once(mlflow_home, tmp_path):
+def test_the_version_is_created_with_its_run_and_step_and_registered_once(mlflow_home, tmp_path, recwarn):
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from indai.platform.model_format import mlflow_signature
     from indai.trainers.launch import log_model_once
 
     pkg = tmp_path / "indai_model"
@@ -39,10 +40,15 @@ def test_the_version_is_created_with_its_run_and_step_and_registered_once(mlflow
         # nothing but log_model_once ran: the tags came with the version's creation
         assert (version.run_id, version.tags.get("indai.run"), version.tags.get("indai.step")) == (run.info.run_id, "run-a", "40")
         assert log_model_once(cfg, run.info.run_id, 40, pkg, None) == first  # the re-run of the same weights
-        later = log_model_once(cfg, run.info.run_id, 80, pkg, None)  # weights of a later step: a new version
+        # weights of a later step: a new version (with the signature every real run gives)
+        later = log_model_once(cfg, run.info.run_id, 80, pkg, mlflow_signature({"task": "classification"}))
     assert later == first + 1
     assert sorted(int(v.version) for v in client.search_model_versions("name='bearing-once'")) == [first, later]
     unregistered = SimpleNamespace(run=SimpleNamespace(register_as=None, name="run-b"))
     with mlflow.start_run() as run:
         assert log_model_once(unregistered, run.info.run_id, 40, pkg, None) is None
     assert len(client.search_model_versions("name='bearing-once'")) == 2
+    # no warning about what indai chooses not to do: type hints (the signature says it) and an
+    # input example (it would copy a member's data into the model)
+    said = [str(w.message) for w in recwarn if issubclass(w.category, UserWarning)]
+    assert not [m for m in said if "type hints" in m or "input example" in m], said

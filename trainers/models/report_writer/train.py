@@ -29,7 +29,7 @@ from indai.platform.errors import UserError
 from indai.platform.instruct import read_records
 from indai.platform.progress import Stages, bar
 from indai.platform.storage import open_store
-from indai.trainers import checkpoint
+from indai.trainers import checkpoint, relay
 from indai.trainers.config import TrainConfig
 from indai.trainers.data import ShardSampler
 from indai.trainers.engine import bf16_enabled, build_engine, full_state_dict, lockstep, optimizer_steps
@@ -172,8 +172,7 @@ def train_report_writer(config: dict) -> dict:
     if cuda and bf16_enabled(cfg, cuda) and engine.zero_optimization_stage() < 3:  # ZeRO-3 holds the weights partitioned
         cast = hold_frozen_in_bf16(model.lm)
         if d.rank == 0:
-            print(f"[indai] the frozen LM is held in bf16 ({cast / 1e6:.1f} M parameters); adapters train in fp32",
-                  file=sys.stderr, flush=True)
+            relay.say(f"[indai] the frozen LM is held in bf16 ({cast / 1e6:.1f} M parameters); adapters train in fp32")
 
     # run.resume: the latest checkpoint, loaded; going on after an epoch or where the accumulation
     # window it ended in began (trainers.checkpoint.WindowStart)
@@ -220,8 +219,8 @@ def train_report_writer(config: dict) -> dict:
         if d.rank == 0:
             progress_event(epoch=epoch + 1, epochs=cfg.optim.epochs, step=step, steps=total_batches,
                            loss=round(epoch_loss, 5), val_loss=val.get("loss"))
-            print(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {epoch_loss:.4f}"
-                  + (f", val loss {val['loss']:.4f}" if val else "") + f" ({took:.1f} s)", file=sys.stderr, flush=True)
+            relay.say(f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {epoch_loss:.4f}"
+                      + (f", val loss {val['loss']:.4f}" if val else "") + f" ({took:.1f} s)")
         if (epoch + 1) % cfg.run.checkpoint_every == 0 or epoch + 1 == cfg.optim.epochs:
             meta = {"epoch": epoch, "step": step, "batch_size": cfg.optim.batch_size, "mlflow_run_id": cfg.mlflow_run_id,
                     "val_loss": val.get("loss"),
