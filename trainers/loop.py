@@ -32,7 +32,6 @@ from indai.platform.errors import UserError
 from indai.platform.progress import bar
 from indai.platform.storage import open_store
 from indai.trainers import checkpoint, feed, finetune, relay, tasks
-from indai.trainers.relay import PROGRESS_PREFIX  # noqa: F401  (kept importable from here)
 from indai.trainers.config import TrainConfig
 from indai.trainers.engine import (build_engine, deepspeed_config, full_state_dict,  # noqa: F401  (deepspeed_config: kept importable from here)
                                    grad_norm, lockstep, optimizer_steps)

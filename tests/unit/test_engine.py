@@ -333,7 +333,7 @@ def test_lr_schedule_spans_the_optimizer_steps_that_run_also_after_a_resume(tmp_
     import json
 
     from indai.trainers import loop
-    from indai.trainers.loop import PROGRESS_PREFIX
+    from indai.trainers.relay import PROGRESS_PREFIX
 
     built = []
     real_build = loop.build_engine
@@ -391,7 +391,7 @@ def test_every_engine_reports_the_pre_clip_gradient_norm_and_clips_alike(tmp_pat
     follow, which depend on every earlier step, are the same."""
     import json
 
-    from indai.trainers.loop import PROGRESS_PREFIX
+    from indai.trainers.relay import PROGRESS_PREFIX
 
     store = open_store(tmp_path / "store")
     ref, _ = write_dataset(store, "norms", {"train": 64, "test": 16}, classes=4, sensor=(2, 128))
