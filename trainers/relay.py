@@ -30,7 +30,7 @@ NAMESPACE = "indai-progress"
 KEEP = 10_000  # events and lines a board holds for a driver that fell behind; older ones are dropped
 POLL_S = 0.5
 
-_board = None  # this worker's handle on its driver's board, looked up once
+_board = None  # (name, handle) of this process's driver's board, looked up once per board
 
 
 def _to_board(kind: str, payload, wait: bool = False) -> bool:
@@ -45,9 +45,9 @@ def _to_board(kind: str, payload, wait: bool = False) -> bool:
     try:
         import ray
 
-        if _board is None:
-            _board = ray.get_actor(name, namespace=NAMESPACE)
-        ref = _board.put.remote(kind, payload)
+        if _board is None or _board[0] != name:
+            _board = (name, ray.get_actor(name, namespace=NAMESPACE))
+        ref = _board[1].put.remote(kind, payload)
     except Exception:  # the driver went away, or Ray is not connected here: print instead
         return False
     if wait:
