@@ -32,7 +32,7 @@ STEPS_PER_EPOCH = 49  # 6264 training windows / 2 Ray workers / 64 per batch (th
 ACCURACY_TOLERANCE = 0.01  # at most 2 of the 218 test windows worse
 LOSS_TOLERANCE = 0.01  # test cross-entropy, absolute (about a fifth of its value)
 
-PROGRESS = re.compile(r"\(RayTrainWorker pid=(\d+)[,)].*\[indai\] progress (\{.*\})")
+PROGRESS = re.compile(r"^\[indai\] progress (\{.*\})")  # the driver's, from rank 0 through its board (trainers.relay)
 WORKER = re.compile(r"\(ip=[^,]+, pid=(\d+)\) world_rank=(\d+)")
 RESUMED = re.compile(r"resumed run (\S+) from (\S+) \(epoch (\d+), step (\d+)")
 
@@ -76,9 +76,17 @@ def _env(home: Path) -> dict:
 
 
 def _progress(lines: list[str]) -> list[tuple[int, int]]:
-    """(worker pid, step) of the progress events rank 0 printed, in order, each once (Ray Train
-    relays a worker's print twice, and the epoch's end repeats its last step)."""
-    return list(dict.fromkeys((int(m.group(1)), json.loads(m.group(2))["step"]) for m in map(PROGRESS.search, lines) if m))
+    """(attempt, step) of the progress events rank 0 sent, in order, each once (the epoch's end
+    repeats its last step). The driver prints what reaches its board in the order it arrived,
+    and a restarted worker group says `resumed run ...` there before its first event: attempt 0
+    is the first worker group, 1 the group after the first restart."""
+    out, attempt = [], 0
+    for line in lines:
+        if RESUMED.search(line):
+            attempt += 1
+        elif m := PROGRESS.search(line):
+            out.append((attempt, json.loads(m.group(1))["step"]))
+    return list(dict.fromkeys(out))
 
 
 def _worker_groups(lines: list[str]) -> list[dict[int, int]]:
@@ -139,9 +147,8 @@ def test_killed_ray_train_worker_restarts_from_the_last_checkpoint(services, cwr
     assert len(groups) == 2 and victim not in groups[1].values(), groups  # one restart, with new processes
 
     # lost work: the steps the first group completed after the checkpoint the second resumed from
-    first, second = groups[0][0], groups[1][0]  # rank 0 of each group prints the progress events
-    steps_first = [s for pid, s in _progress(lines) if pid == first]
-    steps_second = [s for pid, s in _progress(lines) if pid == second]
+    steps_first = [s for attempt, s in _progress(lines) if attempt == 0]
+    steps_second = [s for attempt, s in _progress(lines) if attempt == 1]
     resumed = list(dict.fromkeys(m.groups() for m in map(RESUMED.search, lines) if m and m.group(1) == run))
     assert len(resumed) == 1, resumed
     _, tag, _, resumed_step = resumed[0]
