@@ -261,6 +261,9 @@ def run_workers(cfg: TrainConfig, settings: Settings, manifest: dict | None = No
 
 
 def _fit(cfg: TrainConfig, settings: Settings, manifest: dict | None, loop, loader: str, config: dict) -> None:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     streams = {}
     if loader == "stream":
         from indai.trainers.streaming import split_stream
@@ -276,26 +279,19 @@ def _fit(cfg: TrainConfig, settings: Settings, manifest: dict | None, loop, load
               file=sys.stderr)
     # rank 0's progress and lines, shown here: a bar on a terminal (unless run.progress is off), else lines
     with relay.board(relay.Show(terminal=None if cfg.run.progress else False)) as board_env:
-        _fit_with(cfg, settings, loop, config, streams, board_env)
-
-
-def _fit_with(cfg: TrainConfig, settings: Settings, loop, config: dict, streams: dict, board_env: dict) -> None:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    trainer = TorchTrainer(
-        loop,
-        train_loop_config=config,
-        datasets=streams or None,
-        scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=cfg.run.use_gpu,
-                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.run.name, storage_path=str(settings.home / "ray_results"),
-                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-                             # Ray Train's print patch both prints a worker's stderr line and logs it,
-                             # and Ray relays both: every line of the loop reached the user twice
-                             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **board_env}}),
-    )
-    trainer.fit()
+        trainer = TorchTrainer(
+            loop,
+            train_loop_config=config,
+            datasets=streams or None,
+            scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=cfg.run.use_gpu,
+                                         resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
+            run_config=RunConfig(name=cfg.run.name, storage_path=str(settings.home / "ray_results"),
+                                 failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                                 # Ray Train's print patch both prints a worker's stderr line and logs it,
+                                 # and Ray relays both: every line of the loop reached the user twice
+                                 worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **board_env}}),
+        )
+        trainer.fit()
 
 
 def _already_registered(name: str, run_id: str, step: int):

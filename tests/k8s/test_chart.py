@@ -142,30 +142,23 @@ def test_each_part_switches_off_or_on(k8s_cluster, name):
                 assert spec["imagePullSecrets"] == [{"name": "regcred"}], where
 
 
-def pod_specs(doc: dict) -> list[tuple[str, dict]]:
-    """(where, pod spec) for every pod a rendered object makes, Ray groups included."""
+def pod_templates(doc: dict) -> list[tuple[str, dict, dict]]:
+    """(where, labels, pod spec) for every pod a rendered object makes, Ray groups included."""
     kind, name, spec = doc["kind"], doc["metadata"]["name"], doc.get("spec", {})
     if kind == "Pod":
-        return [(name, spec)]
+        return [(name, doc["metadata"].get("labels", {}), spec)]
     if kind in ("Deployment", "StatefulSet", "Job"):
-        return [(name, spec["template"]["spec"])]
+        return [(name, spec["template"]["metadata"].get("labels", {}), spec["template"]["spec"])]
     ray = spec.get("rayClusterConfig", spec) if kind == "RayService" else spec if kind == "RayCluster" else None
     if ray is None:
         return []
-    return [(f"{name}/head", ray["headGroupSpec"]["template"]["spec"])] + [
-        (f"{name}/{g['groupName']}", g["template"]["spec"]) for g in ray["workerGroupSpecs"]]
+    groups = [("head", ray["headGroupSpec"])] + [(g["groupName"], g) for g in ray["workerGroupSpecs"]]
+    return [(f"{name}/{group}", g["template"]["metadata"]["labels"], g["template"]["spec"]) for group, g in groups]
 
 
-def pod_templates(doc: dict) -> list[tuple[dict, dict]]:
-    """(labels, pod spec) for every pod template of a rendered workload, Ray groups included."""
-    kind, spec = doc["kind"], doc.get("spec", {})
-    if kind in ("Deployment", "StatefulSet", "Job"):
-        return [(spec["template"]["metadata"].get("labels", {}), spec["template"]["spec"])]
-    ray = spec.get("rayClusterConfig", spec) if kind == "RayService" else spec if kind == "RayCluster" else None
-    if ray is None:
-        return []
-    groups = [ray["headGroupSpec"], *ray["workerGroupSpecs"]]
-    return [(g["template"]["metadata"]["labels"], g["template"]["spec"]) for g in groups]
+def pod_specs(doc: dict) -> list[tuple[str, dict]]:
+    """(where, pod spec) for every pod a rendered object makes, Ray groups included."""
+    return [(where, spec) for where, _, spec in pod_templates(doc)]
 
 
 AUTOSCALER_API_VOLUME = "autoscaler-api-access"
@@ -307,7 +300,7 @@ def test_network_policies_keep_ray_ports_inside_the_release(k8s_cluster):
         sel = policies[name]["podSelector"]
         got = [sel["matchLabels"]["indai.io/component"]] if "indai.io/component" in sel["matchLabels"] else sel["matchExpressions"][0]["values"]
         assert got == components, name
-    made = {labels["indai.io/component"] for d in docs if d["kind"] in ("RayCluster", "RayService") for labels, _ in pod_templates(d)}
+    made = {labels["indai.io/component"] for d in docs if d["kind"] in ("RayCluster", "RayService") for _, labels, _ in pod_templates(d)}
     assert made == {c for cs in selected.values() for c in cs}
     for name, port in (("indai-minio", 9000), ("indai-mlflow", 5000)):
         (rule,) = policies[name]["ingress"]
@@ -322,7 +315,7 @@ def test_network_policies_keep_ray_ports_inside_the_release(k8s_cluster):
     assert set(expr["values"]) == {"gateway", "mlflow", "serve-head", "serve-worker", "helm-test"}
     assert rule["ports"] == [{"port": 5432, "protocol": "TCP"}]
     # and the pods the PostgreSQL rule admits are exactly those that hold one of its passwords (or probe it)
-    holders = {labels["indai.io/component"] for d in docs for labels, spec in pod_templates(d)
+    holders = {labels["indai.io/component"] for d in docs for _, labels, spec in pod_templates(d)
                if any(e["name"] == "DB_PASSWORD" for ctr in spec["containers"] for e in ctr.get("env", []))}
     assert holders - {"postgresql"} == {"gateway", "mlflow", "serve-head", "serve-worker"}
 
