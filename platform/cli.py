@@ -639,6 +639,13 @@ def cmd_admin_provision_store(a) -> int:
     return 0
 
 
+def cmd_admin_provision_mlflow(a) -> int:
+    from indai.platform import mlflow_users
+
+    mlflow_users.provision_from_env(wait_s=a.wait)
+    return 0
+
+
 # ---- KPIs -----------------------------------------------------------------------------------
 
 def cmd_kpi_hours(a) -> int:
@@ -885,6 +892,10 @@ def parser() -> argparse.ArgumentParser:
                                                  "(no MLflow artefacts, no admin rights); reads its settings from the environment")
     aps.add_argument("--wait", type=float, default=120.0, help="seconds to wait for MinIO to answer")
     aps.set_defaults(fn=cmd_admin_provision_store)
+    apm = adm.add_parser("provision-mlflow", help="on the cluster's MLflow: the serving cluster's own user (no admin, only the "
+                                                  "server's default permission); reads its settings from the environment")
+    apm.add_argument("--wait", type=float, default=120.0, help="seconds to wait for MLflow to answer")
+    apm.set_defaults(fn=cmd_admin_provision_mlflow)
 
     from indai.platform.kpi import INDICATORS, PHASES
 

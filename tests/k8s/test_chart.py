@@ -64,6 +64,10 @@ def test_lint_and_schema_errors_are_readable(k8s_cluster):
     assert missing.returncode != 0 and "is required when minio.enabled is false" in missing.stderr
     perm = c.helm("template", "t", CHART, "--set", "mlflow.defaultPermission=ALL", check=False)
     assert perm.returncode != 0 and "at '/mlflow/defaultPermission': value must be one of 'READ', 'EDIT', 'MANAGE', 'NO_PERMISSIONS'" in perm.stderr
+    # Serve reads models as MLflow's user indai-serve, which holds only the default permission
+    closed = c.helm("template", "t", CHART, "--set", "serve.enabled=true", "--set", "mlflow.defaultPermission=NO_PERMISSIONS", check=False)
+    assert closed.returncode != 0 and "reads models as MLflow's user indai-serve" in closed.stderr and "READ" in closed.stderr
+    assert c.helm("template", "t", CHART, "--set", "mlflow.defaultPermission=NO_PERMISSIONS").returncode == 0
     tol = c.helm("template", "t", CHART, "--set", "ray.gpuWorkers.tolerations[0].efect=NoSchedule", check=False)
     assert tol.returncode != 0 and "additional properties 'efect' not allowed" in tol.stderr
     op = c.helm("template", "t", CHART, "--set", "kuberay-operator.imag.tag=v1", check=False)
@@ -181,6 +185,18 @@ def test_every_pod_is_restricted_and_least_privileged(k8s_cluster, scenario):
         secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "indai-secrets")
         assert {"jobsAccessKey", "jobsSecretKey"} <= set(secret["data"])
     assert any(w.endswith("/head") for w, _ in specs) and any("test-" in w for w, _ in specs)
+    mlflow_auth = values.get("mlflow", {}).get("enabled", True) and values.get("mlflow", {}).get("auth", True)
+    provision = [spec for where, spec in specs if where == "indai-mlflow-provision"]
+    if mlflow_auth:  # the hook Job that makes the serving cluster's MLflow user runs `indai admin provision-mlflow`
+        (job,) = provision
+        env = {e["name"]: e for e in job["containers"][0]["env"]}
+        assert job["containers"][0]["command"][:3] == ["indai", "admin", "provision-mlflow"]
+        assert env["MLFLOW_TRACKING_USERNAME"]["value"] == "admin" and env["INDAI_MLFLOW_SERVE_USER"]["value"] == "indai-serve"
+        assert env["INDAI_MLFLOW_SERVE_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "indai-secrets", "key": "mlflowServePassword"}
+        secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "indai-secrets")
+        assert "mlflowServePassword" in secret["data"]
+    else:
+        assert provision == []
     serving = values.get("serve", {}).get("enabled", False)
     assert any(w == "indai-serve/head" for w, _ in specs) is serving and any(w == "indai-ray/head" for w, _ in specs)
     for where, spec in specs:
@@ -204,6 +220,10 @@ def test_every_pod_is_restricted_and_least_privileged(k8s_cluster, scenario):
                 if minio and ref.get("name") == "indai-secrets" and ref.get("key") in ("accessKey", "secretKey"):
                     # MinIO's root keys: MinIO, the MLflow server (its artefact proxy) and the hook Job only
                     assert where in ("indai-minio", "indai-mlflow", "indai-minio-provision"), (where, env["name"])
+                if ref.get("name") == "indai-secrets" and ref.get("key") == "mlflowAdminPassword":
+                    # MLflow's admin: the server, its hook Job, the gateway, the jobs' cluster and helm test's probe
+                    assert where in ("indai-mlflow", "indai-mlflow-provision", "indai-gateway") or \
+                        where.startswith(("indai-ray/", "indai-test-")), (where, env["name"])
             names = {e["name"]: e for e in ctr.get("env", [])}
             if minio and "INDAI_S3_ACCESS_KEY" in names and where != "indai-minio-provision":
                 # Ray pods (researchers' code) and the gateway: the jobs' own user (platform/store_users.py)
@@ -217,6 +237,13 @@ def test_every_pod_is_restricted_and_least_privileged(k8s_cluster, scenario):
             # the serving cluster checks tokens and meters calls in it, and holds nothing of the jobs'
             assert {"INDAI_DB_URL", "DB_PASSWORD"} <= envs and spec["serviceAccountName"] == "indai-serve", where
             assert not any("RAY_AUTH" in e or e == "INDAI_SECRETS_DIR" for e in envs) and not spec.get("volumes"), where
+            # it reads models from MLflow, as a user that is no admin, and holds no object-store keys
+            assert not any(e.startswith(("INDAI_S3_", "INDAI_STORE_", "AWS_")) for e in envs), where
+            mlflow_user = {e["name"]: e for e in spec["containers"][0]["env"]}.get("MLFLOW_TRACKING_USERNAME")
+            if mlflow_auth:
+                assert mlflow_user["value"] == "indai-serve", where
+                assert {e["name"]: e for e in spec["containers"][0]["env"]}["MLFLOW_TRACKING_PASSWORD"]["valueFrom"] == \
+                    {"secretKeyRef": {"name": "indai-secrets", "key": "mlflowServePassword"}}, where
         if where.endswith("/gpu"):
             assert spec["nodeSelector"] == {"indai.io/pool": "gpu"}
             assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in spec["tolerations"])
@@ -302,10 +329,17 @@ def test_network_policies_keep_ray_ports_inside_the_release(k8s_cluster):
         assert got == components, name
     made = {labels["indai.io/component"] for d in docs if d["kind"] in ("RayCluster", "RayService") for _, labels, _ in pod_templates(d)}
     assert made == {c for cs in selected.values() for c in cs}
-    for name, port in (("indai-minio", 9000), ("indai-mlflow", 5000)):
-        (rule,) = policies[name]["ingress"]
-        assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "indai", "indai.io/platform": "true"}}}]
-        assert rule["ports"] == [{"port": port, "protocol": "TCP"}]
+    platform = {"app.kubernetes.io/instance": "indai", "indai.io/platform": "true"}
+    (rule,) = policies["indai-mlflow"]["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": platform}}] and rule["ports"] == [{"port": 5000, "protocol": "TCP"}]
+    # MinIO: the platform's pods but the serving cluster's, which reads models through MLflow only
+    (rule,) = policies["indai-minio"]["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": platform, "matchExpressions": [
+        {"key": "indai.io/component", "operator": "NotIn", "values": SERVING_CLUSTER}]}}]
+    assert rule["ports"] == [{"port": 9000, "protocol": "TCP"}]
+    holders = {labels["indai.io/component"] for d in docs for _, labels, spec in pod_templates(d)
+               if any(e["name"] == "INDAI_S3_ACCESS_KEY" for ctr in spec["containers"] for e in ctr.get("env", []))}
+    assert holders and not holders & set(SERVING_CLUSTER)
     (rule,) = policies["indai-postgresql"]["ingress"]
     (peer,) = rule["from"]
     assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/instance": "indai", "indai.io/platform": "true"}

@@ -102,8 +102,14 @@ keep their schema version in an Alembic table of the same name. */}}
 {{- if .Values.postgresql.enabled -}}{{ include "indai.secretName" . }}{{- else -}}{{ required "externalDatabase.existingSecret is required when postgresql.enabled is false" .Values.externalDatabase.existingSecret }}{{- end -}}
 {{- end -}}
 
-{{/* Environment every platform pod gets: where the object store and MLflow are. */}}
+{{/* Environment of the platform's pods: where the object store and MLflow are, and the accounts
+for them. (dict "root" . "serving" false) for the gateway and the jobs' Ray cluster; "serving" true
+for the serving cluster, which reads models from MLflow only: no object-store keys, and MLflow's
+read-only user indai-serve instead of the admin (platform/mlflow_users.py). */}}
 {{- define "indai.platformEnv" -}}
+{{- $serving := .serving -}}
+{{- with .root -}}
+{{- if not $serving }}
 - name: INDAI_STORE_URI
   value: s3://{{ include "indai.s3Bucket" . }}
 - name: INDAI_S3_ENDPOINT
@@ -116,6 +122,7 @@ MLflow artefacts, no admin rights), never MinIO's root keys: Ray pods run resear
   valueFrom: {secretKeyRef: {name: {{ include "indai.s3Secret" . }}, key: {{ ternary "jobsAccessKey" "accessKey" .Values.minio.enabled }}}}
 - name: INDAI_S3_SECRET_KEY
   valueFrom: {secretKeyRef: {name: {{ include "indai.s3Secret" . }}, key: {{ ternary "jobsSecretKey" "secretKey" .Values.minio.enabled }}}}
+{{- end }}
 - name: INDAI_MLFLOW_URI
   value: {{ include "indai.mlflowUri" . | quote }}
 {{- /* pretrained weights come from the platform's mirror only (platform/settings.py OFFLINE_ENV) */}}
@@ -128,7 +135,13 @@ MLflow artefacts, no admin rights), never MinIO's root keys: Ray pods run resear
 - name: INDAI_SERVE_URL
   value: http://{{ include "indai.fullname" . }}-serve-serve-svc:8000
 {{- end }}
-{{- if and .Values.mlflow.enabled .Values.mlflow.auth }}
+{{- if and .Values.mlflow.enabled .Values.mlflow.auth $serving }}
+{{- /* made by the provision-mlflow hook Job (templates/mlflow/mlflow.yaml) */}}
+- name: MLFLOW_TRACKING_USERNAME
+  value: {{ include "indai.mlflowServeUser" . }}
+- name: MLFLOW_TRACKING_PASSWORD
+  valueFrom: {secretKeyRef: {name: {{ include "indai.secretName" . }}, key: mlflowServePassword}}
+{{- else if and .Values.mlflow.enabled .Values.mlflow.auth }}
 {{- /* the admin account until `indai member` hands out MLflow users per researcher */}}
 - name: MLFLOW_TRACKING_USERNAME
   value: admin
@@ -141,7 +154,10 @@ MLflow artefacts, no admin rights), never MinIO's root keys: Ray pods run resear
 - name: MLFLOW_TRACKING_PASSWORD
   valueFrom: {secretKeyRef: {name: {{ .Values.mlflow.external.existingSecret }}, key: password}}
 {{- end }}
+{{- end }}
 {{- end -}}
+
+{{- define "indai.mlflowServeUser" -}}indai-serve{{- end -}}
 
 
 {{/* Peers that are one Ray cluster's own pods: (dict "root" . "part" "ray") for the jobs'

@@ -32,7 +32,7 @@ containers:
     imagePullPolicy: {{ $.Values.images.pullPolicy }}
     securityContext: {{- include "indai.containerSecurity" $ | nindent 6 }}
     env:
-      {{- include "indai.platformEnv" $ | nindent 6 }}
+      {{- include "indai.platformEnv" (dict "root" $ "serving" .serving) | nindent 6 }}
       - name: INDAI_RAY_ADDRESS
         value: auto
       {{- if .serving }}
