@@ -6,7 +6,9 @@ scheme or a query into a URI.
 """
 from __future__ import annotations
 
+import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +69,10 @@ def client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
+class RegistryRefused(UserError):
+    """MLflow refused this process's credentials (HTTP 401)."""
+
+
 def resolve_version(tracking_uri: str, ref: ModelRef):
     """The registered ModelVersion the reference points at, or a clear error."""
     from mlflow.exceptions import MlflowException
@@ -78,9 +84,41 @@ def resolve_version(tracking_uri: str, ref: ModelRef):
         return c.get_model_version(ref.name, str(ref.version))
     except MlflowException as e:
         code = getattr(e, "error_code", "")
+        if e.get_http_status_code() == 401:
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            raise RegistryRefused(f"MLflow at {tracking_uri} refused the credentials of this process "
+                                  f"({f'user {user}' if user else 'no MLFLOW_TRACKING_USERNAME set'}): check "
+                                  "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
+        if e.get_http_status_code() == 403:
+            # MLflow's basic auth checks the permission before the model is looked up, and answers 403
+            # for a model that does not exist as for one the user may not read (measured, MLflow 3.17)
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "?"
+            raise UserError(f"model {ref}: MLflow at {tracking_uri} denied user {user} access to it: either there is no "
+                            f"registered model {ref.name} (`indai model ls` lists them) or the user may not read it") from None
         if "RESOURCE_DOES_NOT_EXIST" in str(code) or "not found" in str(e).lower() or "INVALID_PARAMETER_VALUE" in str(code):
             raise UserError(f"model {ref} is not in the registry at {tracking_uri}: `indai model ls` lists the registered models") from None
         raise UserError(f"registry at {tracking_uri} failed for {ref}: {e.message if hasattr(e, 'message') else e}") from None
+
+
+def wait_for_model(tracking_uri: str, ref: ModelRef, wait_s: float = 300.0, log=print):
+    """`resolve_version`, tried again every 5 s for up to `wait_s` while MLflow refuses the
+    credentials. On the cluster the serving cluster's MLflow user is made by a hook Job that runs
+    after each install and upgrade, possibly after Serve builds its app: a build that failed then
+    would stay failed (KubeRay does not deploy the same config again). Any other refusal (no such
+    model, 403) is final at once."""
+    deadline = time.monotonic() + wait_s
+    said = False
+    while True:
+        try:
+            return resolve_version(tracking_uri, ref)
+        except RegistryRefused as e:
+            if time.monotonic() >= deadline:
+                raise RegistryRefused(f"{e} (tried for {wait_s:.0f} s)") from None
+            if not said:
+                log(f"{e}; trying again for up to {wait_s:.0f} s (on the cluster, the provision-mlflow hook Job "
+                    "makes the serving cluster's user after each install and upgrade)")
+                said = True
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
 
 
 def promote(tracking_uri: str, name: str, version: int, alias: str) -> None:

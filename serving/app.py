@@ -16,6 +16,7 @@ This module never imports training code: it runs what the registry holds.
 
 import asyncio
 import os
+import sys
 import tempfile
 import time
 import uuid
@@ -42,6 +43,8 @@ MAX_MODELS = int(os.environ.get("INDAI_SERVE_MAX_MODELS", "4"))
 class ServeArgs(Strict):
     model: str | None = Field(default=None, description="default model of requests that name none: name@alias or name/version")
     mlflow_uri: str = Field(description="MLflow tracking/registry server")
+    registry_wait_s: float = Field(default=0.0, ge=0, le=3600, description="how long the app's build tries again while MLflow "
+                                   "refuses its credentials (the chart sets 300: it makes the serving user after each install and upgrade)")
     db_url: str | None = Field(default=None, description="platform database (tokens, model access, metering); "
                                                          "default INDAI_DB_URL, else the embedded default's SQLite file")
     name: str = Field(default="indai", description="Serve application name")
@@ -353,7 +356,7 @@ class Ingress:
         raise Refused(403, f"model {name!r} belongs to another member and is not shared with {p.member}: ask its owner to share it")
 
     def _version(self, text: str) -> tuple[str, int]:
-        from indai.platform.registry import resolve_version
+        from indai.platform.registry import RegistryRefused, resolve_version
 
         ref = parsed_model_ref(text)
         if ref.version is not None:
@@ -363,6 +366,9 @@ class Ingress:
             return ref.name, hit[0]
         try:
             version = int(resolve_version(self.args.mlflow_uri, ref).version)
+        except RegistryRefused:  # the serving cluster's own account, not the member's request: no detail
+            raise Refused(503, "the model registry refused the serving service's credentials: retry later, and tell the "
+                               "platform admin if it lasts") from None
         except UserError as e:
             raise Refused(404, str(e)) from None
         self._versions[text] = (version, time.monotonic())
@@ -512,9 +518,10 @@ def build_app(args: dict | ServeArgs) -> serve.Application:
 
     a = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
     if a.model:  # fail here, not in a replica loop
-        from indai.platform.registry import parse_model_ref, resolve_version
+        from indai.platform.registry import parse_model_ref, wait_for_model
 
-        resolve_version(a.mlflow_uri, parse_model_ref(a.model))
+        wait_for_model(a.mlflow_uri, parse_model_ref(a.model), a.registry_wait_s,
+                       log=lambda line: print(f"[indai] {line}", file=sys.stderr, flush=True))
     a = a.model_copy(update={"db_url": a.db_url or db.database_url()})
     db.upgrade(db.engine(a.db_url))
     pool_opts = {"max_ongoing_requests": max(a.pool_max_ongoing, a.max_batch_size), "max_queued_requests": a.max_queued_requests,

@@ -121,35 +121,50 @@ def test_a_server_that_does_not_answer_is_named_after_the_wait(monkeypatch):
         mlflow_users.provision_from_env(wait_s=1)
 
 
-def test_serving_user_reads_what_serve_reads_and_changes_nothing(auth_mlflow, services, cwru_dataset, monkeypatch):
-    """Train and register through the auth server as the admin (the jobs' account), then as
-    indai-serve do what the Serve app does (resolve the alias, list models and read their tags,
-    download and load the model, predict) and what it must not (move an alias, retag the model's
-    owner, delete a version, log a run, write an artefact, manage users): 403, nothing changed."""
+@pytest.fixture(scope="module")
+def registered(auth_mlflow, services, cwru_dataset):
+    """The shipped recipe (1 epoch, local launcher) trained and registered through the auth server as
+    its admin, the account of the jobs' cluster: indai's whole registration path under basic auth."""
+    from mlflow.tracking import MlflowClient
+
+    from indai.platform.config import load_config
+    from indai.trainers.config import TrainConfig
+    from indai.trainers.launch import train
+
+    name, version, _ = cwru_dataset
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
+        mp.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
+        cfg = load_config(TrainConfig, REPO / "trainers" / "recipes" / "cwru_sensor.yaml",
+                          [f"data.dataset={name}@{version}", "optim.epochs=1", "run.name=auth-cwru", "run.launcher=local",
+                           "run.register_as=auth-cwru", "run.alias=champion", "run.progress=false"])
+        result = train(cfg, dataclasses.replace(services, mlflow_uri=auth_mlflow))
+        admin = MlflowClient(auth_mlflow)
+        assert result.model_version == 1 and admin.get_model_version("auth-cwru", "1").status == "READY"
+        assert admin.get_registered_model("auth-cwru").tags["indai.member"] == "cwru-demo"
+    return result
+
+
+def test_serving_user_reads_what_serve_reads_and_changes_nothing(auth_mlflow, registered, services, cwru_dataset, monkeypatch):
+    """As indai-serve, do what the Serve app does with the model the admin registered (resolve the
+    alias, list models and read their tags, download and load the model, predict) and what it must
+    not (move an alias, retag the model's owner, delete a version, log into the run, write an
+    artefact, manage users): 403, and nothing changed."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from indai.platform import datasets, registry
-    from indai.platform.config import load_config
     from indai.platform.model_format import IndaiModel
     from indai.platform.storage import open_store
     from indai.serving.client import split_instances
-    from indai.trainers.config import TrainConfig
-    from indai.trainers.launch import train
 
     uri = auth_mlflow
     mlflow_users.provision(uri, ADMIN, SERVE, log=lambda _: None)
     name, version, _ = cwru_dataset
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
-    cfg = load_config(TrainConfig, REPO / "trainers" / "recipes" / "cwru_sensor.yaml",
-                      [f"data.dataset={name}@{version}", "optim.epochs=1", "run.name=auth-cwru", "run.launcher=local",
-                       "run.register_as=auth-cwru", "run.alias=champion", "run.progress=false"])
-    result = train(cfg, dataclasses.replace(services, mlflow_uri=uri))
     admin = MlflowClient(uri)
     tags = admin.get_registered_model("auth-cwru").tags
-    assert result.model_version == 1 and admin.get_model_version("auth-cwru", "1").status == "READY"
-    assert tags["indai.member"] == "cwru-demo"
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", SERVE[0])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SERVE[1])
@@ -191,3 +206,54 @@ def test_serving_user_reads_what_serve_reads_and_changes_nothing(auth_mlflow, se
     assert [v.version for v in admin.search_model_versions("name='auth-cwru'")] == ["1"]
     assert [(m.step, m.value) for m in admin.get_metric_history(run_id, "test_accuracy")] == history and history
     assert _user(uri, "indai-serve")["is_admin"] is False and _search(uri, ADMIN) == 200
+
+
+def test_serves_build_waits_while_mlflow_refuses_its_user_then_finds_the_model(auth_mlflow, registered, monkeypatch):
+    """The Serve app's build resolves its default model through `wait_for_model`: while the user it
+    reads as does not exist yet (the hook Job that makes it runs after the upgrade), it tries again,
+    and goes on once the user is made. A password that stays wrong fails after the wait, naming the
+    user; a model that does not exist fails at once."""
+    import threading
+    import time
+
+    from indai.platform import registry
+
+    uri, late = auth_mlflow, ("indai-serve-late", "late-" + secrets.token_hex(12))
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", late[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", late[1])
+    said, got = [], {}
+    ref = registry.parse_model_ref("auth-cwru@champion")
+    waiter = threading.Thread(target=lambda: got.update(v=registry.wait_for_model(uri, ref, wait_s=120, log=said.append)))
+    t0 = time.monotonic()
+    waiter.start()
+    wait("the build to be refused once", lambda: said, timeout=60, interval=0.2)
+    assert said == [f"MLflow at {uri} refused the credentials of this process (user indai-serve-late): check "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD; trying again for up to 120 s (on the cluster, "
+                    "the provision-mlflow hook Job makes the serving cluster's user after each install and upgrade)"]
+    assert waiter.is_alive()
+    mlflow_users.provision(uri, ADMIN, late, log=lambda _: None)
+    waiter.join(30)
+    assert not waiter.is_alive() and int(got["v"].version) == 1 and time.monotonic() - t0 < 60
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong-" + secrets.token_hex(12))
+    t0 = time.monotonic()
+    with pytest.raises(registry.RegistryRefused, match=r"\(user indai-serve-late\).* \(tried for 3 s\)$"):
+        registry.wait_for_model(uri, ref, wait_s=3, log=lambda _: None)
+    assert 3 <= time.monotonic() - t0 < 30
+    # a member's call meanwhile: 503 (retried by clients), without the serving account's details
+    import types
+
+    from indai.serving.app import Ingress, Refused, ServeArgs
+    ingress = types.SimpleNamespace(args=ServeArgs(mlflow_uri=uri), _versions={})
+    with pytest.raises(Refused) as refused:
+        Ingress.func_or_class._version(ingress, "auth-cwru@champion")
+    assert refused.value.status == 503 and "indai-serve-late" not in refused.value.detail
+    assert refused.value.detail.startswith("the model registry refused the serving service's credentials: retry later")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", late[1])
+    assert Ingress.func_or_class._version(ingress, "auth-cwru@champion") == ("auth-cwru", 1)
+    t0 = time.monotonic()
+    # MLflow's auth answers 403 for a model it cannot find, before looking: the message says both
+    with pytest.raises(UserError, match=r"^model no-such-model@champion: MLflow at .* denied user indai-serve-late access to it: "
+                                        r"either there is no registered model no-such-model \(`indai model ls` lists them\) or"):
+        registry.wait_for_model(uri, registry.parse_model_ref("no-such-model@champion"), wait_s=120, log=lambda _: None)
+    assert time.monotonic() - t0 < 20

@@ -487,6 +487,10 @@ def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
     served = yaml.safe_load(json.loads(c.kubectl("get", "rayservice", "auto-indai-serve", "-n", ns, "-o", "json").stdout)["spec"]["serveConfigV2"])
     args = served["applications"][0]["args"]
     assert (args["num_replicas"], args["ingress_replicas"]) == (2, 2)  # the defaults: one replica of each may die
+    from indai.serving.app import ServeArgs  # every argument the chart gives is one the app takes (extras are refused)
+
+    # the build waits while MLflow refuses the serving user, which the hook Job makes after the upgrade
+    assert ServeArgs.model_validate(args).registry_wait_s == 300
 
     mine = "app.kubernetes.io/instance=auto"
     head = wait("ray head with the autoscaler", lambda: [p for p in pods(c, ns, mine + ",indai.io/component=ray-head")
