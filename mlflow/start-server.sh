@@ -13,7 +13,7 @@ if [ -n "${MLFLOW_APP_NAME:-}" ]; then
   # from the image or the ConfigMap
   : "${MLFLOW_AUTH_CONFIG_PATH:?set MLFLOW_AUTH_CONFIG_PATH to the basic_auth.ini template}"
   : "${MLFLOW_AUTH_ADMIN_PASSWORD:?set MLFLOW_AUTH_ADMIN_PASSWORD}"
-  conf="${TMPDIR:-/tmp}/basic_auth.ini"
+  conf="${TMPDIR:-/tmp}/indai-basic-auth.ini"  # never the template itself (sed would read an emptied file)
   umask 077
   sed -e "s|^admin_password = .*|admin_password = ${MLFLOW_AUTH_ADMIN_PASSWORD}|" \
       -e "s|^database_uri = .*|database_uri = ${MLFLOW_BACKEND_STORE_URI}|" "$MLFLOW_AUTH_CONFIG_PATH" > "$conf"

@@ -6,6 +6,7 @@ scheme or a query into a URI.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -98,6 +99,28 @@ def resolve_version(tracking_uri: str, ref: ModelRef):
         if "RESOURCE_DOES_NOT_EXIST" in str(code) or "not found" in str(e).lower() or "INVALID_PARAMETER_VALUE" in str(code):
             raise UserError(f"model {ref} is not in the registry at {tracking_uri}: `indai model ls` lists the registered models") from None
         raise UserError(f"registry at {tracking_uri} failed for {ref}: {e.message if hasattr(e, 'message') else e}") from None
+
+
+@contextlib.contextmanager
+def refusals_named(tracking_uri: str, doing: str):
+    """MLflow's 401 and 403 inside the block, as a UserError that names the account and what to do
+    (MLflow's own message is "API request to endpoint ... failed with error code 403 != 200")."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as e:
+        status, user = e.get_http_status_code(), os.environ.get("MLFLOW_TRACKING_USERNAME")
+        if status == 401:
+            raise UserError(f"MLflow at {tracking_uri} refused the credentials of this process "
+                            f"({f'user {user}' if user else 'no MLFLOW_TRACKING_USERNAME set'}) {doing}: check "
+                            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (on the cluster the provision-mlflow "
+                            "hook Job makes the jobs' user after each install and upgrade: submit again once it has run)") from None
+        if status == 403:
+            raise UserError(f"MLflow at {tracking_uri} denied user {user or '(none)'} {doing}: it needs EDIT on the "
+                            "experiment (on the cluster the provision-mlflow hook Job grants the jobs' user indai-jobs EDIT "
+                            "on every experiment and model; `helm upgrade` runs it again)") from None
+        raise
 
 
 def wait_for_model(tracking_uri: str, ref: ModelRef, wait_s: float = 300.0, log=print):

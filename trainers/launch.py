@@ -147,14 +147,15 @@ def _open_run(cfg: TrainConfig, store, manifest: dict, ref: datasets.DatasetRef,
     if found:  # the workers check again (torchrun reaches them without this driver)
         checkpoint.check_resumable(cfg.run.name, *found, cfg.run.workers if cfg.run.launcher == "ray" else 1,
                                    cfg.optim.batch_size)
-    mlflow.set_experiment(cfg.run.experiment)
-    if run_id:
-        save_run_config(store, cfg, run_id)
-        return mlflow.start_run(run_id=run_id), found[0] if found else None
-    tags = {"indai.recipe": cfg.recipe, "indai.dataset": str(ref), "indai.member": manifest.get("member", "")}
-    if parent_run_id:  # MLflow's own tag: the UI shows the run under its parent (trainers.compare)
-        tags["mlflow.parentRunId"] = parent_run_id
-    run = mlflow.start_run(run_name=cfg.run.name, tags=tags)
+    with registry.refusals_named(mlflow.get_tracking_uri(), f"opening a run in experiment {cfg.run.experiment}"):
+        mlflow.set_experiment(cfg.run.experiment)
+        if run_id:
+            save_run_config(store, cfg, run_id)
+            return mlflow.start_run(run_id=run_id), found[0] if found else None
+        tags = {"indai.recipe": cfg.recipe, "indai.dataset": str(ref), "indai.member": manifest.get("member", "")}
+        if parent_run_id:  # MLflow's own tag: the UI shows the run under its parent (trainers.compare)
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = mlflow.start_run(run_name=cfg.run.name, tags=tags)
     mlflow.log_params(_flatten(cfg.model_dump(mode="json", exclude={"store_uri", "mlflow_uri", "mlflow_run_id"})))
     source = store_dataset_source(f"{store.uri.rstrip('/')}/datasets/{ref.name}/{ref.version}")
     dataset = mlflow.data.meta_dataset.MetaDataset(source=source, name=ref.name, digest=ref.version)

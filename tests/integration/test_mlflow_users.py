@@ -1,7 +1,8 @@
 """MLflow with basic auth as the chart runs it (the image's `mlflow/start-server.sh` and
-`mlflow/basic_auth.ini`, here on SQLite): indai's training and registration through it with the
-admin's account, as the jobs' cluster does, and the serving cluster's own user `indai-serve`
-(platform/mlflow_users.py): it reads what Serve reads, and changes nothing."""
+`mlflow/basic_auth.ini`, here on SQLite, with `default_permission = NO_PERMISSIONS` so that every
+access below comes from the platform's own grants): the accounts of platform/mlflow_users.py.
+`indai-jobs` trains and registers through indai's real path, into an experiment the admin made;
+`indai-serve` reads what Serve reads and changes nothing; neither manages users."""
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 ADMIN = ("admin", "admin-" + secrets.token_hex(12))
 SERVE = ("indai-serve", "serve-" + secrets.token_hex(12))
+JOBS = ("indai-jobs", "jobs-" + secrets.token_hex(12))
 
 
 def _free_port() -> int:
@@ -35,12 +37,17 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def auth_mlflow(tmp_path_factory) -> str:
-    """The MLflow server of the chart's image, basic auth on, on a free loopback port."""
+    """The MLflow server of the chart's image, basic auth on, nothing granted by default, on a free
+    loopback port."""
     folder = tmp_path_factory.mktemp("mlflow-auth")
     port = _free_port()
+    template = (REPO / "mlflow" / "basic_auth.ini").read_text()
+    assert "\ndefault_permission = READ\n" in template
+    (folder / "template").mkdir()
+    (folder / "template" / "basic_auth.ini").write_text(template.replace("default_permission = READ", "default_permission = NO_PERMISSIONS"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}", TMPDIR=str(folder),
-               MLFLOW_APP_NAME="basic-auth", MLFLOW_AUTH_CONFIG_PATH=str(REPO / "mlflow" / "basic_auth.ini"),
+               MLFLOW_APP_NAME="basic-auth", MLFLOW_AUTH_CONFIG_PATH=str(folder / "template" / "basic_auth.ini"),
                MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN[1], MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(24),
                MLFLOW_BACKEND_STORE_URI=f"sqlite:///{folder / 'mlflow.db'}", MLFLOW_ARTIFACTS_DESTINATION=str(folder / "artifacts"),
                MLFLOW_PORT=str(port), MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
@@ -74,42 +81,60 @@ def _search(uri: str, auth) -> int:
     return requests.get(f"{uri}/api/2.0/mlflow/registered-models/search", auth=auth, timeout=10).status_code
 
 
-def test_provisioning_makes_a_user_that_is_no_admin_again_and_again(auth_mlflow):
+def _grants(uri: str, name: str) -> dict:
+    r = requests.get(f"{uri}/api/3.0/mlflow/users/permissions/list", params={"username": name}, auth=ADMIN, timeout=10)
+    assert r.status_code == 200, r.text
+    return {(p["resource_type"], p["resource_pattern"]): p["permission"] for p in r.json()["permissions"]}
+
+
+def test_provisioning_makes_users_that_are_no_admins_again_and_again(auth_mlflow):
     uri, said = auth_mlflow, []
-    mlflow_users.provision(uri, ADMIN, SERVE, log=said.append)
-    mlflow_users.provision(uri, ADMIN, SERVE, log=said.append)  # the hook Job runs at every upgrade
-    assert said == ["MLflow user indai-serve: made", "MLflow user indai-serve: up to date"]
-    assert _user(uri, "indai-serve")["is_admin"] is False and _search(uri, SERVE) == 200
+    mlflow_users.provision(uri, ADMIN, SERVE, JOBS, log=said.append)
+    mlflow_users.provision(uri, ADMIN, SERVE, JOBS, log=said.append)  # the hook Job runs at every upgrade
+    assert said == ["MLflow user indai-serve: made; READ on every experiment, READ on every registered model",
+                    "MLflow user indai-jobs: made; EDIT on every experiment, EDIT on every registered model",
+                    "MLflow user indai-serve: up to date", "MLflow user indai-jobs: up to date"]
+    for user, permission in ((SERVE, "READ"), (JOBS, "EDIT")):
+        assert _user(uri, user[0])["is_admin"] is False and _search(uri, user) == 200
+        assert {k: v for k, v in _grants(uri, user[0]).items() if k[1] == "*"} == \
+            {("experiment", "*"): permission, ("registered_model", "*"): permission}
     assert _search(uri, None) == 401
 
-    # made an admin by hand: the next run takes it back
+    # made an admin by hand, or given another grant: the next run takes it back
     r = requests.patch(f"{uri}/api/2.0/mlflow/users/update-admin", json={"username": "indai-serve", "is_admin": True},
                        auth=ADMIN, timeout=10)
     assert r.status_code == 200 and _user(uri, "indai-serve")["is_admin"] is True
+    for verb, body in (("revoke", {}), ("grant", {"permission": "MANAGE"})):
+        r = requests.post(f"{uri}/api/3.0/mlflow/users/permissions/{verb}", auth=ADMIN, timeout=10,
+                          json={"username": "indai-serve", "resource_type": "registered_model", "resource_id": "*", **body})
+        assert r.status_code == 200, r.text
     said.clear()
-    mlflow_users.provision(uri, ADMIN, SERVE, log=said.append)
-    assert said == ["MLflow user indai-serve: was an admin; no longer", "MLflow user indai-serve: up to date"]
-    assert _user(uri, "indai-serve")["is_admin"] is False
+    mlflow_users.provision(uri, ADMIN, SERVE, JOBS, log=said.append)
+    assert said == ["MLflow user indai-serve: was an admin; no longer; READ on every registered model (was MANAGE)",
+                    "MLflow user indai-jobs: up to date"]
+    assert _user(uri, "indai-serve")["is_admin"] is False and _grants(uri, "indai-serve")[("registered_model", "*")] == "READ"
 
     # a new secret in the release Secret: the old password stops working
     rotated = (SERVE[0], "rotated-" + secrets.token_hex(12))
-    mlflow_users.provision(uri, ADMIN, rotated, log=said.append)
+    mlflow_users.provision(uri, ADMIN, rotated, JOBS, log=said.append)
     assert _search(uri, SERVE) == 401 and _search(uri, rotated) == 200
-    mlflow_users.provision(uri, ADMIN, SERVE, log=said.append)
+    mlflow_users.provision(uri, ADMIN, SERVE, JOBS, log=said.append)
     assert _search(uri, SERVE) == 200
 
 
-@pytest.mark.parametrize("admin, serve, wait_s, message", [
-    (("admin", "not-the-password"), SERVE, 5, "refused the admin's credentials: check mlflowAdminPassword"),
-    (SERVE, ("indai-serve-2", "another-password-1"), 5, "the account given as admin is not an MLflow admin"),
-    (ADMIN, ("admin", "another-password-1"), 5, "must be a user of its own, not the admin 'admin'"),
-    (ADMIN, ("indai-serve", "short"), 5, "has 5 characters; MLflow requires at least 12"),
-], ids=["wrong admin password", "not an admin", "the admin itself", "short password"])
-def test_bad_credentials_are_refused_with_what_to_fix(auth_mlflow, admin, serve, wait_s, message):
-    mlflow_users.provision(auth_mlflow, ADMIN, SERVE, log=lambda _: None)
+@pytest.mark.parametrize("admin, serve, jobs, message", [
+    (("admin", "not-the-password"), SERVE, JOBS, "refused the admin's credentials: check mlflowAdminPassword"),
+    (SERVE, ("indai-serve-2", "another-password-1"), None, "the account given as admin is not an MLflow admin"),
+    (ADMIN, ("admin", "another-password-1"), JOBS, "the MLflow user 'admin' must be a user of its own, not the admin 'admin'"),
+    (ADMIN, SERVE, ("indai-jobs", "short"), r"indai-jobs has 5 characters; MLflow requires at least 12 \(mlflowJobsPassword"),
+    (ADMIN, SERVE, ("indai-serve", "another-password-1"), "the serving cluster and the jobs need MLflow users of their own"),
+], ids=["wrong admin password", "not an admin", "the admin itself", "short password", "one user for both"])
+def test_bad_credentials_are_refused_with_what_to_fix(auth_mlflow, admin, serve, jobs, message):
+    mlflow_users.provision(auth_mlflow, ADMIN, SERVE, JOBS, log=lambda _: None)
     with pytest.raises(UserError, match=message):
-        mlflow_users.provision(auth_mlflow, admin, serve, wait_s=wait_s, log=lambda _: None)
+        mlflow_users.provision(auth_mlflow, admin, serve, jobs, wait_s=5, log=lambda _: None)
     assert "indai-serve-2" not in requests.get(f"{auth_mlflow}/api/2.0/mlflow/users/list", auth=ADMIN, timeout=10).text
+    assert _search(auth_mlflow, SERVE) == 200 and _search(auth_mlflow, JOBS) == 200  # nothing half-changed
 
 
 def test_a_server_that_does_not_answer_is_named_after_the_wait(monkeypatch):
@@ -124,7 +149,8 @@ def test_a_server_that_does_not_answer_is_named_after_the_wait(monkeypatch):
 @pytest.fixture(scope="module")
 def registered(auth_mlflow, services, cwru_dataset):
     """The shipped recipe (1 epoch, local launcher) trained and registered through the auth server as
-    its admin, the account of the jobs' cluster: indai's whole registration path under basic auth."""
+    indai-jobs, the account of the jobs' cluster, in an experiment the admin made: indai's whole
+    registration path (runs, metrics, the model's upload, its version, tags and alias) under basic auth."""
     from mlflow.tracking import MlflowClient
 
     from indai.platform.config import load_config
@@ -132,16 +158,24 @@ def registered(auth_mlflow, services, cwru_dataset):
     from indai.trainers.launch import train
 
     name, version, _ = cwru_dataset
+    mlflow_users.provision(auth_mlflow, ADMIN, SERVE, JOBS, log=lambda _: None)
+    cfg = load_config(TrainConfig, REPO / "trainers" / "recipes" / "cwru_sensor.yaml",
+                      [f"data.dataset={name}@{version}", "optim.epochs=1", "run.name=auth-cwru", "run.launcher=local",
+                       "run.register_as=auth-cwru", "run.alias=champion", "run.progress=false"])
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
         mp.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
-        cfg = load_config(TrainConfig, REPO / "trainers" / "recipes" / "cwru_sensor.yaml",
-                          [f"data.dataset={name}@{version}", "optim.epochs=1", "run.name=auth-cwru", "run.launcher=local",
-                           "run.register_as=auth-cwru", "run.alias=champion", "run.progress=false"])
-        result = train(cfg, dataclasses.replace(services, mlflow_uri=auth_mlflow))
         admin = MlflowClient(auth_mlflow)
+        admin.create_experiment(cfg.run.experiment)  # made by the admin: the jobs' user writes there by its grant
+        mp.setenv("MLFLOW_TRACKING_USERNAME", JOBS[0])
+        mp.setenv("MLFLOW_TRACKING_PASSWORD", JOBS[1])
+        result = train(cfg, dataclasses.replace(services, mlflow_uri=auth_mlflow))
+        mp.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
+        mp.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
         assert result.model_version == 1 and admin.get_model_version("auth-cwru", "1").status == "READY"
         assert admin.get_registered_model("auth-cwru").tags["indai.member"] == "cwru-demo"
+        assert admin.get_registered_model("auth-cwru").aliases == {"champion": "1"}
+        assert admin.get_run(result.run_id).info.experiment_id == admin.get_experiment_by_name(cfg.run.experiment).experiment_id
     return result
 
 
@@ -159,7 +193,6 @@ def test_serving_user_reads_what_serve_reads_and_changes_nothing(auth_mlflow, re
     from indai.serving.client import split_instances
 
     uri = auth_mlflow
-    mlflow_users.provision(uri, ADMIN, SERVE, log=lambda _: None)
     name, version, _ = cwru_dataset
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
@@ -231,7 +264,7 @@ def test_serves_build_waits_while_mlflow_refuses_its_user_then_finds_the_model(a
                     "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD; trying again for up to 120 s (on the cluster, "
                     "the provision-mlflow hook Job makes the serving cluster's user after each install and upgrade)"]
     assert waiter.is_alive()
-    mlflow_users.provision(uri, ADMIN, late, log=lambda _: None)
+    mlflow_users.provision(uri, ADMIN, late, log=lambda _: None)  # (as the serving user, without the jobs')
     waiter.join(30)
     assert not waiter.is_alive() and int(got["v"].version) == 1 and time.monotonic() - t0 < 60
 
@@ -257,3 +290,67 @@ def test_serves_build_waits_while_mlflow_refuses_its_user_then_finds_the_model(a
                                         r"either there is no registered model no-such-model \(`indai model ls` lists them\) or"):
         registry.wait_for_model(uri, registry.parse_model_ref("no-such-model@champion"), wait_s=120, log=lambda _: None)
     assert time.monotonic() - t0 < 20
+
+
+def test_the_jobs_user_cannot_manage_users_nor_delete_what_others_made(auth_mlflow, registered, monkeypatch):
+    """Researchers' code holds indai-jobs: it may promote and tag (EDIT), but not make itself or
+    anyone an admin, change a password, grant itself more, nor delete a model the admin made."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from indai.platform import registry
+
+    uri = auth_mlflow
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
+    MlflowClient(uri).create_registered_model("admin-made")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", JOBS[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", JOBS[1])
+    registry.promote(uri, "auth-cwru", 1, "production")  # `indai model promote` in the gateway pod
+    assert registry.resolve_version(uri, registry.parse_model_ref("auth-cwru@production")).version == "1"
+    with pytest.raises(MlflowException) as e:
+        MlflowClient(uri).delete_registered_model("admin-made")
+    assert e.value.get_http_status_code() == 403
+    for method, path, body in [
+        ("POST", "/api/2.0/mlflow/users/create", {"username": "evil", "password": "evil-password-1"}),
+        ("PATCH", "/api/2.0/mlflow/users/update-password", {"username": "admin", "password": "evil-password-1"}),
+        ("PATCH", "/api/2.0/mlflow/users/update-admin", {"username": "indai-jobs", "is_admin": True}),
+        ("POST", "/api/3.0/mlflow/users/permissions/grant",
+         {"username": "indai-serve", "resource_type": "registered_model", "resource_id": "*", "permission": "MANAGE"}),
+    ]:
+        r = requests.request(method, f"{uri}{path}", json=body, auth=JOBS, timeout=10)
+        assert r.status_code == 403, (path, r.status_code, r.text[:200])
+    assert _user(uri, "indai-jobs")["is_admin"] is False and _search(uri, ADMIN) == 200
+    assert _grants(uri, "indai-serve")[("registered_model", "*")] == "READ"
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
+    assert MlflowClient(uri).get_registered_model("admin-made").name == "admin-made"
+
+
+def test_a_job_mlflow_refuses_is_told_which_account_and_what_to_fix(auth_mlflow, registered, services, cwru_dataset, monkeypatch):
+    """A job whose MLflow user has no grant on the experiment (403), or whose password is wrong (401:
+    the hook Job has not run yet), stops before training with a message naming the account, not
+    MLflow's "API request ... failed with error code 403 != 200"."""
+    from indai.platform.config import load_config
+    from indai.trainers.config import TrainConfig
+    from indai.trainers.launch import train
+
+    bare = ("no-grant", "no-grant-" + secrets.token_hex(8))
+    r = requests.post(f"{auth_mlflow}/api/2.0/mlflow/users/create", json={"username": bare[0], "password": bare[1]},
+                      auth=ADMIN, timeout=10)
+    assert r.status_code == 200, r.text
+    name, version, _ = cwru_dataset
+    cfg = load_config(TrainConfig, REPO / "trainers" / "recipes" / "cwru_sensor.yaml",
+                      [f"data.dataset={name}@{version}", "optim.epochs=1", "run.name=auth-refused", "run.launcher=local",
+                       "run.progress=false"])
+    settings = dataclasses.replace(services, mlflow_uri=auth_mlflow)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", bare[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", bare[1])
+    assert cfg.run.experiment == "cwru-bearing"  # the admin made it (the `registered` fixture)
+    with pytest.raises(UserError, match=r"^MLflow at .* denied user no-grant opening a run in experiment cwru-bearing: it needs "
+                                        r"EDIT on the experiment \(on the cluster the provision-mlflow hook Job grants"):
+        train(cfg, settings)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong-" + secrets.token_hex(8))
+    with pytest.raises(UserError, match=r"^MLflow at .* refused the credentials of this process \(user no-grant\) opening a "
+                                        r"run in experiment cwru-bearing: check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"):
+        train(cfg, settings)

@@ -64,10 +64,8 @@ def test_lint_and_schema_errors_are_readable(k8s_cluster):
     assert missing.returncode != 0 and "is required when minio.enabled is false" in missing.stderr
     perm = c.helm("template", "t", CHART, "--set", "mlflow.defaultPermission=ALL", check=False)
     assert perm.returncode != 0 and "at '/mlflow/defaultPermission': value must be one of 'READ', 'EDIT', 'MANAGE', 'NO_PERMISSIONS'" in perm.stderr
-    # Serve reads models as MLflow's user indai-serve, which holds only the default permission
-    closed = c.helm("template", "t", CHART, "--set", "serve.enabled=true", "--set", "mlflow.defaultPermission=NO_PERMISSIONS", check=False)
-    assert closed.returncode != 0 and "reads models as MLflow's user indai-serve" in closed.stderr and "READ" in closed.stderr
-    assert c.helm("template", "t", CHART, "--set", "mlflow.defaultPermission=NO_PERMISSIONS").returncode == 0
+    # the platform's MLflow users hold grants of their own: any default permission goes with Serve
+    assert c.helm("template", "t", CHART, "--set", "serve.enabled=true", "--set", "mlflow.defaultPermission=NO_PERMISSIONS").returncode == 0
     tol = c.helm("template", "t", CHART, "--set", "ray.gpuWorkers.tolerations[0].efect=NoSchedule", check=False)
     assert tol.returncode != 0 and "additional properties 'efect' not allowed" in tol.stderr
     op = c.helm("template", "t", CHART, "--set", "kuberay-operator.imag.tag=v1", check=False)
@@ -191,10 +189,12 @@ def test_every_pod_is_restricted_and_least_privileged(k8s_cluster, scenario):
         (job,) = provision
         env = {e["name"]: e for e in job["containers"][0]["env"]}
         assert job["containers"][0]["command"][:3] == ["indai", "admin", "provision-mlflow"]
-        assert env["MLFLOW_TRACKING_USERNAME"]["value"] == "admin" and env["INDAI_MLFLOW_SERVE_USER"]["value"] == "indai-serve"
+        assert env["MLFLOW_TRACKING_USERNAME"]["value"] == "admin"
+        assert (env["INDAI_MLFLOW_SERVE_USER"]["value"], env["INDAI_MLFLOW_JOBS_USER"]["value"]) == ("indai-serve", "indai-jobs")
         assert env["INDAI_MLFLOW_SERVE_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "indai-secrets", "key": "mlflowServePassword"}
+        assert env["INDAI_MLFLOW_JOBS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "indai-secrets", "key": "mlflowJobsPassword"}
         secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "indai-secrets")
-        assert "mlflowServePassword" in secret["data"]
+        assert {"mlflowServePassword", "mlflowJobsPassword"} <= set(secret["data"])
     else:
         assert provision == []
     serving = values.get("serve", {}).get("enabled", False)
@@ -221,15 +221,20 @@ def test_every_pod_is_restricted_and_least_privileged(k8s_cluster, scenario):
                     # MinIO's root keys: MinIO, the MLflow server (its artefact proxy) and the hook Job only
                     assert where in ("indai-minio", "indai-mlflow", "indai-minio-provision"), (where, env["name"])
                 if ref.get("name") == "indai-secrets" and ref.get("key") == "mlflowAdminPassword":
-                    # MLflow's admin: the server, its hook Job, the gateway, the jobs' cluster and helm test's probe
-                    assert where in ("indai-mlflow", "indai-mlflow-provision", "indai-gateway") or \
-                        where.startswith(("indai-ray/", "indai-test-")), (where, env["name"])
+                    # MLflow's admin: the server, the hook Job that makes the platform's users, and helm test's probe
+                    assert where in ("indai-mlflow", "indai-mlflow-provision") or where.startswith("indai-test-"), (where, env["name"])
             names = {e["name"]: e for e in ctr.get("env", [])}
             if minio and "INDAI_S3_ACCESS_KEY" in names and where != "indai-minio-provision":
                 # Ray pods (researchers' code) and the gateway: the jobs' own user (platform/store_users.py)
                 assert names["INDAI_S3_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "indai-secrets", "key": "jobsAccessKey"}, where
                 assert names["INDAI_S3_SECRET_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "indai-secrets", "key": "jobsSecretKey"}, where
         envs = {e["name"] for ctr in spec["containers"] for e in ctr.get("env", [])}
+        mlflow_env = {e["name"]: e for e in spec["containers"][0].get("env", [])}
+        if mlflow_auth and (where.startswith("indai-ray/") or where == "indai-gateway"):
+            # researchers' code (and the gateway, where admins run `indai model promote`): the jobs' user, no admin
+            assert mlflow_env["MLFLOW_TRACKING_USERNAME"]["value"] == "indai-jobs", where
+            assert mlflow_env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"] == \
+                {"secretKeyRef": {"name": "indai-secrets", "key": "mlflowJobsPassword"}}, where
         if where.startswith("indai-ray/"):
             # the jobs' RayCluster runs researchers' code: never the platform database
             assert not envs & {"INDAI_DB_URL", "DB_PASSWORD"}, where
@@ -440,6 +445,8 @@ def test_rayjob_example_is_reconciled_onto_the_gpu_pool(k8s_cluster):
     ns = restricted_namespace(c, "research")
     example = REPO / "k8s" / "examples" / "rayjob-train.yaml"
     assert example.read_text().startswith("# kubectl apply -n <namespace> -f k8s/examples/rayjob-train.yaml")
+    # researchers' code runs as the jobs' MLflow user, never the admin (platform/mlflow_users.py)
+    assert "mlflowAdminPassword" not in example.read_text() and "{name: MLFLOW_TRACKING_USERNAME, value: indai-jobs}" in example.read_text()
     c.kubectl("apply", "-n", ns, "-f", example)
     cluster = wait("RayJob's RayCluster", lambda: json.loads(c.kubectl("get", "rayjob", "cwru-train", "-n", ns, "-o", "json").stdout)
                    .get("status", {}).get("rayClusterName"))

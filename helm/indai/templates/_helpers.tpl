@@ -105,7 +105,7 @@ keep their schema version in an Alembic table of the same name. */}}
 {{/* Environment of the platform's pods: where the object store and MLflow are, and the accounts
 for them. (dict "root" . "serving" false) for the gateway and the jobs' Ray cluster; "serving" true
 for the serving cluster, which reads models from MLflow only: no object-store keys, and MLflow's
-read-only user indai-serve instead of the admin (platform/mlflow_users.py). */}}
+read-only user indai-serve instead of the jobs' indai-jobs (platform/mlflow_users.py). */}}
 {{- define "indai.platformEnv" -}}
 {{- $serving := .serving -}}
 {{- with .root -}}
@@ -142,11 +142,12 @@ MLflow artefacts, no admin rights), never MinIO's root keys: Ray pods run resear
 - name: MLFLOW_TRACKING_PASSWORD
   valueFrom: {secretKeyRef: {name: {{ include "indai.secretName" . }}, key: mlflowServePassword}}
 {{- else if and .Values.mlflow.enabled .Values.mlflow.auth }}
-{{- /* the admin account until `indai member` hands out MLflow users per researcher */}}
+{{- /* the jobs' own user (EDIT on everything, no admin: it cannot manage users), made by the same
+hook Job; one for all members' jobs until jobs run on Ray clusters of their own */}}
 - name: MLFLOW_TRACKING_USERNAME
-  value: admin
+  value: {{ include "indai.mlflowJobsUser" . }}
 - name: MLFLOW_TRACKING_PASSWORD
-  valueFrom: {secretKeyRef: {name: {{ include "indai.secretName" . }}, key: mlflowAdminPassword}}
+  valueFrom: {secretKeyRef: {name: {{ include "indai.secretName" . }}, key: mlflowJobsPassword}}
 {{- else if and (not .Values.mlflow.enabled) .Values.mlflow.external.existingSecret }}
 {{- /* the external server's account, from the admin's own Secret (never a value in values.yaml) */}}
 - name: MLFLOW_TRACKING_USERNAME
@@ -158,6 +159,7 @@ MLflow artefacts, no admin rights), never MinIO's root keys: Ray pods run resear
 {{- end -}}
 
 {{- define "indai.mlflowServeUser" -}}indai-serve{{- end -}}
+{{- define "indai.mlflowJobsUser" -}}indai-jobs{{- end -}}
 
 
 {{/* Peers that are one Ray cluster's own pods: (dict "root" . "part" "ray") for the jobs'
