@@ -74,6 +74,23 @@ class RegistryRefused(UserError):
     """MLflow refused this process's credentials (HTTP 401)."""
 
 
+def refusal(e, tracking_uri: str, doing: str) -> UserError | None:
+    """MLflow's 401 or 403 (an MlflowException) as an error that names the account and what to
+    do, instead of MLflow's "API request to endpoint ... failed with error code 403 != 200"; None
+    for any other failure."""
+    status, user = e.get_http_status_code(), os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 401:
+        return RegistryRefused(f"MLflow at {tracking_uri} refused the credentials of this process "
+                               f"({f'user {user}' if user else 'no MLFLOW_TRACKING_USERNAME set'}) {doing}: check "
+                               "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (on the cluster, the provision-mlflow "
+                               "hook Job makes the platform's MLflow users after each install and upgrade)")
+    if status == 403:
+        return UserError(f"MLflow at {tracking_uri} denied user {user or '(none)'} {doing}: on the cluster the "
+                         "provision-mlflow hook Job grants the jobs' user indai-jobs EDIT, and the serving user indai-serve "
+                         "READ, on every experiment and model (`helm upgrade` runs it again)")
+    return None
+
+
 def resolve_version(tracking_uri: str, ref: ModelRef):
     """The registered ModelVersion the reference points at, or a clear error."""
     from mlflow.exceptions import MlflowException
@@ -86,10 +103,7 @@ def resolve_version(tracking_uri: str, ref: ModelRef):
     except MlflowException as e:
         code = getattr(e, "error_code", "")
         if e.get_http_status_code() == 401:
-            user = os.environ.get("MLFLOW_TRACKING_USERNAME")
-            raise RegistryRefused(f"MLflow at {tracking_uri} refused the credentials of this process "
-                                  f"({f'user {user}' if user else 'no MLFLOW_TRACKING_USERNAME set'}): check "
-                                  "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
+            raise refusal(e, tracking_uri, f"resolving model {ref}") from None
         if e.get_http_status_code() == 403:
             # MLflow's basic auth checks the permission before the model is looked up, and answers 403
             # for a model that does not exist as for one the user may not read (measured, MLflow 3.17)
@@ -103,24 +117,15 @@ def resolve_version(tracking_uri: str, ref: ModelRef):
 
 @contextlib.contextmanager
 def refusals_named(tracking_uri: str, doing: str):
-    """MLflow's 401 and 403 inside the block, as a UserError that names the account and what to do
-    (MLflow's own message is "API request to endpoint ... failed with error code 403 != 200")."""
+    """MLflow's 401 and 403 inside the block raised as `refusal`'s errors."""
     from mlflow.exceptions import MlflowException
 
     try:
         yield
     except MlflowException as e:
-        status, user = e.get_http_status_code(), os.environ.get("MLFLOW_TRACKING_USERNAME")
-        if status == 401:
-            raise UserError(f"MLflow at {tracking_uri} refused the credentials of this process "
-                            f"({f'user {user}' if user else 'no MLFLOW_TRACKING_USERNAME set'}) {doing}: check "
-                            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (on the cluster the provision-mlflow "
-                            "hook Job makes the jobs' user after each install and upgrade: submit again once it has run)") from None
-        if status == 403:
-            raise UserError(f"MLflow at {tracking_uri} denied user {user or '(none)'} {doing}: it needs EDIT on the "
-                            "experiment (on the cluster the provision-mlflow hook Job grants the jobs' user indai-jobs EDIT "
-                            "on every experiment and model; `helm upgrade` runs it again)") from None
-        raise
+        if (error := refusal(e, tracking_uri, doing)) is None:
+            raise
+        raise error from None
 
 
 def wait_for_model(tracking_uri: str, ref: ModelRef, wait_s: float = 300.0, log=print):
@@ -138,8 +143,7 @@ def wait_for_model(tracking_uri: str, ref: ModelRef, wait_s: float = 300.0, log=
             if time.monotonic() >= deadline:
                 raise RegistryRefused(f"{e} (tried for {wait_s:.0f} s)") from None
             if not said:
-                log(f"{e}; trying again for up to {wait_s:.0f} s (on the cluster, the provision-mlflow hook Job "
-                    "makes the serving cluster's user after each install and upgrade)")
+                log(f"{e}; trying again for up to {wait_s:.0f} s")
                 said = True
             time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
 

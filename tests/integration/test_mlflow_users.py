@@ -260,9 +260,10 @@ def test_serves_build_waits_while_mlflow_refuses_its_user_then_finds_the_model(a
     t0 = time.monotonic()
     waiter.start()
     wait("the build to be refused once", lambda: said, timeout=60, interval=0.2)
-    assert said == [f"MLflow at {uri} refused the credentials of this process (user indai-serve-late): check "
-                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD; trying again for up to 120 s (on the cluster, "
-                    "the provision-mlflow hook Job makes the serving cluster's user after each install and upgrade)"]
+    assert said == [f"MLflow at {uri} refused the credentials of this process (user indai-serve-late) resolving model "
+                    "auth-cwru@champion: check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (on the cluster, the "
+                    "provision-mlflow hook Job makes the platform's MLflow users after each install and upgrade); trying "
+                    "again for up to 120 s"]
     assert waiter.is_alive()
     mlflow_users.provision(uri, ADMIN, late, log=lambda _: None)  # (as the serving user, without the jobs')
     waiter.join(30)
@@ -347,8 +348,8 @@ def test_a_job_mlflow_refuses_is_told_which_account_and_what_to_fix(auth_mlflow,
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", bare[0])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", bare[1])
     assert cfg.run.experiment == "cwru-bearing"  # the admin made it (the `registered` fixture)
-    with pytest.raises(UserError, match=r"^MLflow at .* denied user no-grant opening a run in experiment cwru-bearing: it needs "
-                                        r"EDIT on the experiment \(on the cluster the provision-mlflow hook Job grants"):
+    with pytest.raises(UserError, match=r"^MLflow at .* denied user no-grant opening a run in experiment cwru-bearing: on the "
+                                        r"cluster the provision-mlflow hook Job grants the jobs' user indai-jobs EDIT"):
         train(cfg, settings)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong-" + secrets.token_hex(8))
     with pytest.raises(UserError, match=r"^MLflow at .* refused the credentials of this process \(user no-grant\) opening a "
