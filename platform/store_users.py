@@ -1,4 +1,5 @@
-"""The object-store user that jobs, the gateway and Serve run with, on the cluster's MinIO.
+"""The object-store user that jobs and the gateway run with, on the cluster's MinIO (the serving
+cluster holds no store keys: it reads models through MLflow).
 
 Ray pods run researchers' code, so whatever credentials they hold, that code holds. With
 MinIO's root keys it could create and delete buckets, add users, change policies, and rewrite
