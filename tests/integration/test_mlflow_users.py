@@ -29,6 +29,26 @@ SERVE = ("indai-serve", "serve-" + secrets.token_hex(12))
 JOBS = ("indai-jobs", "jobs-" + secrets.token_hex(12))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _mlflow_uris_put_back():
+    """indai's `registry.client` points MLflow's process-wide tracking and registry URIs at the server
+    it is given: the tests after this module expect them where they were (the embedded default's)."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    yield
+    mlflow.set_tracking_uri(before[0])
+    mlflow.set_registry_uri(before[1])
+
+
+def _client(uri: str):
+    """A client on `uri` for both tracking and registry (a bare MlflowClient(uri) takes the registry
+    from the process-wide URI, which earlier tests point at another server)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -151,7 +171,6 @@ def registered(auth_mlflow, services, cwru_dataset):
     """The shipped recipe (1 epoch, local launcher) trained and registered through the auth server as
     indai-jobs, the account of the jobs' cluster, in an experiment the admin made: indai's whole
     registration path (runs, metrics, the model's upload, its version, tags and alias) under basic auth."""
-    from mlflow.tracking import MlflowClient
 
     from indai.platform.config import load_config
     from indai.trainers.config import TrainConfig
@@ -165,7 +184,7 @@ def registered(auth_mlflow, services, cwru_dataset):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
         mp.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
-        admin = MlflowClient(auth_mlflow)
+        admin = _client(auth_mlflow)
         admin.create_experiment(cfg.run.experiment)  # made by the admin: the jobs' user writes there by its grant
         mp.setenv("MLFLOW_TRACKING_USERNAME", JOBS[0])
         mp.setenv("MLFLOW_TRACKING_PASSWORD", JOBS[1])
@@ -185,7 +204,6 @@ def test_serving_user_reads_what_serve_reads_and_changes_nothing(auth_mlflow, re
     not (move an alias, retag the model's owner, delete a version, log into the run, write an
     artefact, manage users): 403, and nothing changed."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     from indai.platform import datasets, registry
     from indai.platform.model_format import IndaiModel
@@ -196,7 +214,7 @@ def test_serving_user_reads_what_serve_reads_and_changes_nothing(auth_mlflow, re
     name, version, _ = cwru_dataset
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
-    admin = MlflowClient(uri)
+    admin = _client(uri)
     tags = admin.get_registered_model("auth-cwru").tags
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", SERVE[0])
@@ -297,20 +315,19 @@ def test_the_jobs_user_cannot_manage_users_nor_delete_what_others_made(auth_mlfl
     """Researchers' code holds indai-jobs: it may promote and tag (EDIT), but not make itself or
     anyone an admin, change a password, grant itself more, nor delete a model the admin made."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     from indai.platform import registry
 
     uri = auth_mlflow
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
-    MlflowClient(uri).create_registered_model("admin-made")
+    _client(uri).create_registered_model("admin-made")
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", JOBS[0])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", JOBS[1])
     registry.promote(uri, "auth-cwru", 1, "production")  # `indai model promote` in the gateway pod
     assert registry.resolve_version(uri, registry.parse_model_ref("auth-cwru@production")).version == "1"
     with pytest.raises(MlflowException) as e:
-        MlflowClient(uri).delete_registered_model("admin-made")
+        _client(uri).delete_registered_model("admin-made")
     assert e.value.get_http_status_code() == 403
     for method, path, body in [
         ("POST", "/api/2.0/mlflow/users/create", {"username": "evil", "password": "evil-password-1"}),
@@ -325,7 +342,7 @@ def test_the_jobs_user_cannot_manage_users_nor_delete_what_others_made(auth_mlfl
     assert _grants(uri, "indai-serve")[("registered_model", "*")] == "READ"
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
-    assert MlflowClient(uri).get_registered_model("admin-made").name == "admin-made"
+    assert _client(uri).get_registered_model("admin-made").name == "admin-made"
 
 
 def test_a_job_mlflow_refuses_is_told_which_account_and_what_to_fix(auth_mlflow, registered, services, cwru_dataset, monkeypatch):
