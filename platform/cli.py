@@ -892,8 +892,9 @@ def parser() -> argparse.ArgumentParser:
                                                  "(no MLflow artefacts, no admin rights); reads its settings from the environment")
     aps.add_argument("--wait", type=float, default=120.0, help="seconds to wait for MinIO to answer")
     aps.set_defaults(fn=cmd_admin_provision_store)
-    apm = adm.add_parser("provision-mlflow", help="on the cluster's MLflow: the serving cluster's own user (no admin, only the "
-                                                  "server's default permission); reads its settings from the environment")
+    apm = adm.add_parser("provision-mlflow", help="on the cluster's MLflow: the platform's own users, neither an admin (indai-serve: "
+                                                  "READ, indai-jobs: EDIT, on every experiment and model); reads its settings "
+                                                  "from the environment")
     apm.add_argument("--wait", type=float, default=120.0, help="seconds to wait for MLflow to answer")
     apm.set_defaults(fn=cmd_admin_provision_mlflow)
 

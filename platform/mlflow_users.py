@@ -78,7 +78,7 @@ def _refused(r, what: str, uri: str) -> UserError:
     return UserError(f"MLflow at {uri} could not {what}: HTTP {r.status_code} {r.text[:300]}")
 
 
-def _user(s, uri: str, name: str, password: str, call) -> str:
+def _user(uri: str, name: str, password: str, call) -> str:
     """Make the user or set its password; take an admin flag off it. What was done, in words."""
     api = f"{uri}/api/2.0/mlflow/users"
     r = call("GET", f"{api}/get", params={"username": name})
@@ -149,7 +149,7 @@ def provision(uri: str, admin: tuple[str, str], serve: tuple[str, str], jobs: tu
             return _call(s, method, url, deadline, wait_s, **kw)
 
         for (name, password), permission, _ in accounts:
-            done = [x for x in (_user(s, uri, name, password, call), _grants(uri, name, permission, call)) if x]
+            done = [x for x in (_user(uri, name, password, call), _grants(uri, name, permission, call)) if x]
             log(f"MLflow user {name}: {'; '.join(done) if done else 'up to date'}")
 
 
