@@ -74,6 +74,14 @@ class RegistryRefused(UserError):
     """MLflow refused this process's credentials (HTTP 401)."""
 
 
+class ModelMissing(UserError):
+    """The registry has no such model, version or alias (or, under MLflow's auth, may not show it)."""
+
+
+class RegistryAway(UserError):
+    """MLflow did not answer (no connection, a timeout, a connection cut) or failed (5xx)."""
+
+
 def refusal(e, tracking_uri: str, doing: str) -> UserError | None:
     """MLflow's 401 or 403 (an MlflowException) as an error that names the account and what to
     do, instead of MLflow's "API request to endpoint ... failed with error code 403 != 200"; None
@@ -108,10 +116,13 @@ def resolve_version(tracking_uri: str, ref: ModelRef):
             # MLflow's basic auth checks the permission before the model is looked up, and answers 403
             # for a model that does not exist as for one the user may not read (measured, MLflow 3.17)
             user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "?"
-            raise UserError(f"model {ref}: MLflow at {tracking_uri} denied user {user} access to it: either there is no "
-                            f"registered model {ref.name} (`indai model ls` lists them) or the user may not read it") from None
+            raise ModelMissing(f"model {ref}: MLflow at {tracking_uri} denied user {user} access to it: either there is no "
+                               f"registered model {ref.name} (`indai model ls` lists them) or the user may not read it") from None
+        if tracking_server_away(e):
+            raise RegistryAway(f"the registry at {tracking_uri} did not answer for {ref} ({short_cause(e)}): "
+                               "retry once MLflow is up") from None
         if "RESOURCE_DOES_NOT_EXIST" in str(code) or "not found" in str(e).lower() or "INVALID_PARAMETER_VALUE" in str(code):
-            raise UserError(f"model {ref} is not in the registry at {tracking_uri}: `indai model ls` lists the registered models") from None
+            raise ModelMissing(f"model {ref} is not in the registry at {tracking_uri}: `indai model ls` lists the registered models") from None
         raise UserError(f"registry at {tracking_uri} failed for {ref}: {e.message if hasattr(e, 'message') else e}") from None
 
 
@@ -130,18 +141,18 @@ def refusals_named(tracking_uri: str, doing: str):
 
 def wait_for_model(tracking_uri: str, ref: ModelRef, wait_s: float = 300.0, log=print):
     """`resolve_version`, tried again every 5 s for up to `wait_s` while MLflow refuses the
-    credentials. On the cluster the serving cluster's MLflow user is made by a hook Job that runs
-    after each install and upgrade, possibly after Serve builds its app: a build that failed then
-    would stay failed (KubeRay does not deploy the same config again). Any other refusal (no such
-    model, 403) is final at once."""
+    credentials or does not answer. On the cluster the serving cluster's MLflow user is made by a
+    hook Job that runs after each install and upgrade, and MLflow itself may still be starting,
+    when Serve builds its app: a build that failed then would stay failed (KubeRay does not deploy
+    the same config again). Any other answer (no such model, 403) is final at once."""
     deadline = time.monotonic() + wait_s
     said = False
     while True:
         try:
             return resolve_version(tracking_uri, ref)
-        except RegistryRefused as e:
+        except (RegistryRefused, RegistryAway) as e:
             if time.monotonic() >= deadline:
-                raise RegistryRefused(f"{e} (tried for {wait_s:.0f} s)") from None
+                raise type(e)(f"{e} (tried for {wait_s:.0f} s)") from None
             if not said:
                 log(f"{e}; trying again for up to {wait_s:.0f} s")
                 said = True
@@ -173,6 +184,18 @@ def download(tracking_uri: str, ref: ModelRef, dest: Path) -> tuple[Path, int]:
     client(tracking_uri)
     path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{ref.name}/{mv.version}", dst_path=str(dest))
     return Path(path), int(mv.version)
+
+
+def short_cause(e: Exception, limit: int = 200) -> str:
+    """What failed, in short: MLflow's client puts urllib3's cause at the end of a long line
+    ("... (Caused by ReadTimeoutError("...: Read timed out. (read timeout=5)"))")."""
+    text = str(getattr(e, "message", e)).strip()
+    if "(Caused by " in text:
+        cause = text.rsplit("(Caused by ", 1)[1]
+        why = cause.rsplit("): ", 1)[-1]
+        why = why[:-3] if why.endswith('"))') else why.rstrip(")")
+        return f"{cause.split('(', 1)[0]}: {why}"[:limit]
+    return (text.splitlines() or [type(e).__name__])[0][:limit]
 
 
 def client_for_current():

@@ -5,7 +5,9 @@ Two deployments:
   the model (private to its owner, shared with named members, or consortium-wide), applies a
   per-member rate limit, resolves `name@alias` to a registered version (re-resolved every few
   seconds, so moving an alias moves traffic without a restart; `name/version` stays pinned),
-  and meters every call in batches (serving never waits on the database). `POST /v1/feedback`
+  and meters every call in batches (serving never waits on the database). While the database
+  or MLflow is away, what was looked up recently stands in (serving/recent.py), and MLflow
+  requests are bounded (`registry_timeout_s`), so no member's call hangs on them. `POST /v1/feedback`
   stores a member's rating of a prediction by its request id.
 - `ModelPool`: loads registered models by resolved version, several per replica
   (`serve.multiplexed`, least recently used dropped), validates each instance against the
@@ -31,6 +33,7 @@ from starlette.datastructures import Headers
 from indai.platform.config import Strict
 from indai.platform.errors import UserError
 from indai.platform.modalities import MAX_REQUEST_PIXELS, check_request_pixels
+from indai.serving.recent import Recent, SourceAway
 from indai.serving.schemas import (ErrorResponse, FeedbackRequest, FeedbackResponse, ModelInfo, ModelListing, PredictRequest,
                                    PredictResponse)
 
@@ -66,7 +69,13 @@ class ServeArgs(Strict):
                                                                     "(backpressure instead of collapse; -1: unbounded)")
     rate_per_s: float = Field(default=200, ge=0, description="calls per second per member on each ingress replica (0: no limit)")
     burst: float = Field(default=400, ge=1)
-    resolve_ttl_s: float = Field(default=2.0, ge=0, le=300, description="how long an alias resolution and an access rule are reused")
+    resolve_ttl_s: float = Field(default=2.0, ge=0, le=300, description="how long an alias resolution, an access rule and the "
+                                 "model list are reused before a call looks them up again")
+    registry_timeout_s: int = Field(default=5, ge=1, le=300, description="seconds the ingress and the model pool wait for one "
+                                    "answer from MLflow; they do not send again (MLflow's own default is 120 s and 7 retries, "
+                                    "minutes in which a member's call would hang)")
+    registry_grace_s: float = Field(default=300.0, ge=0, le=3600, description="while MLflow is unreachable, alias resolutions "
+                                    "and the model list confirmed less than this long ago keep being used")
     token_recheck_s: float = Field(default=2.0, ge=0, le=300, description="a revoked token is refused within this time")
     db_grace_s: float = Field(default=300.0, ge=0, le=3600, description="while the platform database is unreachable, tokens and "
                                                                         "access rules checked less than this long ago keep working")
@@ -215,6 +224,24 @@ class Refused(Exception):
         self.status, self.detail = status, detail
 
 
+# what a member reads while MLflow is away or refuses the serving service's account: the details
+# (address, account) go to the replica's log, for the admin
+REGISTRY_AWAY = "the model registry did not answer: retry later"
+REGISTRY_REFUSED = ("the model registry refused the serving service's credentials: retry later, and tell the platform admin "
+                    "if it lasts")
+
+
+def registry_away(e) -> SourceAway | None:
+    """An MlflowException that is not about the request (MLflow unreachable, timing out, 5xx, or
+    refusing the service's own credentials) as SourceAway; None for any other."""
+    from indai.platform.registry import short_cause, tracking_server_away
+
+    refused = e.get_http_status_code() == 401
+    if not refused and not tracking_server_away(e):
+        return None
+    return SourceAway(REGISTRY_REFUSED if refused else REGISTRY_AWAY, f"MLflow: {short_cause(e)}")
+
+
 def parsed_model_ref(text: str):
     """A request's model reference, checked (registry.parse_model_ref) before it reaches the
     database or the registry; a bad one is a 400 that says what is wrong."""
@@ -243,13 +270,38 @@ class ModelPool:
                                             tempfile.mkdtemp(dir=self._tmp.name))
         return await asyncio.to_thread(IndaiModel.load, folder / "artifacts" / "indai_model")
 
+    async def _loaded(self, model_id: str):
+        """(the model, None), or (None, {"error": ..., "status": ...}) when it cannot be loaded: 503
+        while MLflow is away or refuses the pool's account, 404 for a version that is not there."""
+        from mlflow.exceptions import MlflowException
+
+        from indai.platform.registry import ModelMissing, RegistryAway, RegistryRefused
+
+        try:
+            return await self.get_model(model_id), None
+        except (RegistryAway, RegistryRefused) as e:
+            print(f"[indai] loading {model_id}: {e}", file=sys.stderr, flush=True)
+            return None, {"error": REGISTRY_REFUSED if isinstance(e, RegistryRefused) else REGISTRY_AWAY, "status": 503}
+        except MlflowException as e:  # the files' download
+            if registry_away(e) is None:
+                raise
+            return None, {"error": REGISTRY_AWAY, "status": 503}
+        except ModelMissing:
+            name, _, version = model_id.rpartition("/")
+            return None, {"error": f"model {name} has no version {version} in the registry: GET /v1/models lists the models "
+                                   "you may call", "status": 404}
+
     async def card(self) -> dict:
-        return (await self.get_model(serve.get_multiplexed_model_id())).card
+        """The model's card, or {"error": ..., "status": ...}."""
+        model, failed = await self._loaded(serve.get_multiplexed_model_id())
+        return failed or model.card
 
     async def predict(self, instances: list[dict]) -> dict:
-        """{"predictions": [...]} or {"error": "..."} (a bad instance fails the request, 400)."""
+        """{"predictions": [...]}, or {"error": "...", "status": ...} (a bad instance fails the request, 400)."""
         model_id = serve.get_multiplexed_model_id()
-        model = await self.get_model(model_id)
+        model, failed = await self._loaded(model_id)
+        if failed:
+            return failed
         try:
             # Decoding images is CPU work of up to seconds per request: in a thread, so the replica's
             # event loop goes on taking calls and filling batches meanwhile. This is safe with the
@@ -280,6 +332,8 @@ class ModelPool:
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
+    models_page = 1000  # registered models read per MLflow request for GET /v1/models
+
     def __init__(self, pool, args: dict):
         from indai.platform import db, tenancy
         from indai.serving.metering import Meter, RateLimiter
@@ -290,8 +344,11 @@ class Ingress:
         self.tokens = tenancy.TokenCache(self.eng, recheck_s=self.args.token_recheck_s, grace_s=self.args.db_grace_s)
         self.meter = Meter(self.eng, flush_s=self.args.meter_flush_s)
         self.limits = RateLimiter(self.args.rate_per_s, self.args.burst)
-        self._versions: dict[str, tuple[int, float]] = {}
-        self._access: dict[str, tuple[dict | None, float]] = {}
+        # what each call looks up, kept for resolve_ttl_s and standing in while its source is away (serving/recent.py)
+        said = lambda line: print(f"[indai] {line}", file=sys.stderr, flush=True)  # noqa: E731 (the replica's log)
+        self.rules = Recent(self._lookup_rule, self.args.resolve_ttl_s, self.args.db_grace_s, log=said)
+        self.versions = Recent(self._lookup_version, self.args.resolve_ttl_s, self.args.registry_grace_s, log=said)
+        self.names = Recent(self._lookup_names, self.args.resolve_ttl_s, self.args.registry_grace_s, log=said)
         self.pool_retries = 0  # calls sent again because the pool replica that had them died
 
     # -- who is asking, may they, which version -----------------------------------------
@@ -313,9 +370,13 @@ class Ingress:
     def _rule(self, name: str) -> dict | None:
         """The model's access rule: the platform database's, else its registry tags (owner
         from `indai.member`, private); None if the model is not registered at all."""
-        hit = self._access.get(name)
-        if hit and time.monotonic() - hit[1] < self.args.resolve_ttl_s:
-            return hit[0]
+        try:
+            return self.rules.get(name)
+        except SourceAway as e:
+            raise Refused(503, str(e)) from None
+
+    def _lookup_rule(self, name: str) -> dict | None:
+        from mlflow.exceptions import MlflowException
         from sqlalchemy.exc import SQLAlchemyError
         from sqlalchemy.orm import Session
 
@@ -325,22 +386,20 @@ class Ingress:
         try:
             with Session(self.eng) as s:
                 row = s.get(ModelAccess, name)
-        except SQLAlchemyError:  # database down: the rule seen last still holds for the grace period, like tokens
-            if hit and time.monotonic() - hit[1] < self.args.db_grace_s:
-                return hit[0]
-            raise Refused(503, "the platform database is unavailable: retry later") from None
+        except SQLAlchemyError as e:
+            said = str(getattr(e, "orig", None) or e).splitlines()[0][:200]
+            raise SourceAway("the platform database is unavailable: retry later", f"the platform database: {said}") from None
         if row:
-            rule = {"owner": row.owner_member_id, "visibility": row.visibility, "process": row.process,
+            return {"owner": row.owner_member_id, "visibility": row.visibility, "process": row.process,
                     "shared_with": {m for m in row.shared_with.split(",") if m}}
-        else:
-            try:
-                tags = client(self.args.mlflow_uri).get_registered_model(name).tags or {}
-                rule = {"owner": tags.get("indai.member", ""), "visibility": "private", "process": tags.get("indai.process", ""),
-                        "shared_with": set()}
-            except Exception:
-                rule = None
-        self._access[name] = (rule, time.monotonic())
-        return rule
+        try:
+            tags = client(self.args.mlflow_uri).get_registered_model(name).tags or {}
+        except MlflowException as e:
+            if (away := registry_away(e)) is not None:
+                raise away from None
+            return None  # no such model (404); under MLflow's auth also a 403, which it answers before it looks
+        return {"owner": tags.get("indai.member", ""), "visibility": "private", "process": tags.get("indai.process", ""),
+                "shared_with": set()}
 
     def _check_access(self, p, name: str) -> dict:
         rule = self._rule(name)
@@ -356,23 +415,42 @@ class Ingress:
         raise Refused(403, f"model {name!r} belongs to another member and is not shared with {p.member}: ask its owner to share it")
 
     def _version(self, text: str) -> tuple[str, int]:
-        from indai.platform.registry import RegistryRefused, resolve_version
-
         ref = parsed_model_ref(text)
         if ref.version is not None:
             return ref.name, ref.version
-        hit = self._versions.get(text)
-        if hit and time.monotonic() - hit[1] < self.args.resolve_ttl_s:
-            return ref.name, hit[0]
         try:
-            version = int(resolve_version(self.args.mlflow_uri, ref).version)
-        except RegistryRefused:  # the serving cluster's own account, not the member's request: no detail
-            raise Refused(503, "the model registry refused the serving service's credentials: retry later, and tell the "
-                               "platform admin if it lasts") from None
-        except UserError as e:
-            raise Refused(404, str(e)) from None
-        self._versions[text] = (version, time.monotonic())
-        return ref.name, version
+            return ref.name, self.versions.get(text)
+        except SourceAway as e:
+            raise Refused(503, str(e)) from None
+
+    def _lookup_version(self, text: str) -> int:
+        from indai.platform.registry import ModelMissing, RegistryAway, RegistryRefused, resolve_version
+
+        ref = parsed_model_ref(text)
+        try:
+            return int(resolve_version(self.args.mlflow_uri, ref).version)
+        except (RegistryRefused, RegistryAway) as e:  # the details for the admin's log; the member gets none
+            raise SourceAway(REGISTRY_REFUSED if isinstance(e, RegistryRefused) else REGISTRY_AWAY, str(e)) from None
+        except ModelMissing:  # (resolve_version's text names the registry's address and account: not for members)
+            raise Refused(404, f"model {ref.name} has no alias {ref.alias} in the registry: GET /v1/models lists the models "
+                               "you may call, and the model's owner can tell its aliases") from None
+
+    def _lookup_names(self, _all: str) -> list[str]:
+        from mlflow.exceptions import MlflowException
+
+        from indai.platform.registry import client
+
+        c, names, page = client(self.args.mlflow_uri), [], None
+        try:
+            while True:  # (MLflow's client answers 100 a page unless told, and at most 1000)
+                got = c.search_registered_models(max_results=self.models_page, page_token=page)
+                names += [m.name for m in got]
+                if not (page := got.token):
+                    return sorted(names)
+        except MlflowException as e:
+            if (away := registry_away(e)) is not None:
+                raise away from None
+            raise
 
     def _model_ref(self, given: str | None) -> str:
         ref = given or self.args.model
@@ -402,17 +480,19 @@ class Ingress:
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "metering": self.meter.stats(), "pool_retries": self.pool_retries}
+        return {"status": "ok", "metering": self.meter.stats(), "pool_retries": self.pool_retries,
+                "lookups": {"access": self.rules.stats(), "versions": self.versions.stats(), "models": self.names.stats()}}
 
     @api.get("/v1/models", response_model=ModelListing, responses={401: {"model": ErrorResponse}})
     async def models(self, request: Request):
-        from indai.platform.registry import client
-
         try:
             p = await asyncio.to_thread(self._principal, request, "models:predict")
         except Refused as e:
             return self._error(e, "")
-        names = await asyncio.to_thread(lambda: [m.name for m in client(self.args.mlflow_uri).search_registered_models()])
+        try:
+            names = await asyncio.to_thread(self.names.get, "")
+        except SourceAway as e:
+            return self._error(Refused(503, str(e)), "")
         visible = []
         for name in sorted(names):
             try:
@@ -434,6 +514,8 @@ class Ingress:
             await asyncio.to_thread(self._check_access, p, parsed_model_ref(ref).name)
             name, version = await asyncio.to_thread(self._version, ref)
             c = await self._ask_pool(f"{name}/{version}", "card")
+            if "error" in c:
+                raise Refused(c.get("status", 400), c["error"])
         except Refused as e:
             return self._error(e, "")
         task = c.get("task") or ("report" if c.get("family") == "report_writer" else "classification")
@@ -464,7 +546,7 @@ class Ingress:
             name, version = await asyncio.to_thread(self._version, ref)
             out = await self._ask_pool(f"{name}/{version}", "predict", [i.model_dump(exclude_none=True) for i in body.instances])
             if "error" in out:
-                raise Refused(400, out["error"])
+                raise Refused(out.get("status", 400), out["error"])
             return PredictResponse(request_id=request_id, model=ref, model_version=version, predictions=out["predictions"])
         except Refused as e:
             status = e.status
@@ -524,10 +606,13 @@ def build_app(args: dict | ServeArgs) -> serve.Application:
                        log=lambda line: print(f"[indai] {line}", file=sys.stderr, flush=True))
     a = a.model_copy(update={"db_url": a.db_url or db.database_url()})
     db.upgrade(db.engine(a.db_url))
+    # a member's call must not hang on MLflow's own defaults (120 s a request, 7 retries): one try, bounded
+    mlflow_env = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(a.registry_timeout_s), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
     pool_opts = {"max_ongoing_requests": max(a.pool_max_ongoing, a.max_batch_size), "max_queued_requests": a.max_queued_requests,
-                 "ray_actor_options": {"num_cpus": a.num_cpus,
-                                       "runtime_env": {"env_vars": {"INDAI_SERVE_MAX_MODELS": str(a.max_models_per_replica)}}}}
+                 "ray_actor_options": {"num_cpus": a.num_cpus, "runtime_env": {
+                     "env_vars": {**mlflow_env, "INDAI_SERVE_MAX_MODELS": str(a.max_models_per_replica)}}}}
     pool_opts.update({"autoscaling_config": a.autoscaling} if a.autoscaling else {"num_replicas": a.num_replicas})
     pool = ModelPool.options(**pool_opts).bind(a.model_dump())
     return Ingress.options(num_replicas=a.ingress_replicas, max_ongoing_requests=a.ingress_max_ongoing,
-                           max_queued_requests=a.max_queued_requests, ray_actor_options={"num_cpus": 0.25}).bind(pool, a.model_dump())
+                           max_queued_requests=a.max_queued_requests,
+                           ray_actor_options={"num_cpus": 0.25, "runtime_env": {"env_vars": mlflow_env}}).bind(pool, a.model_dump())

@@ -715,3 +715,77 @@ def test_the_ingress_serves_while_the_database_is_down_and_meters_every_call_onc
     assert len(rows) == len(ids) + len(warmup) and set(rows) == ids | set(warmup)
     after = healthz(served)["metering"]
     assert after["buffered"] == 0 and after["dropped"] == 0
+
+
+@pytest.mark.timeout(300, func_only=True)
+def test_the_ingress_serves_while_the_registry_hangs(served, test_windows, members, services, trained_model):
+    """The MLflow server frozen for 15 s (SIGSTOP on its process group: connections are taken,
+    nothing is answered) under a steady load of 5 requests a second on it-cwru@champion. The
+    alias resolved before stands in (serving/recent.py), so every request is answered 200; a
+    version never loaded and an alias never resolved get 503 with Retry-After, after one bounded
+    wait (registry_timeout_s, 5 s), not after MLflow's own 120 s and 7 retries; the model list
+    seen before is still listed. Thawed, the new version loads and the unknown alias is a 404 that
+    names neither the registry's address nor an admin's command."""
+    import os
+    import signal
+    import time
+
+    import mlflow
+    from steady_load import SteadyLoad
+
+    from indai.platform import registry
+    from indai.platform.services import read_services
+    from indai.serving.app import REGISTRY_AWAY
+
+    token, inst = members[1]["u-steel-a"], good(test_windows)
+    c = registry.client(services.mlflow_uri)
+    mlflow.set_tracking_uri(services.mlflow_uri)
+    new = mlflow.register_model(c.get_model_version("it-cwru", "1").source, "it-cwru").version  # never loaded by Serve
+    wait("the new version ready", lambda: c.get_model_version("it-cwru", new).status == "READY", timeout=15, interval=0.3)
+    assert call(served, token, [inst]).status_code == 200
+    listing = requests.get(f"{served}/v1/models", headers=bearer(token), timeout=30)
+    assert listing.status_code == 200 and "it-cwru" in [m["model"] for m in listing.json()["models"]]
+    before = healthz(served)["lookups"]["versions"]
+    mlflow_group = read_services()["mlflow_pid"]  # its own session: the group is the server and its workers
+    during: dict = {}
+    with SteadyLoad(served, token, [inst], rate_per_s=5) as load:
+        time.sleep(2)
+        frozen_at = load.now()
+        os.killpg(mlflow_group, signal.SIGSTOP)
+        try:
+            with pytest.raises(requests.Timeout):  # really frozen
+                requests.get(f"{services.mlflow_uri}/health", timeout=2)
+            for what, model in (("new version", f"it-cwru/{new}"), ("unknown alias", "it-cwru@challenger")):
+                t0 = time.monotonic()
+                r = call(served, token, [inst], model=model)
+                during[what] = (r.status_code, r.json()["detail"], r.headers.get("retry-after"), time.monotonic() - t0)
+            r = requests.get(f"{served}/v1/models", headers=bearer(token), timeout=60)
+            during["listing"] = (r.status_code, [m["model"] for m in r.json().get("models", [])])
+            time.sleep(max(0.0, 15 - (load.now() - frozen_at)))
+            during["lookups"] = healthz(served)["lookups"]["versions"]
+            thawed_at = load.now()
+        finally:
+            os.killpg(mlflow_group, signal.SIGCONT)
+        time.sleep(3)
+    answered = [s for s in load.sent if s.status == 200]
+    while_frozen = [s for s in answered if frozen_at <= s.sent_s < thawed_at]
+    slowest = sorted((s.done_s - s.sent_s for s in load.sent), reverse=True)[:3]  # (one sent just before may meet the freeze)
+    print(f"\nMLflow frozen {thawed_at - frozen_at:.1f} s: {len(answered)} of {len(load.sent)} requests answered 200 "
+          f"({len(while_frozen)} sent while frozen; the slowest three in {', '.join(f'{t:.2f}' for t in slowest)} s); new version "
+          f"{during['new version'][3]:.1f} s and unknown alias {during['unknown alias'][3]:.1f} s to a 503; "
+          f"versions' lookups while frozen: {during['lookups']}")
+    assert [s for s in load.sent if s.status != 200] == []
+    assert len(while_frozen) >= 40
+    for what in ("new version", "unknown alias"):
+        assert during[what][:3] == (503, REGISTRY_AWAY, "1"), (what, during[what])
+    assert during["listing"][0] == 200 and during["listing"][1] == [m["model"] for m in listing.json()["models"]]
+    assert during["lookups"]["away"] and during["lookups"]["stale_answers"] > before["stale_answers"]
+    assert during["lookups"]["failed_lookups"] >= before["failed_lookups"] + 2
+    # thawed: the lookups find MLflow back, the new version loads, and the unknown alias is told plainly
+    wait("MLflow seen back", lambda: call(served, token, [inst]).status_code == 200
+         and not healthz(served)["lookups"]["versions"]["away"], timeout=60, interval=0.5)
+    r = call(served, token, [inst], model=f"it-cwru/{new}")
+    assert (r.status_code, r.json()["model_version"]) == (200, int(new))
+    r = call(served, token, [inst], model="it-cwru@challenger")
+    assert (r.status_code, r.json()["detail"]) == (404, "model it-cwru has no alias challenger in the registry: GET /v1/models "
+                                                         "lists the models you may call, and the model's owner can tell its aliases")

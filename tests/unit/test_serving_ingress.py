@@ -296,10 +296,125 @@ def test_model_info_checks_access_before_resolving_the_version(ingress):
         assert (r.status_code, r.json()["detail"]) == (403, refused), (ref, r.status_code, r.text)
     # the owner is told what exists
     r = requests.get(f"{url}/v1/model", params={"model": "secret-model@ghost"}, headers=bearer(tokens["own"]), timeout=30)
-    assert r.status_code == 404 and "secret-model@ghost is not in the registry" in r.json()["detail"]
+    assert r.status_code == 404
+    assert r.json()["detail"] == ("model secret-model has no alias ghost in the registry: GET /v1/models lists the models you "
+                                  "may call, and the model's owner can tell its aliases")
     r = requests.get(f"{url}/v1/model", params={"model": "secret-model@champion"}, headers=bearer(tokens["own"]), timeout=30)
     assert r.status_code == 200 and r.json()["model_version"] == 1
     assert pool.calls[-1][:2] == ("card", "secret-model/1")
+
+
+# ---- 3b: the registry away: 503 without its address, and what was resolved before stands in --------------
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_while_the_registry_is_away_members_get_503_and_what_was_resolved_stands_in(platform, registry_uri, monkeypatch):
+    """The ingress's registry moves to a port where nothing listens (MLflow's client fails at once
+    there): the alias and the model list resolved before keep answering, a reference never resolved
+    is a 503 with Retry-After that names no address, and once the grace is over so is the rest."""
+    import ray.serve
+
+    db_url, tokens = platform
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # as build_app sets for the replicas
+    pool = FakePool()
+    instance = serving_app.Ingress.func_or_class.__bases__[0](pool, {"mlflow_uri": registry_uri, "db_url": db_url,
+                                                                      "resolve_ttl_s": 0})
+    monkeypatch.setattr(ray.serve, "get_replica_context", lambda: SimpleNamespace(servable_object=instance))
+    own = bearer(tokens["own"])
+
+    def predict(url, model):
+        return requests.post(f"{url}/v1/predict", json={"model": model, "instances": [{"text": "bearing noise"}]}, headers=own,
+                             timeout=60)
+
+    def listed(url):
+        r = requests.get(f"{url}/v1/models", headers=own, timeout=60)
+        return r.status_code, [m["model"] for m in r.json().get("models", [])]
+
+    with app_server(served_app()) as url:
+        assert predict(url, "secret-model@champion").json()["model_version"] == 1
+        assert listed(url) == (200, ["secret-model"])
+        away = f"http://127.0.0.1:{closed_port()}"
+        instance.args = instance.args.model_copy(update={"mlflow_uri": away})
+        r = predict(url, "secret-model@champion")
+        assert (r.status_code, r.json()["model_version"]) == (200, 1)
+        assert listed(url) == (200, ["secret-model"])
+        r = predict(url, "secret-model@challenger")
+        assert (r.status_code, r.json()["detail"], r.headers.get("retry-after")) == (503, serving_app.REGISTRY_AWAY, "1")
+        r = requests.get(f"{url}/v1/model", params={"model": "secret-model@challenger"}, headers=own, timeout=60)
+        assert (r.status_code, r.json()["detail"]) == (503, serving_app.REGISTRY_AWAY)
+        health = requests.get(f"{url}/healthz", timeout=30).json()["lookups"]
+        assert health["versions"]["away"] and health["models"]["away"] and not health["access"]["away"]
+        assert health["versions"]["stale_answers"] >= 1 and health["versions"]["failed_lookups"] >= 2
+        for recent in (instance.versions, instance.names):
+            recent.grace_s = 0
+        assert predict(url, "secret-model@champion").status_code == 503
+        assert listed(url)[0] == 503
+        # back: answered again, and the listing and the alias are looked up afresh
+        instance.args = instance.args.model_copy(update={"mlflow_uri": registry_uri})
+        assert predict(url, "secret-model@champion").json()["model_version"] == 1
+        assert listed(url) == (200, ["secret-model"])
+        assert not requests.get(f"{url}/healthz", timeout=30).json()["lookups"]["versions"]["away"]
+    assert [c[:2] for c in pool.calls] == [("predict", "secret-model/1")] * 3  # (none for the 503s)
+
+
+def test_the_pool_answers_503_while_the_registry_is_away_and_404_for_a_version_it_has_not(registry_uri, replica_loop,
+                                                                                           monkeypatch, tmp_path):
+    """ModelPool's own load path (registry.download, on a real MLflow registry and on a port where
+    nothing listens): the pool's answer that the ingress turns into the member's status."""
+    import ray.serve
+
+    from indai.platform import registry
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    replica = serving_app.ModelPool.func_or_class({"mlflow_uri": registry_uri})
+    for uri, model_id, expected in (
+            (f"http://127.0.0.1:{closed_port()}", "secret-model/1", {"error": serving_app.REGISTRY_AWAY, "status": 503}),
+            (registry_uri, "secret-model/99", {"error": "model secret-model has no version 99 in the registry: GET /v1/models "
+                                                        "lists the models you may call", "status": 404})):
+        async def get_model(model_id: str, uri=uri):
+            return registry.download(uri, registry.parse_model_ref(model_id), tmp_path)[0]
+        replica.get_model = get_model
+        monkeypatch.setattr(ray.serve, "get_multiplexed_model_id", lambda model_id=model_id: model_id)
+        assert replica_loop(replica.predict([{"text": "x"}])) == expected
+        assert replica_loop(replica.card()) == expected
+
+
+def test_the_apps_build_tries_again_while_the_registry_does_not_answer(monkeypatch):
+    """build_app resolves its default model through registry.wait_for_model: on the cluster MLflow may
+    still be starting when Serve builds the app, and KubeRay does not deploy a failed config again."""
+    from indai.platform import registry
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri, said = f"http://127.0.0.1:{closed_port()}", []
+    t0 = time.monotonic()
+    with pytest.raises(registry.RegistryAway, match=rf"^the registry at {uri} did not answer for m@champion \(.*\): retry "
+                                                    r"once MLflow is up \(tried for 2 s\)$"):
+        registry.wait_for_model(uri, registry.parse_model_ref("m@champion"), wait_s=2, log=said.append)
+    assert time.monotonic() - t0 >= 2
+    assert len(said) == 1 and said[0].endswith("retry once MLflow is up; trying again for up to 2 s")
+    with pytest.raises(registry.RegistryAway):  # without a wait (`indai serve`), at once
+        registry.wait_for_model(uri, registry.parse_model_ref("m@champion"), wait_s=0, log=said.append)
+    assert len(said) == 1
+
+
+def test_the_model_list_reads_every_page_of_the_registry(platform, tmp_path):
+    """MLflow's client answers 100 models unless told more; the listing reads page after page."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'many.db'}"
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    names = sorted(f"line-{i:03d}" for i in range(120))
+    for name in names:
+        c.create_registered_model(name)
+    instance = serving_app.Ingress.func_or_class.__bases__[0](FakePool(), {"mlflow_uri": uri, "db_url": platform[0]})
+    instance.models_page = 50
+    assert instance.names.get("") == names
 
 
 # ---- 4: the pool: a pixel budget per request, and decoding off the event loop -----------------------------
