@@ -400,7 +400,10 @@ def serve_model(model: str | None, replicas: int = 1, ingress_replicas: int = 1)
 
         ref = parse_model_ref(model)
         version = int(resolve_version(args.mlflow_uri, ref).version)
-        serve.get_deployment_handle("ModelPool", args.name).options(multiplexed_model_id=f"{ref.name}/{version}").card.remote().result()
+        pool = serve.get_deployment_handle("ModelPool", args.name).options(multiplexed_model_id=f"{ref.name}/{version}")
+        if "error" in (card := pool.card.remote().result()):
+            print(f"[indai] the model pool could not load {ref.name}/{version} yet ({card['error']}): each call tries again",
+                  file=sys.stderr)
     return s.serve_url or f"http://127.0.0.1:{port}"
 
 

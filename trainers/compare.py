@@ -116,9 +116,10 @@ def compare(cfg: TrainConfig, settings: Settings, train_fn=None) -> dict:
     client = registry.client(tracking)
     import mlflow
 
-    experiment = mlflow.set_experiment(cfg.run.experiment)
-    parent = client.create_run(experiment.experiment_id, run_name=f"{cfg.run.name[:56]}-compare",
-                               tags={"indai.recipe": cfg.recipe, "indai.dataset": str(ref), "indai.compare": "scratch"})
+    with registry.refusals_named(tracking, f"opening the comparison's run in experiment {cfg.run.experiment}"):
+        experiment = mlflow.set_experiment(cfg.run.experiment)
+        parent = client.create_run(experiment.experiment_id, run_name=f"{cfg.run.name[:56]}-compare",
+                                   tags={"indai.recipe": cfg.recipe, "indai.dataset": str(ref), "indai.compare": "scratch"})
     parent_id = parent.info.run_id
     rows, status = [], "FAILED"
     try:

@@ -374,7 +374,9 @@ def test_train_submit_retries_while_the_database_is_down_and_submits_once(gw, po
             time.sleep(0.2)
     finally:
         postgres.start()
-    out, _ = proc.communicate(timeout=120)
+    # not communicate(): it would read stderr too, beside the reader thread, and close it under it
+    proc.wait(timeout=120)  # (stdout, the submission id and a few lines, fits in the pipe's buffer)
+    out = proc.stdout.read()
     reader.join(10)
     assert proc.returncode == 0, "".join(err)[-3000:]
     said = "".join(err)

@@ -374,3 +374,10 @@ def test_a_job_mlflow_refuses_is_told_which_account_and_what_to_fix(auth_mlflow,
     with pytest.raises(UserError, match=r"^MLflow at .* refused the credentials of this process \(user no-grant\) opening a "
                                         r"run in experiment cwru-bearing: check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"):
         train(cfg, settings)
+    # `indai train --compare-scratch` opens a parent run of its own first
+    from indai.trainers.compare import compare
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", bare[1])
+    with pytest.raises(UserError, match=r"^MLflow at .* denied user no-grant opening the comparison's run in experiment "
+                                        r"cwru-bearing: on the cluster the provision-mlflow hook Job grants"):
+        compare(cfg.model_copy(update={"compare": cfg.compare.model_copy(update={"scratch_overrides": ["model.sensor.width=8"]})}),
+                settings, train_fn=lambda *a, **k: pytest.fail("trained although MLflow refused the comparison's run"))
