@@ -120,13 +120,28 @@ def database_url() -> str:
     return f"sqlite:///{home() / 'platform.db'}"
 
 
+CONNECT_TIMEOUT_S = 10
+
+
 def engine(url: str | None = None) -> Engine:
     url = url or database_url()
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     elif not url.startswith("postgresql"):
         raise UserError(f"database URL {url.split(':', 1)[0]}:... is not supported: use sqlite:///path or postgresql+psycopg://...")
-    return create_engine(url, pool_pre_ping=True)
+    # a database host that takes the connection and never answers (a partition, a hung server)
+    # would hold each caller for the kernel's minutes; libpq gives up after connect_timeout
+    connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+
+
+def unavailable(e: Exception):
+    """A database call that failed (SQLAlchemyError) as recent.SourceAway: the caller's text, and
+    the driver's first line for the service's log (psycopg's names the host, never the password)."""
+    from indai.platform.recent import SourceAway
+
+    said = str(getattr(e, "orig", None) or e).splitlines()[0][:200]
+    return SourceAway("the platform database is unavailable: retry later", f"the platform database: {said}")
 
 
 def upgrade(eng: Engine) -> None:

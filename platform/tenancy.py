@@ -217,35 +217,39 @@ class TokenCache:
     token, and the cheap status check (revoked, expired, disabled) is repeated at most
     every `recheck_s` seconds, so a revocation takes effect within that time. While the
     database is unreachable a token verified less than `grace_s` ago keeps working, so the
-    shop floor is not cut off by a database restart; an unknown token then gets DatabaseDown."""
+    shop floor is not cut off by a database restart, and its re-checks run in the background
+    (`platform/recent.py`: so the first call after the database is back may still be answered
+    from the cache, while its re-check runs); an unknown token then gets DatabaseDown."""
 
-    def __init__(self, eng: Engine, recheck_s: float = 2.0, grace_s: float = 300.0, size: int = 10_000):
-        self.eng, self.recheck_s, self.grace_s, self.size = eng, recheck_s, grace_s, size
-        self._seen: dict[str, tuple[Principal, float]] = {}
+    def __init__(self, eng: Engine, recheck_s: float = 2.0, grace_s: float = 300.0, size: int = 10_000,
+                 log=lambda line: None):
+        from indai.platform.recent import Recent
 
-    def verify(self, token: str | None) -> Principal:
-        import time
+        self.eng = eng
+        self._recent = Recent(lambda _key, p: self._checked(lambda: _status(eng, p)), recheck_s, grace_s, size, log=log)
 
+    @staticmethod
+    def _checked(check) -> Principal:
         from sqlalchemy.exc import SQLAlchemyError
 
-        key = hashlib.sha256((token or "").encode()).hexdigest()
-        now = time.monotonic()
-        hit = self._seen.get(key)
-        if hit and now - hit[1] < self.recheck_s:
-            return hit[0]
+        from indai.platform.db import unavailable
+
         try:
-            p = _status(self.eng, hit[0]) if hit else verify(self.eng, token)
-        except AuthError:
-            self._seen.pop(key, None)
-            raise
-        except SQLAlchemyError:
-            if hit and now - hit[1] < self.grace_s:
-                return hit[0]
-            raise DatabaseDown("the platform database is unavailable: retry later") from None
-        if len(self._seen) >= self.size:
-            self._seen.clear()
-        self._seen[key] = (p, now)
-        return p
+            return check()
+        except SQLAlchemyError as e:
+            raise unavailable(e) from None
+
+    def stats(self) -> dict:
+        return self._recent.stats()
+
+    def verify(self, token: str | None) -> Principal:
+        from indai.platform.recent import SourceAway
+
+        key = hashlib.sha256((token or "").encode()).hexdigest()
+        try:
+            return self._recent.get(key, first=lambda: self._checked(lambda: verify(self.eng, token)))
+        except SourceAway as e:
+            raise DatabaseDown(str(e)) from None
 
 
 class DatabaseDown(Exception):

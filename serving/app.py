@@ -6,7 +6,7 @@ Two deployments:
   per-member rate limit, resolves `name@alias` to a registered version (re-resolved every few
   seconds, so moving an alias moves traffic without a restart; `name/version` stays pinned),
   and meters every call in batches (serving never waits on the database). While the database
-  or MLflow is away, what was looked up recently stands in (serving/recent.py), and MLflow
+  or MLflow is away, what was looked up recently stands in (platform/recent.py), and MLflow
   requests are bounded (`registry_timeout_s`), so no member's call hangs on them. `POST /v1/feedback`
   stores a member's rating of a prediction by its request id.
 - `ModelPool`: loads registered models by resolved version, several per replica
@@ -33,7 +33,7 @@ from starlette.datastructures import Headers
 from indai.platform.config import Strict
 from indai.platform.errors import UserError
 from indai.platform.modalities import MAX_REQUEST_PIXELS, check_request_pixels
-from indai.serving.recent import Recent, SourceAway
+from indai.platform.recent import Recent, SourceAway
 from indai.serving.schemas import (ErrorResponse, FeedbackRequest, FeedbackResponse, ModelInfo, ModelListing, PredictRequest,
                                    PredictResponse)
 
@@ -341,14 +341,14 @@ class Ingress:
         self.pool = pool
         self.args = ServeArgs.model_validate(args)
         self.eng = db.engine(self.args.db_url or db.database_url())
-        self.tokens = tenancy.TokenCache(self.eng, recheck_s=self.args.token_recheck_s, grace_s=self.args.db_grace_s)
+        # what each call looks up, kept for a few seconds and standing in while its source is away (platform/recent.py)
+        said = lambda line: print(f"[indai] {line}", file=sys.stderr, flush=True)  # noqa: E731 (the replica's log)
+        self.tokens = tenancy.TokenCache(self.eng, recheck_s=self.args.token_recheck_s, grace_s=self.args.db_grace_s, log=said)
         self.meter = Meter(self.eng, flush_s=self.args.meter_flush_s)
         self.limits = RateLimiter(self.args.rate_per_s, self.args.burst)
-        # what each call looks up, kept for resolve_ttl_s and standing in while its source is away (serving/recent.py)
-        said = lambda line: print(f"[indai] {line}", file=sys.stderr, flush=True)  # noqa: E731 (the replica's log)
-        self.rules = Recent(self._lookup_rule, self.args.resolve_ttl_s, self.args.db_grace_s, log=said)
-        self.versions = Recent(self._lookup_version, self.args.resolve_ttl_s, self.args.registry_grace_s, log=said)
-        self.names = Recent(self._lookup_names, self.args.resolve_ttl_s, self.args.registry_grace_s, log=said)
+        self.rules = Recent(lambda name, _: self._lookup_rule(name), self.args.resolve_ttl_s, self.args.db_grace_s, log=said)
+        self.versions = Recent(lambda text, _: self._lookup_version(text), self.args.resolve_ttl_s, self.args.registry_grace_s, log=said)
+        self.names = Recent(lambda _all, _: self._lookup_names(), self.args.resolve_ttl_s, self.args.registry_grace_s, log=said)
         self.pool_retries = 0  # calls sent again because the pool replica that had them died
 
     # -- who is asking, may they, which version -----------------------------------------
@@ -380,6 +380,7 @@ class Ingress:
         from sqlalchemy.exc import SQLAlchemyError
         from sqlalchemy.orm import Session
 
+        from indai.platform import db
         from indai.platform.db import ModelAccess
         from indai.platform.registry import client
 
@@ -387,8 +388,7 @@ class Ingress:
             with Session(self.eng) as s:
                 row = s.get(ModelAccess, name)
         except SQLAlchemyError as e:
-            said = str(getattr(e, "orig", None) or e).splitlines()[0][:200]
-            raise SourceAway("the platform database is unavailable: retry later", f"the platform database: {said}") from None
+            raise db.unavailable(e) from None
         if row:
             return {"owner": row.owner_member_id, "visibility": row.visibility, "process": row.process,
                     "shared_with": {m for m in row.shared_with.split(",") if m}}
@@ -435,7 +435,7 @@ class Ingress:
             raise Refused(404, f"model {ref.name} has no alias {ref.alias} in the registry: GET /v1/models lists the models "
                                "you may call, and the model's owner can tell its aliases") from None
 
-    def _lookup_names(self, _all: str) -> list[str]:
+    def _lookup_names(self) -> list[str]:
         from mlflow.exceptions import MlflowException
 
         from indai.platform.registry import client
@@ -481,7 +481,7 @@ class Ingress:
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok", "metering": self.meter.stats(), "pool_retries": self.pool_retries,
-                "lookups": {"access": self.rules.stats(), "versions": self.versions.stats(), "models": self.names.stats()}}
+                "lookups": {"tokens": self.tokens.stats(), "access": self.rules.stats(), "versions": self.versions.stats(), "models": self.names.stats()}}
 
     @api.get("/v1/models", response_model=ModelListing, responses={401: {"model": ErrorResponse}})
     async def models(self, request: Request):

@@ -296,9 +296,9 @@ def test_serves_build_waits_while_mlflow_refuses_its_user_then_finds_the_model(a
     import types
 
     from indai.serving.app import Ingress, Refused, ServeArgs
-    from indai.serving.recent import Recent
+    from indai.platform.recent import Recent
     ingress = types.SimpleNamespace(args=ServeArgs(mlflow_uri=uri))
-    ingress.versions = Recent(lambda text: Ingress.func_or_class._lookup_version(ingress, text), fresh_s=2, grace_s=300)
+    ingress.versions = Recent(lambda text, _: Ingress.func_or_class._lookup_version(ingress, text), fresh_s=2, grace_s=300)
     with pytest.raises(Refused) as refused:
         Ingress.func_or_class._version(ingress, "auth-cwru@champion")
     assert refused.value.status == 503 and "indai-serve-late" not in refused.value.detail

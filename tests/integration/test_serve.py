@@ -601,10 +601,12 @@ def test_the_serve_controller_and_the_http_proxy_killed_under_load(served, test_
         if target == "ServeController":
             assert failed == [], failed[:5]
         else:
-            # no answer while the port is closed; a new proxy that has not yet got the route table
-            # from the controller answers 404 for a moment (seen once in 4 runs, with the 10 s period)
-            assert failed and all(s.status in (0, 404) and killed_at - 0.5 <= s.sent_s <= killed_at + back_s for s in failed), \
-                failed[:5]
+            # no answer while the port is closed, nor for the calls the proxy held when it was killed
+            # (sent before the kill, still open at it: up to 0.7 s before on this busy machine); a new
+            # proxy that has not yet got the route table from the controller answers 404 for a moment
+            # (seen once in 4 runs, with the 10 s period)
+            assert failed and all(s.status in (0, 404) and s.done_s >= killed_at - 0.1 and s.sent_s <= killed_at + back_s
+                                  for s in failed), failed[:5]
         assert [s for s in load.sent if s.sent_s > killed_at + back_s and s.status != 200] == []
 
 
@@ -721,7 +723,7 @@ def test_the_ingress_serves_while_the_database_is_down_and_meters_every_call_onc
 def test_the_ingress_serves_while_the_registry_hangs(served, test_windows, members, services, trained_model):
     """The MLflow server frozen for 15 s (SIGSTOP on its process group: connections are taken,
     nothing is answered) under a steady load of 5 requests a second on it-cwru@champion. The
-    alias resolved before stands in (serving/recent.py), so every request is answered 200; a
+    alias resolved before stands in (platform/recent.py), so every request is answered 200; a
     version never loaded and an alias never resolved get 503 with Retry-After, after one bounded
     wait (registry_timeout_s, 5 s), not after MLflow's own 120 s and 7 retries; the model list
     seen before is still listed. Thawed, the new version loads and the unknown alias is a 404 that

@@ -6,6 +6,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
+from waiting import wait
 
 from indai.platform import db, tenancy
 from indai.platform.errors import UserError
@@ -169,7 +170,8 @@ def test_gateway_answers_503_while_the_database_is_down_and_recovers(postgres):
 def test_token_cache_rechecks_and_rides_out_a_database_restart(postgres):
     """The serving ingress's verifier: a revocation is seen at the next re-check; while the
     database is down a recently verified token keeps working and an unseen one is refused
-    with DatabaseDown (503), not with 'unknown token'."""
+    with DatabaseDown (503), not with 'unknown token'; just after the database is back, the
+    first call is answered from the cache while its re-check runs."""
     import time
 
     e = db.engine(postgres.new_database("t_cache"))
@@ -185,10 +187,22 @@ def test_token_cache_rechecks_and_rides_out_a_database_restart(postgres):
         assert cache.verify(token).user == "kim"  # within the grace period
         with pytest.raises(tenancy.DatabaseDown):
             cache.verify(other)
+        assert cache.stats()["away"] and cache.stats()["stale_answers"] == 1
     finally:
         postgres.start()
     tenancy.revoke_token(e, tid)
     time.sleep(0.3)
+    # the database is back, but nothing has told the cache yet: the first call is answered from it
+    # while its re-check runs in the background, and that re-check finds the revocation
+    assert cache.verify(token).user == "kim" and cache.stats()["stale_answers"] == 2
+    wait("the background re-check", lambda: not cache.stats()["away"], timeout=30, interval=0.05)
     with pytest.raises(AuthError, match="revoked"):
         cache.verify(token)
+    # while the database is up, a revocation is seen at the first call after recheck_s
+    third_id, third = tenancy.create_token(e, "kim")
+    assert cache.verify(third).user == "kim"
+    tenancy.revoke_token(e, third_id)
+    time.sleep(0.3)
+    with pytest.raises(AuthError, match="revoked"):
+        cache.verify(third)
     e.dispose()

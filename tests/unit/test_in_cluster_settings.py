@@ -57,3 +57,32 @@ def test_inside_a_pod_member_keys_come_from_the_mounted_secret(monkeypatch, tmp_
     assert not (mounted / "ship-c.key").exists()
     with pytest.raises(UserError, match="does not hold a de-identification key"):
         member_secret("auto-b")
+
+
+@pytest.mark.timeout(120, func_only=True)  # (without the connect timeout this would wait for minutes)
+def test_a_database_that_takes_the_connection_and_never_answers_is_given_up_on():
+    """A PostgreSQL URL whose host accepts TCP and then says nothing (a hung server; a partition
+    whose SYNs are dropped waits as long): the engine's connect fails with libpq's connect timeout,
+    instead of holding the caller (a member's call in the ingress) for the kernel's minutes."""
+    import socket
+    import threading
+    import time
+
+    from sqlalchemy.exc import OperationalError
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(silent.accept()[0]), daemon=True).start()
+    eng = db.engine(f"postgresql+psycopg://indai:secret@127.0.0.1:{silent.getsockname()[1]}/indai")
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(OperationalError, match="timeout expired"):
+            with eng.connect():
+                pass
+        assert held, "the connection never reached the silent server"
+        assert time.monotonic() - t0 >= db.CONNECT_TIMEOUT_S - 1  # (it waited for the server, as it should, then gave up)
+    finally:
+        eng.dispose()
+        silent.close()

@@ -1,4 +1,4 @@
-"""serving/recent.py: what the ingress answers from its recent lookups, and while their source is away.
+"""platform/recent.py: what the ingress answers from its recent lookups, and while their source is away.
 
 A hand-moved clock and a lookup whose source can be switched off or held: fresh answers are
 reused, a change is seen by the first call after `fresh_s`, an outage is met by one call and then
@@ -9,7 +9,7 @@ import threading
 import pytest
 from waiting import wait
 
-from indai.serving.recent import Recent, SourceAway
+from indai.platform.recent import Recent, SourceAway
 
 
 class Source:
@@ -17,12 +17,13 @@ class Source:
     each call can be held at `gate`. Counts its calls and the threads that made them."""
 
     def __init__(self, values: dict):
-        self.values, self.up, self.calls, self.threads = dict(values), True, [], []
+        self.values, self.up, self.calls, self.threads, self.kept = dict(values), True, [], [], []
         self.gate = threading.Event()
         self.gate.set()
 
-    def __call__(self, key):
+    def __call__(self, key, kept=None):
         self.calls.append(key)
+        self.kept.append(kept)
         self.threads.append(threading.current_thread().name)
         assert self.gate.wait(30)
         if not self.up:
@@ -53,6 +54,7 @@ def test_answers_are_reused_while_fresh_and_a_change_is_seen_by_the_first_call_a
     clock.t += 0.2
     assert recent.get("a@champion") == 2 and len(source.calls) == 2
     assert source.threads[-1] == threading.current_thread().name  # the call itself looked it up
+    assert source.kept == [None, 1]  # a re-check is handed the answer kept (a token's re-check reads its principal)
     assert recent.stats() == {"away": False, "stale_answers": 0, "failed_lookups": 0, "kept": 1} and said == []
 
 
@@ -150,6 +152,16 @@ def test_calls_while_a_key_is_looked_up_get_the_kept_answer_at_once(parts):
     source.gate.set()
     slow.join(10)
     assert got == [2] and recent.get("a@champion") == 2 and recent.stats()["stale_answers"] == 20
+
+
+def test_a_key_with_nothing_kept_is_looked_up_by_the_calls_own_first_lookup(parts):
+    """A token's first check needs the token itself, which is never kept: the call names that lookup."""
+    source, clock, said, recent = parts
+    assert recent.get("c@champion", first=lambda: 11) == 11 and source.calls == []
+    source.values["c@champion"] = 13
+    clock.t += 3
+    assert recent.get("c@champion", first=lambda: pytest.fail("the first lookup used for a key with an answer kept")) == 13
+    assert source.calls == ["c@champion"] and source.kept == [11]
 
 
 def test_the_kept_answers_are_bounded():

@@ -1,8 +1,8 @@
-"""Answers the serving ingress looked up recently, and what it answers while their source is away.
+"""Answers looked up recently, and what is answered while their source is away.
 
-The ingress looks up, for each call, the model's access rule (platform database, or the model's
-registry tags), the version an alias points at, and for `GET /v1/models` the registered names.
-`Recent` keeps each answer for `fresh_s` seconds, so that a change (a share, an alias moved) is
+The serving ingress looks up, for each call, the caller's token (`tenancy.TokenCache`), the
+model's access rule (platform database, or the model's registry tags), the version an alias
+points at, and for `GET /v1/models` the registered names. `Recent` keeps each answer for `fresh_s` seconds, so that a change (a share, an alias moved) is
 seen by the first call after that. When a lookup fails because its source is away (`SourceAway`:
 the database or MLflow unreachable, timing out, answering 5xx, or refusing the service's own
 credentials), the answer seen last stands in for up to `grace_s` seconds after it was last
@@ -34,7 +34,11 @@ class SourceAway(Exception):
 
 
 class Recent(Generic[K, V]):
-    def __init__(self, lookup: Callable[[K], V], fresh_s: float, grace_s: float, size: int = 10_000,
+    """`lookup(key, kept)` looks the key up again; `kept` is the answer kept for it, if any (a
+    token's re-check reads the principal verified before). `get(key, first)` may name the lookup
+    of a key with nothing kept (a token's first check needs the token, which is not kept)."""
+
+    def __init__(self, lookup: Callable[[K, V | None], V], fresh_s: float, grace_s: float, size: int = 10_000,
                  clock: Callable[[], float] = time.monotonic, workers: int = 2, log: Callable[[str], None] = lambda line: None):
         self._lookup, self.fresh_s, self.grace_s, self.size, self._clock = lookup, fresh_s, grace_s, size, clock
         self._log = log
@@ -50,7 +54,7 @@ class Recent(Generic[K, V]):
         return {"away": self.away_since is not None, "stale_answers": self.stale_answers,
                 "failed_lookups": self.failed_lookups, "kept": len(self._kept)}
 
-    def get(self, key: K) -> V:
+    def get(self, key: K, first: Callable[[], V] | None = None) -> V:
         now = self._clock()
         with self._lock:
             hit = self._kept.get(key)
@@ -63,11 +67,11 @@ class Recent(Generic[K, V]):
                 self.stale_answers += 1
                 if key not in self._running:
                     self._running.add(key)
-                    self._background.submit(self._refresh, key)
+                    self._background.submit(self._refresh, key, hit[0])
                 return hit[0]
             self._running.add(key)
         try:
-            return self._fetch(key)
+            return self._fetch(key, hit[0] if hit else None, first)
         except SourceAway:
             if usable:
                 with self._lock:
@@ -78,9 +82,9 @@ class Recent(Generic[K, V]):
             with self._lock:
                 self._running.discard(key)
 
-    def _fetch(self, key: K) -> V:
+    def _fetch(self, key: K, kept: V | None, first: Callable[[], V] | None = None) -> V:
         try:
-            value = self._lookup(key)
+            value = first() if kept is None and first is not None else self._lookup(key, kept)
         except SourceAway as e:
             with self._lock:
                 self.failed_lookups += 1
@@ -109,9 +113,9 @@ class Recent(Generic[K, V]):
         if since is not None:
             self._log(f"the source is back after {self._clock() - since:.1f} s")
 
-    def _refresh(self, key: K) -> None:
+    def _refresh(self, key: K, kept: V) -> None:
         try:
-            self._fetch(key)
+            self._fetch(key, kept)
         except Exception:  # SourceAway: the kept answer stands; anything else dropped it, and the next call meets it
             pass
         finally:
