@@ -2,15 +2,17 @@
 
 The serving ingress looks up, for each call, the caller's token (`tenancy.TokenCache`), the
 model's access rule (platform database, or the model's registry tags), the version an alias
-points at, and for `GET /v1/models` the registered names. `Recent` keeps each answer for `fresh_s` seconds, so that a change (a share, an alias moved) is
-seen by the first call after that. When a lookup fails because its source is away (`SourceAway`:
-the database or MLflow unreachable, timing out, answering 5xx, or refusing the service's own
-credentials), the answer seen last stands in for up to `grace_s` seconds after it was last
-confirmed, and from then on the lookups of answers it holds run in the background: one member's
-call, not every call, meets the outage, and only while the source is known to be up does a call
-wait for a lookup. A key with no answer to stand in raises `SourceAway` (the ingress's 503 with
-Retry-After). Any other failure of a lookup (no such alias, say) is the caller's answer and drops
-what was kept for the key.
+points at, and for `GET /v1/models` the registered names. `Recent` keeps each answer for
+`fresh_s` seconds, so that a change (a share, an alias moved) is seen by the first call after
+that. When a lookup fails because its source is away (`SourceAway`: the database or MLflow
+unreachable, timing out, answering 5xx, or refusing the service's own credentials), the answer
+seen last stands in for up to `grace_s` seconds after it was last confirmed, and from then on
+the lookups of answers it holds run in the background: one member's call, not every call, meets
+the outage, and only while the source is known to be up does a call wait for a lookup. A key
+with no answer to stand in raises `SourceAway` (the ingress's 503 with Retry-After). Any other
+failure of a lookup (no such alias, say) is the caller's answer and drops what was kept for the
+key. The price: once the source is back, the first call of each kept answer is still answered
+from it while its lookup runs.
 """
 from __future__ import annotations
 
