@@ -231,15 +231,22 @@ REGISTRY_REFUSED = ("the model registry refused the serving service's credential
                     "if it lasts")
 
 
-def registry_away(e) -> SourceAway | None:
-    """An MlflowException that is not about the request (MLflow unreachable, timing out, 5xx, or
-    refusing the service's own credentials) as SourceAway; None for any other."""
-    from indai.platform.registry import short_cause, tracking_server_away
+def registry_away(e: Exception) -> SourceAway | None:
+    """A failure that is not about the request as SourceAway: MLflow unreachable, timing out,
+    answering 5xx, or refusing the service's own credentials, whether raw (an MlflowException)
+    or already named by indai.platform.registry (RegistryAway, RegistryRefused); None for any other."""
+    from mlflow.exceptions import MlflowException
 
-    refused = e.get_http_status_code() == 401
-    if not refused and not tracking_server_away(e):
+    from indai.platform.registry import RegistryAway, RegistryRefused, short_cause, tracking_server_away
+
+    raw = isinstance(e, MlflowException)
+    if isinstance(e, RegistryRefused) or (raw and e.get_http_status_code() == 401):
+        message = REGISTRY_REFUSED
+    elif isinstance(e, RegistryAway) or tracking_server_away(e):
+        message = REGISTRY_AWAY
+    else:
         return None
-    return SourceAway(REGISTRY_REFUSED if refused else REGISTRY_AWAY, f"MLflow: {short_cause(e)}")
+    return SourceAway(message, f"MLflow: {short_cause(e)}" if raw else str(e))
 
 
 def parsed_model_ref(text: str):
@@ -273,23 +280,19 @@ class ModelPool:
     async def _loaded(self, model_id: str):
         """(the model, None), or (None, {"error": ..., "status": ...}) when it cannot be loaded: 503
         while MLflow is away or refuses the pool's account, 404 for a version that is not there."""
-        from mlflow.exceptions import MlflowException
-
-        from indai.platform.registry import ModelMissing, RegistryAway, RegistryRefused
+        from indai.platform.registry import ModelMissing
 
         try:
             return await self.get_model(model_id), None
-        except (RegistryAway, RegistryRefused) as e:
-            print(f"[indai] loading {model_id}: {e}", file=sys.stderr, flush=True)
-            return None, {"error": REGISTRY_REFUSED if isinstance(e, RegistryRefused) else REGISTRY_AWAY, "status": 503}
-        except MlflowException as e:  # the files' download
-            if registry_away(e) is None:
-                raise
-            return None, {"error": REGISTRY_AWAY, "status": 503}
         except ModelMissing:
             name, _, version = model_id.rpartition("/")
             return None, {"error": f"model {name} has no version {version} in the registry: GET /v1/models lists the models "
                                    "you may call", "status": 404}
+        except Exception as e:  # the version's lookup, or its files' download
+            if (away := registry_away(e)) is None:
+                raise
+            print(f"[indai] loading {model_id}: {away.detail}", file=sys.stderr, flush=True)
+            return None, {"error": str(away), "status": 503}
 
     async def card(self) -> dict:
         """The model's card, or {"error": ..., "status": ...}."""
@@ -430,7 +433,7 @@ class Ingress:
         try:
             return int(resolve_version(self.args.mlflow_uri, ref).version)
         except (RegistryRefused, RegistryAway) as e:  # the details for the admin's log; the member gets none
-            raise SourceAway(REGISTRY_REFUSED if isinstance(e, RegistryRefused) else REGISTRY_AWAY, str(e)) from None
+            raise registry_away(e) from None
         except ModelMissing:  # (resolve_version's text names the registry's address and account: not for members)
             raise Refused(404, f"model {ref.name} has no alias {ref.alias} in the registry: GET /v1/models lists the models "
                                "you may call, and the model's owner can tell its aliases") from None
@@ -481,7 +484,8 @@ class Ingress:
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok", "metering": self.meter.stats(), "pool_retries": self.pool_retries,
-                "lookups": {"tokens": self.tokens.stats(), "access": self.rules.stats(), "versions": self.versions.stats(), "models": self.names.stats()}}
+                "lookups": {"tokens": self.tokens.stats(), "access": self.rules.stats(), "versions": self.versions.stats(),
+                            "models": self.names.stats()}}
 
     @api.get("/v1/models", response_model=ModelListing, responses={401: {"model": ErrorResponse}})
     async def models(self, request: Request):
