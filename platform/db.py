@@ -6,11 +6,14 @@ by Alembic migrations in `platform/migrations/`, applied by `upgrade()` before u
 """
 from __future__ import annotations
 
+import functools
 import os
+from contextlib import contextmanager
 from datetime import date, datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import Boolean, Date, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine
+from sqlalchemy import (Boolean, Date, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
+                        event)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -121,18 +124,97 @@ def database_url() -> str:
 
 
 CONNECT_TIMEOUT_S = 10
+QUERY_TIMEOUT_S = 30.0  # INDAI_DB_QUERY_TIMEOUT_S
 
 
-def engine(url: str | None = None) -> Engine:
+def default_query_timeout_s() -> float:
+    """INDAI_DB_QUERY_TIMEOUT_S (seconds, 1-3600), else QUERY_TIMEOUT_S."""
+    raw = os.environ.get("INDAI_DB_QUERY_TIMEOUT_S", "").strip()
+    if not raw:
+        return QUERY_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 1 <= value <= 3600:
+        raise UserError(f"INDAI_DB_QUERY_TIMEOUT_S={raw[:20]!r} is not a number of seconds from 1 to 3600: it bounds each "
+                        f"database operation (default {QUERY_TIMEOUT_S:g}); unset it or give such a number")
+    return value
+
+
+@functools.cache
+def _bounded_connection_class():
+    """psycopg's Connection with a deadline on every operation it waits for (a statement, its
+    results, a commit, a rollback, the pool's ping): all of them go through `Connection.wait`.
+
+    libpq has no client-side query timeout, and a server that stops answering in the middle of a
+    statement (a frozen process, a disk that hangs, a VM paused) still has its kernel acknowledge
+    every packet, so neither TCP keepalives nor `tcp_user_timeout` end the wait: the caller (a
+    gateway worker thread, a member's first call) would wait until the server came back, and
+    once every thread waited, everything did. Past the deadline the connection is closed (the
+    protocol state is unknown) and the operation fails with OperationalError; SQLAlchemy sees a
+    closed connection and drops it from the pool, so the next checkout opens a new one.
+    `deadline_s = None` waits without a limit (schema migrations, `unbounded`)."""
+    import psycopg
+    from psycopg import errors as pg_errors
+
+    class BoundedConnection(psycopg.Connection):
+        deadline_s: float | None = QUERY_TIMEOUT_S
+
+        def wait(self, gen, interval=0.1, timeout=None):
+            limit = self.deadline_s
+            if limit is None or (timeout is not None and timeout <= limit):
+                return super().wait(gen, interval, timeout)
+            try:
+                return super().wait(gen, interval, limit)
+            except pg_errors._WaitTimeout:
+                self.pgconn.finish()
+                raise psycopg.OperationalError(
+                    f"the database server did not answer within {limit:g} s; this connection was closed") from None
+
+    return BoundedConnection
+
+
+def engine(url: str | None = None, query_timeout_s: float | None = None) -> Engine:
+    """The platform database's engine. On PostgreSQL each connection attempt gives up after
+    CONNECT_TIMEOUT_S, and with psycopg (`postgresql+psycopg://`, the one driver installed) each
+    operation on a connection after `query_timeout_s` (default INDAI_DB_QUERY_TIMEOUT_S or
+    QUERY_TIMEOUT_S; `_bounded_connection_class` says why)."""
     url = url or database_url()
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     elif not url.startswith("postgresql"):
         raise UserError(f"database URL {url.split(':', 1)[0]}:... is not supported: use sqlite:///path or postgresql+psycopg://...")
+    if not url.startswith("postgresql"):
+        return create_engine(url, pool_pre_ping=True)
     # a database host that takes the connection and never answers (a partition, a hung server)
     # would hold each caller for the kernel's minutes; libpq gives up after connect_timeout
-    connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} if url.startswith("postgresql") else {}
-    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+    eng = create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+    if eng.dialect.driver == "psycopg":
+        bounded = _bounded_connection_class()
+        limit = query_timeout_s if query_timeout_s is not None else default_query_timeout_s()
+
+        @event.listens_for(eng, "do_connect")
+        def _connect(dialect, conn_rec, cargs, cparams):
+            conn = bounded.connect(*cargs, **cparams)
+            conn.deadline_s = limit
+            return conn
+    return eng
+
+
+@contextmanager
+def unbounded(conn):
+    """Lift the per-operation deadline of `conn` (a SQLAlchemy Connection) for a block whose
+    statements may rightly run long (a schema migration), and put it back after."""
+    raw = conn.connection.dbapi_connection
+    saved = getattr(raw, "deadline_s", None)
+    if saved is not None:
+        raw.deadline_s = None
+    try:
+        yield conn
+    finally:
+        if saved is not None:
+            raw.deadline_s = saved
 
 
 def unavailable(e: Exception):
@@ -151,7 +233,7 @@ def upgrade(eng: Engine) -> None:
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    with eng.begin() as conn:
+    with eng.begin() as conn, unbounded(conn):
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 

@@ -79,6 +79,9 @@ class ServeArgs(Strict):
     token_recheck_s: float = Field(default=2.0, ge=0, le=300, description="a revoked token is refused within this time")
     db_grace_s: float = Field(default=300.0, ge=0, le=3600, description="while the platform database is unreachable, tokens and "
                                                                         "access rules checked less than this long ago keep working")
+    db_timeout_s: float = Field(default=5.0, ge=1, le=300, description="seconds the ingress waits for one answer from the "
+                                "platform database (a token's first check, an access rule, a batch of metered calls) before it "
+                                "gives that connection up; a server that stops answering mid-statement would otherwise hold them")
     meter_flush_s: float = Field(default=1.0, gt=0, le=60)
 
 
@@ -343,7 +346,7 @@ class Ingress:
 
         self.pool = pool
         self.args = ServeArgs.model_validate(args)
-        self.eng = db.engine(self.args.db_url or db.database_url())
+        self.eng = db.engine(self.args.db_url or db.database_url(), query_timeout_s=self.args.db_timeout_s)
         # what each call looks up, kept for a few seconds and standing in while its source is away (platform/recent.py)
         said = lambda line: print(f"[indai] {line}", file=sys.stderr, flush=True)  # noqa: E731 (the replica's log)
         self.tokens = tenancy.TokenCache(self.eng, recheck_s=self.args.token_recheck_s, grace_s=self.args.db_grace_s, log=said)

@@ -7,9 +7,11 @@ import glob
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -70,6 +72,22 @@ class PostgresServer:
     def stop(self) -> None:
         """Stop the server (fault tests); `start` brings it back with the same data."""
         self._run(str(pg_bin() / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")
+
+    @contextmanager
+    def frozen(self):
+        """The server stopped in its tracks (SIGSTOP to the postmaster and every backend): it takes
+        connections and statements and answers none, as a server whose disk hangs or whose VM is
+        paused does, while the kernel still acknowledges every packet. SIGCONT at the end."""
+        postmaster = int((self.dir / "data" / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(postmaster)], capture_output=True, text=True).stdout
+        pids = [postmaster, *(int(x) for x in children.split())]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield pids
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
 
     def start(self) -> None:
         self._run(str(pg_bin() / "pg_ctl"), "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w", "-t", "60", "start",

@@ -206,3 +206,78 @@ def test_token_cache_rechecks_and_rides_out_a_database_restart(postgres):
     with pytest.raises(AuthError, match="revoked"):
         cache.verify(third)
     e.dispose()
+
+
+def test_a_database_that_stops_answering_mid_statement_is_given_up_on(postgres, monkeypatch):
+    """libpq has no client-side query timeout, and a frozen server's kernel still acknowledges
+    every packet. Each operation on a PostgreSQL connection is bounded (db.engine's
+    `query_timeout_s`): a statement past it fails with a clear OperationalError and its connection
+    is dropped, the next statement on a live server runs on a new one, and a migration may run
+    longer (db.unbounded)."""
+    import time
+
+    from sqlalchemy.exc import OperationalError
+
+    monkeypatch.setattr(db, "CONNECT_TIMEOUT_S", 3)  # read when the engine is made
+    e = db.engine(postgres.new_database("t_slow"), query_timeout_s=1.5)
+    db.upgrade(e)
+    t0 = time.monotonic()
+    with pytest.raises(OperationalError, match=r"did not answer within 1.5 s"):
+        with e.connect() as c:
+            c.execute(text("SELECT pg_sleep(20)"))
+    assert 1.4 < time.monotonic() - t0 < 6
+    with e.connect() as c:  # the pool gave up that connection: a new one answers at once
+        assert c.execute(text("SELECT 41 + 1")).scalar() == 42
+        with db.unbounded(c):  # a migration's statement may take longer than the bound
+            c.execute(text("SELECT pg_sleep(2)"))
+        t0 = time.monotonic()
+        with pytest.raises(OperationalError, match="did not answer"):  # and the bound is back after it
+            c.execute(text("SELECT pg_sleep(20)"))
+        assert time.monotonic() - t0 < 6
+
+    seed(e)
+    _, token = tenancy.create_token(e, "kim")
+    cache = tenancy.TokenCache(e, recheck_s=0.2, grace_s=60)
+    with postgres.frozen():
+        t0 = time.monotonic()
+        with pytest.raises(OperationalError):  # ping 1.5 s, then a new connection's 3 s
+            tenancy.verify(e, token)
+        with pytest.raises(tenancy.DatabaseDown):  # the ingress's first check of a token
+            cache.verify(token)
+        assert time.monotonic() - t0 < 2 * (1.5 + 3) + 4
+    assert tenancy.verify(e, token).user == "kim"
+    e.dispose()
+
+
+def test_gateway_answers_503_while_the_database_is_frozen(postgres, monkeypatch):
+    """A frozen PostgreSQL under a running gateway: each call gets 503 within the bounds (a
+    statement's, then a new connection's), also with more calls in flight than the gateway has
+    worker threads, and the gateway answers again at once when the server does."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+    from servers import app_server
+
+    from indai.platform.gateway import build_gateway
+
+    monkeypatch.setattr(db, "CONNECT_TIMEOUT_S", 2)
+    e = db.engine(postgres.new_database("t_frozen"), query_timeout_s=2)
+    db.upgrade(e)
+    seed(e)
+    _, token = tenancy.create_token(e, "kim")
+    auth = {"Authorization": f"Bearer {token}"}
+    with app_server(build_gateway("http://127.0.0.1:9", e)) as url:
+        who = lambda _=None: requests.get(f"{url}/api/indai/whoami", headers=auth, timeout=60)  # noqa: E731
+        assert who().status_code == 200
+        with postgres.frozen():
+            t0 = time.monotonic()
+            with ThreadPoolExecutor(16) as pool:
+                answers = list(pool.map(who, range(16)))
+            took = time.monotonic() - t0
+        assert [r.status_code for r in answers] == [503] * 16
+        assert "database is unavailable" in answers[0].json()["detail"]
+        assert took < 45, f"16 calls took {took:.0f} s"
+        t0 = time.monotonic()
+        assert who().json()["user"] == "kim" and time.monotonic() - t0 < 5
+    e.dispose()

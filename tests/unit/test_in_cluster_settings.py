@@ -86,3 +86,20 @@ def test_a_database_that_takes_the_connection_and_never_answers_is_given_up_on()
     finally:
         eng.dispose()
         silent.close()
+
+
+def test_the_database_query_timeout_setting_is_checked(monkeypatch, tmp_path):
+    """INDAI_DB_QUERY_TIMEOUT_S bounds every database operation; a value that is not a number of
+    seconds from 1 to 3600 is refused with the variable's name, not taken as no bound."""
+    monkeypatch.delenv("INDAI_DB_QUERY_TIMEOUT_S", raising=False)
+    assert db.default_query_timeout_s() == db.QUERY_TIMEOUT_S == 30
+    monkeypatch.setenv("INDAI_DB_QUERY_TIMEOUT_S", "7.5")
+    assert db.default_query_timeout_s() == 7.5
+    for bad in ("0", "-3", "nan", "inf", "9999", "30s", "1e400"):
+        monkeypatch.setenv("INDAI_DB_QUERY_TIMEOUT_S", bad)
+        with pytest.raises(UserError, match="INDAI_DB_QUERY_TIMEOUT_S=.* is not a number of seconds from 1 to 3600"):
+            db.default_query_timeout_s()
+    # a bad value stops the engine from being made (a gateway's or replica's start), not a later call
+    with pytest.raises(UserError, match="INDAI_DB_QUERY_TIMEOUT_S"):
+        db.engine("postgresql+psycopg://indai:secret@127.0.0.1:9/indai")
+    db.engine(f"sqlite:///{tmp_path / 'p.db'}").dispose()  # SQLite has no server to wait for: not read
