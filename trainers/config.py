@@ -103,6 +103,10 @@ class RunConfig(Strict):
     seed: int = 0
     log_every: int = Field(default=25, ge=1, description="steps between metric batches sent to MLflow")
     progress: bool = True
+    ray_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="WARNING", description="the least severe of Ray Train's own messages shown in the output (launcher ray): "
+                                       "INFO adds the resources requested, the worker group's start and each report, as Ray prints "
+                                       "them by default (Ray's session folder keeps its own under logs/train/ at any level)")
     compile: bool = Field(default=False, description="torch.compile the model inside the engine (pays on GPU for long runs; "
                                                      "the first steps compile). The report writer compiles by regions: "
                                                      "each decoder layer and prefix encoder")

@@ -262,7 +262,7 @@ def run_workers(cfg: TrainConfig, settings: Settings, manifest: dict | None = No
 
 
 def _fit(cfg: TrainConfig, settings: Settings, manifest: dict | None, loop, loader: str, config: dict) -> None:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     streams = {}
@@ -288,6 +288,9 @@ def _fit(cfg: TrainConfig, settings: Settings, manifest: dict | None, loop, load
                                          resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
             run_config=RunConfig(name=cfg.run.name, storage_path=str(settings.home / "ray_results"),
                                  failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                                 # Ray Train's INFO lines (resources requested, each report as a dict) would fill the
+                                 # user's output between indai's own progress and lines
+                                 logging_config=LoggingConfig(log_level=cfg.run.ray_log_level),
                                  # Ray Train's print patch both prints a worker's stderr line and logs it,
                                  # and Ray relays both: every line of the loop reached the user twice
                                  worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **board_env}}),

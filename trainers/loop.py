@@ -58,6 +58,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ray_train_reports_at(level: str) -> None:
+    """Ray Train 2.60 logs each `ray.train.report` of a worker ("Reporting training result N:
+    TrainingReport(...)", every epoch, every rank) through `logging.getLogger(__file__)`: a logger
+    named by a path, outside `ray.train`, which Ray Train's own level (RunConfig.logging_config,
+    set from run.ray_log_level) does not reach. Give that logger the same level."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(level)
+
+
 def setup_distributed(cfg: TrainConfig) -> Dist:
     """Ray Train has already made the process group; a plain launch makes it here."""
     cuda = cfg.run.use_gpu and torch.cuda.is_available()
@@ -66,6 +80,7 @@ def setup_distributed(cfg: TrainConfig) -> Dist:
 
         ctx = ray.train.get_context()
         rank, world, local = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+        _ray_train_reports_at(cfg.run.ray_log_level)
     elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: its rendezvous (env://)
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
         if not dist.is_initialized():
