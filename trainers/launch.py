@@ -295,6 +295,10 @@ def _fit(cfg: TrainConfig, settings: Settings, manifest: dict | None, loop, load
                                  # and Ray relays both: every line of the loop reached the user twice
                                  worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **board_env}}),
         )
+        # indai's loop checkpoints on its own schedule and reads no preemption notice, so Ray Train's
+        # preemption watcher would only poll for node drains; its actor also logs an ERROR line from
+        # Ray's core worker in every run. The controller takes the setting from this process.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         trainer.fit()
 
 
