@@ -221,8 +221,8 @@ def build_engine(model: torch.nn.Module, cfg, d, lr_lambda: Callable[[int], floa
     regional = cfg.run.compile and compile_regions(model)  # None: the engine compiles the whole model
     if choice.uses_deepspeed:
         use_the_environments_ninja()  # before DeepSpeed builds its ops
-        if not cuda:  # what DeepSpeed would pick, said up front: its detection warns "unable to detect" a GPU in every worker
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if not torch.cuda.is_available():  # what DeepSpeed's detection picks here, said up front: detecting,
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # it warns "unable to detect" a GPU in every worker
         import deepspeed
 
         config = deepspeed_config(cfg, cuda, choice)
