@@ -33,6 +33,12 @@ def pods(c, ns: str, selector: str) -> list[dict]:
     return json.loads(c.kubectl("get", "pods", "-n", ns, "-l", selector, "-o", "json").stdout)["items"]
 
 
+def evict(c, ns: str, pod: str):
+    """POST an Eviction for `pod`, as `kubectl drain` does: the API server checks its disruption budget."""
+    body = json.dumps({"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod, "namespace": ns}})
+    return c.kubectl("create", "--raw", f"/api/v1/namespaces/{ns}/pods/{pod}/eviction", "-f", "-", input=body, check=False)
+
+
 def node_pool(c, node: str) -> str:
     return json.loads(c.kubectl("get", "node", node, "-o", "json").stdout)["metadata"]["labels"]["indai.io/pool"]
 
@@ -359,6 +365,36 @@ def test_network_policies_keep_ray_ports_inside_the_release(k8s_cluster):
     assert holders - {"postgresql"} == {"gateway", "mlflow", "serve-head", "serve-worker"}
 
 
+def budgets_and_templates(c, *sets: str) -> tuple[dict, dict]:
+    args = [a for kv in sets for a in ("--set", kv)]
+    docs = [d for d in yaml.safe_load_all(c.helm("template", "indai", CHART, *args).stdout) if d]
+    parts = {labels["indai.io/component"]: (labels, spec) for d in docs for _, labels, spec in pod_templates(d)
+             if "indai.io/component" in labels}
+    return {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "PodDisruptionBudget"}, parts
+
+
+def test_parts_with_replicas_keep_one_through_a_drain(k8s_cluster):
+    """Where the gateway, MLflow or the serving workers run more than one replica, a disruption
+    budget lets a drain take one at a time (the serving workers' as minAvailable: their owner,
+    KubeRay's RayCluster, has no scale subresource), and it selects the pods of its own part and
+    no other; their pods spread over nodes. With one replica there is no budget to block a drain."""
+    c = k8s_cluster
+    budgets, templates = budgets_and_templates(c, "serve.enabled=true", "serve.workers.replicas=3", "gateway.enabled=true",
+                                               "gateway.replicas=2", "mlflow.replicas=2")
+    assert {n: {k: v for k, v in b.items() if k != "selector"} for n, b in budgets.items()} == {
+        "indai-gateway": {"maxUnavailable": 1}, "indai-mlflow": {"maxUnavailable": 1}, "indai-serve-worker": {"minAvailable": 2}}
+    for name, budget in budgets.items():
+        want = budget["selector"]["matchLabels"]
+        chosen = [part for part, (labels, _) in templates.items() if want.items() <= labels.items()]
+        assert chosen == [name.removeprefix("indai-")], (name, chosen)  # its own part's pods, nobody else's
+        spread = templates[chosen[0]][1]["topologySpreadConstraints"]
+        assert spread == [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+                           "labelSelector": {"matchLabels": want}}], name
+    assert {"serve-head", "ray-head", "postgresql", "minio"} <= templates.keys()  # the parts no budget covers were seen
+    budgets, _ = budgets_and_templates(c, "serve.enabled=true", "gateway.enabled=true")
+    assert budgets == {}  # one replica each: a budget would only block drains
+
+
 def test_restricted_namespace_rejects_privileged_pod(k8s_cluster):
     c = k8s_cluster
     ns = restricted_namespace(c, "psa-check")
@@ -489,7 +525,8 @@ def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
     c.kubectl("create", "secret", "generic", "indai-db", "-n", ns, "--from-literal=password=c")
     c.kubectl("create", "secret", "generic", "indai-member-keys", "-n", ns, f"--from-literal=steel-a.key={'ab' * 32}")
     c.helm("install", "auto", CHART, "-n", ns, "-f", CHART / "ci/external-values.yaml", "-f", CHART / "ci/gpu-autoscaling-values.yaml",
-           "--set", "ray.memberKeys.existingSecret=indai-member-keys", "--wait", "--timeout", "180s")
+           "--set", "ray.memberKeys.existingSecret=indai-member-keys", "--set", "gateway.replicas=2",
+           "--set", "serve.workers.replicas=2", "--wait", "--timeout", "180s")
     assert not json.loads(c.kubectl("get", "statefulsets,pvc", "-n", ns, "-o", "json").stdout)["items"]
     served = yaml.safe_load(json.loads(c.kubectl("get", "rayservice", "auto-indai-serve", "-n", ns, "-o", "json").stdout)["spec"]["serveConfigV2"])
     args = served["applications"][0]["args"]
@@ -523,9 +560,9 @@ def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
     # Serve's ingress replicas check tokens, access rules and metering in the platform database: on the
     # serving cluster, the same PostgreSQL as the gateway, never a pod-local SQLite file; and never on
     # the jobs' RayCluster, where researchers' code runs
-    serving = wait("serving head and worker", lambda: (s := [p for p in pods(c, ns, mine) if p["metadata"]["labels"].get("indai.io/component")
-                                                             in ("serve-head", "serve-worker") and p["status"].get("phase") == "Running"])
-                   and len(s) == 2 and s)
+    serving = wait("serving head and workers", lambda: (s := [p for p in pods(c, ns, mine) if p["metadata"]["labels"].get("indai.io/component")
+                                                              in ("serve-head", "serve-worker") and p["status"].get("phase") == "Running"])
+                   and len(s) == 3 and s)
     for p in serving:
         ray_env = {e["name"]: e for e in ray_container(p["spec"])["env"]}
         assert ray_env["INDAI_DB_URL"]["value"] == env["INDAI_DB_URL"]["value"] == \
@@ -553,6 +590,24 @@ def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
         assert not can(c, ns, "auto-indai-serve", verb, resource), (verb, resource)
         assert not can(c, ns, "auto-indai-gateway", verb, resource), (verb, resource)
         assert not can(c, ns, "auto-indai-mlflow", verb, resource), (verb, resource)
+
+    # a drain: the CPU nodes cordoned (so a replacement stays pending, as on a busy cluster), then
+    # evictions. The disruption controller counts each part's ready pods, and the API server lets one
+    # of two go and refuses the next while the first is not replaced
+    for part, budget in (("gateway", "auto-indai-gateway"), ("serve-worker", "auto-indai-serve-worker")):
+        status = wait(f"{budget} counted", lambda: (st := json.loads(c.kubectl("get", "pdb", budget, "-n", ns, "-o", "json").stdout)
+                                                    .get("status", {})).get("disruptionsAllowed") == 1 and st)
+        assert (status["expectedPods"], status["currentHealthy"]) == (2, 2), status
+    cpu_nodes = c.kubectl("get", "nodes", "-l", "indai.io/pool=cpu", "-o", "name").stdout.split()
+    c.kubectl("cordon", *cpu_nodes)
+    try:
+        for part in ("gateway", "serve-worker"):
+            first, second = [p["metadata"]["name"] for p in pods(c, ns, f"{mine},indai.io/component={part}")][:2]
+            assert evict(c, ns, first).returncode == 0
+            refused = evict(c, ns, second)
+            assert refused.returncode != 0 and "disruption budget" in refused.stderr, (part, refused.stdout, refused.stderr)
+    finally:
+        c.kubectl("uncordon", *cpu_nodes)
 
     c.helm("uninstall", "auto", "-n", ns, "--wait", "--timeout", "180s")
     left = json.loads(c.kubectl("get", "secret", "-n", ns, "-o", "json").stdout)["items"]

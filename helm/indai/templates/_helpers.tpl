@@ -22,6 +22,19 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 indai.io/platform: "true"
 {{- end -}}
 
+{{/* A part's replicas spread over nodes where the scheduler can (a preference, never a reason to
+leave a pod pending): with its disruption budget (availability/disruption-budgets.yaml), a node that
+is lost or drained takes at most one of them. Takes (dict "root" $ "component" "<name>"). */}}
+{{- define "indai.spread" -}}
+topologySpreadConstraints:
+  - maxSkew: 1
+    topologyKey: kubernetes.io/hostname
+    whenUnsatisfiable: ScheduleAnyway
+    labelSelector:
+      matchLabels: {{- include "indai.selector" .root | nindent 8 }}
+        indai.io/component: {{ .component }}
+{{- end -}}
+
 {{- define "indai.image" -}}
 {{ .repository }}:{{ .tag }}
 {{- end -}}

@@ -19,6 +19,9 @@ imagePullSecrets: {{- toYaml . | nindent 2 }}
 {{- end }}
 nodeSelector: {{- toYaml .group.nodeSelector | nindent 2 }}
 tolerations: {{- toYaml .group.tolerations | nindent 2 }}
+{{- if and .serving (not .head) }}
+{{ include "indai.spread" (dict "root" $ "component" "serve-worker") }}
+{{- end }}
 {{- $volumes := ternary "" (include "indai.rayPodVolumes" $ | trim) .serving }}
 {{- if and .head (not .serving) $.Values.ray.autoscaling.enabled }}
 {{- $volumes = printf "%s\n%s" $volumes (include "indai.autoscalerApiVolume" $) | trim }}
