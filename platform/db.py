@@ -183,10 +183,9 @@ def engine(url: str | None = None, query_timeout_s: float | None = None) -> Engi
     url = url or database_url()
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    elif not url.startswith("postgresql"):
-        raise UserError(f"database URL {url.split(':', 1)[0]}:... is not supported: use sqlite:///path or postgresql+psycopg://...")
-    if not url.startswith("postgresql"):
         return create_engine(url, pool_pre_ping=True)
+    if not url.startswith("postgresql"):
+        raise UserError(f"database URL {url.split(':', 1)[0]}:... is not supported: use sqlite:///path or postgresql+psycopg://...")
     # a database host that takes the connection and never answers (a partition, a hung server)
     # would hold each caller for the kernel's minutes; libpq gives up after connect_timeout
     eng = create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
