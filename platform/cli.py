@@ -649,6 +649,57 @@ def cmd_admin_provision_mlflow(a) -> int:
     return 0
 
 
+def cmd_admin_backup(a) -> int:
+    from indai.platform import backup
+    from indai.platform.progress import Stages
+
+    stages = Stages()
+    m = backup.backup(backup.current_sources(), a.to, keep=a.keep, stages=stages)
+    print(stages.summary(), file=sys.stderr)
+    o = m["objects"]
+    rows = {k: sum(v["tables"].values()) for k, v in m["databases"].items()}
+    print(f"snapshot {m['id']} in {a.to}: " + ", ".join(f"{k} database {n} rows" for k, n in rows.items())
+          + f", {o['count']} objects ({o['bytes'] / 1e6:.1f} MB; {o['new_blobs']} new contents, {o['new_bytes'] / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_admin_backups(a) -> int:
+    from indai.platform import backup
+
+    snaps = backup.list_snapshots(backup.open_backup_store(a.at))
+    if a.json:
+        _print_json(snaps)
+        return 0
+    if not snaps:
+        print(f"no complete snapshot in {a.at}")
+    for m in snaps:
+        rows = sum(sum(d["tables"].values()) for d in m["databases"].values())
+        print(f"{m['id']}  {m['created']}  indai {m['versions']['indai']}  {rows} rows  "
+              f"{m['objects']['count']} objects  {m['objects']['bytes'] / 1e6:.1f} MB")
+    return 0
+
+
+def cmd_admin_verify_backup(a) -> int:
+    from indai.platform import backup
+
+    r = backup.verify(a.at, a.snapshot)
+    print(f"snapshot {r['snapshot']} is whole: " + ", ".join(f"{k} database {n} rows" for k, n in r["rows"].items())
+          + f", {r['objects']} objects, {r['contents']} contents, every checksum matches")
+    return 0
+
+
+def cmd_admin_restore(a) -> int:
+    from indai.platform import backup
+    from indai.platform.progress import Stages
+
+    stages = Stages()
+    r = backup.restore(backup.current_sources(), a.source, a.snapshot, replace=a.replace, stages=stages)
+    print(stages.summary(), file=sys.stderr)
+    print(f"restored snapshot {r['snapshot']}: " + ", ".join(f"{k} database {n} rows" for k, n in r["databases"].items())
+          + f", {r['objects']} objects" + (f"; {r['deleted']} objects not in it deleted" if r["deleted"] else ""))
+    return 0
+
+
 # ---- KPIs -----------------------------------------------------------------------------------
 
 def cmd_kpi_hours(a) -> int:
@@ -890,7 +941,7 @@ def parser() -> argparse.ArgumentParser:
     gs.add_argument("--ray-dashboard", help="Ray job server URL (default: the embedded one)")
     gs.set_defaults(fn=cmd_gateway_serve)
 
-    adm = sub.add_parser("admin", help="cluster set-up steps the chart runs").add_subparsers(dest="admin_cmd", required=True, metavar="ACTION")
+    adm = sub.add_parser("admin", help="cluster set-up steps the chart runs; backups and restores").add_subparsers(dest="admin_cmd", required=True, metavar="ACTION")
     aps = adm.add_parser("provision-store", help="on the cluster's MinIO: the bucket, and the jobs' own user and policy "
                                                  "(no MLflow artefacts, no admin rights); reads its settings from the environment")
     aps.add_argument("--wait", type=float, default=120.0, help="seconds to wait for MinIO to answer")
@@ -900,6 +951,27 @@ def parser() -> argparse.ArgumentParser:
                                                   "from the environment")
     apm.add_argument("--wait", type=float, default=120.0, help="seconds to wait for MLflow to answer")
     apm.set_defaults(fn=cmd_admin_provision_mlflow)
+    abk = adm.add_parser("backup", help="a snapshot of the platform database, MLflow's database and the object store in a "
+                                        "backup store (a folder or s3://bucket[/prefix]); unchanged objects are not copied again")
+    abk.add_argument("--to", required=True, metavar="URI", help="the backup store: a folder, file:///path or s3://bucket[/prefix]")
+    abk.add_argument("--keep", type=int, metavar="N", help="afterwards keep only the newest N snapshots (and what they name)")
+    abk.set_defaults(fn=cmd_admin_backup)
+    als = adm.add_parser("backups", help="the snapshots in a backup store, oldest first")
+    als.add_argument("--at", required=True, metavar="URI")
+    als.add_argument("--json", action="store_true")
+    als.set_defaults(fn=cmd_admin_backups)
+    avf = adm.add_parser("verify-backup", help="read a snapshot back in full and check every checksum")
+    avf.add_argument("--at", required=True, metavar="URI")
+    avf.add_argument("--snapshot", help="its id (default: the newest)")
+    avf.set_defaults(fn=cmd_admin_verify_backup)
+    ars = adm.add_parser("restore", help="write a snapshot back into new, empty databases and an empty store "
+                                         "(INDAI_DB_URL, INDAI_MLFLOW_DB_URL, the store URI; on the embedded default, "
+                                         "after `indai down`)")
+    ars.add_argument("--from", dest="source", required=True, metavar="URI")
+    ars.add_argument("--snapshot", help="its id (default: the newest)")
+    ars.add_argument("--replace", action="store_true", help="drop the databases' tables first and make the store hold "
+                                                            "exactly the snapshot's objects (everything else in them is lost)")
+    ars.set_defaults(fn=cmd_admin_restore)
 
     from indai.platform.kpi import INDICATORS, PHASES
 

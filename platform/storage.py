@@ -290,6 +290,16 @@ class ObjectStore(abc.ABC):
         """Delete every key under the folder ``prefix``; commit markers go first."""
 
     @abc.abstractmethod
+    def stat_all(self, prefix: str = "") -> dict[str, tuple[int, str]]:
+        """``{key: (size, change tag)}`` for every key under the folder ``prefix``, from one
+        listing. The tag changes when the object is written again (S3: its ETag; a folder: the
+        file's modification time in ns), so a copy made earlier can be recognised unread."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete the object ``key``; one that is not there is no error."""
+
+    @abc.abstractmethod
     def _child_folders(self, prefix: str) -> list[str]:
         """Names of the direct child folders of ``prefix`` ("" is the root)."""
 
@@ -519,6 +529,19 @@ class LocalStore(ObjectStore):
                 if rel.rsplit("/", 1)[-1] == COMMIT_MARKER:
                     path.unlink()
             shutil.rmtree(folder)
+
+    def stat_all(self, prefix: str = "") -> dict[str, tuple[int, str]]:
+        stats = {}
+        for key in self.list(prefix):
+            with self._os_errors("read", key):
+                st = self._path(key).stat()
+            stats[key] = (st.st_size, str(st.st_mtime_ns))
+        return stats
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        with self._os_errors("delete", key):
+            path.unlink(missing_ok=True)
 
     def _child_folders(self, prefix: str) -> list[str]:
         folder = self._path(prefix) if prefix else self._real_root()
@@ -878,6 +901,17 @@ class S3Store(ObjectStore):
         # Names ending in "/" are folder placeholders some S3 consoles create, not objects.
         return sorted(self._key(obj.object_name) for obj in objects
                       if not obj.is_dir and not obj.object_name.endswith("/"))
+
+    def stat_all(self, prefix: str = "") -> dict[str, tuple[int, str]]:
+        prefix = _validate_prefix(prefix, allow_root=True)
+        objects = self._names_under(self._folder(prefix), recursive=True)
+        return {self._key(obj.object_name): (int(obj.size or 0), (obj.etag or "").strip('"'))
+                for obj in sorted(objects, key=lambda o: o.object_name)
+                if not obj.is_dir and not obj.object_name.endswith("/")}
+
+    def delete(self, key: str) -> None:
+        name = self._name(key)
+        self._call("delete", key, lambda: self._client.remove_object(self.bucket, name))
 
     def delete_prefix(self, prefix: str) -> None:
         from minio.deleteobjects import DeleteObject

@@ -1,0 +1,102 @@
+"""Backups between the embedded default and the cluster's stores: a real PostgreSQL server
+(both databases) and a real MinIO server (the store and the backup bucket)."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from backup_state import all_rows, make_mlflow, make_platform, make_store, store_contents
+from indai.platform import backup
+
+
+def _comparable(rows: dict[str, list[tuple]]) -> dict[str, list[tuple]]:
+    """SQLite keeps no zone and indai writes UTC there: a naive time is that UTC instant."""
+    def utc(v):
+        if isinstance(v, datetime):
+            return v.replace(tzinfo=timezone.utc) if v.tzinfo is None else v.astimezone(timezone.utc)
+        return v
+
+    return {t: [tuple(utc(v) for v in r) for r in rs] for t, rs in rows.items()}
+
+
+def test_the_embedded_homes_snapshot_restores_into_postgres_and_minio_and_back(tmp_path, monkeypatch, postgres, minio):
+    home = tmp_path / "home"
+    (home / "mlflow").mkdir(parents=True)
+    (home / "store" / "mlflow-artifacts").mkdir(parents=True)
+    token = make_platform(f"sqlite:///{home}/platform.db")
+    make_mlflow(f"sqlite:///{home}/mlflow/mlflow.db", home / "store" / "mlflow-artifacts")
+    objects = make_store(home / "store")
+    for var in ("INDAI_DB_URL", "INDAI_MLFLOW_DB_URL", "INDAI_STORE_URI"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("INDAI_HOME", str(home))
+    monkeypatch.setenv("INDAI_S3_ENDPOINT", minio.endpoint)
+    monkeypatch.setenv("INDAI_S3_ACCESS_KEY", minio.access_key)
+    monkeypatch.setenv("INDAI_S3_SECRET_KEY", minio.secret_key)
+    monkeypatch.setenv("INDAI_S3_SECURE", "false")
+
+    # 1. the embedded home into a MinIO bucket
+    first = backup.backup(backup.current_sources(), "s3://indai-backups/nightly")
+    assert first["objects"]["count"] == len(objects) + 1  # and MLflow's artefact
+
+    # 2. restored onto the cluster's stores: new PostgreSQL databases, another bucket
+    platform_url, mlflow_url = postgres.new_database("platform"), postgres.new_database("mlflow")
+    # a server in Korea: a naive time from SQLite must not be read as Seoul's
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(postgres.url)
+    with admin.connect() as c:
+        c.execute(text(f'ALTER DATABASE "{platform_url.rsplit("/", 1)[1]}" SET timezone TO \'Asia/Seoul\''))
+        c.commit()
+    admin.dispose()
+    monkeypatch.setenv("INDAI_DB_URL", platform_url)
+    monkeypatch.setenv("INDAI_MLFLOW_DB_URL", mlflow_url)
+    monkeypatch.setenv("INDAI_STORE_URI", "s3://indai-restored")
+    restored = backup.restore(backup.current_sources(), "s3://indai-backups/nightly")
+    assert restored["objects"] == len(objects) + 1
+    assert _comparable(all_rows(platform_url)) == _comparable(all_rows(f"sqlite:///{home}/platform.db"))
+    assert _comparable(all_rows(mlflow_url)) == _comparable(all_rows(f"sqlite:///{home}/mlflow/mlflow.db"))
+    from indai.platform.storage import open_store
+
+    store = open_store("s3://indai-restored")
+    for key, data in objects.items():
+        assert store.get_bytes(key) == data
+
+    # new rows after the restored ones: PostgreSQL's identity and serial sequences were moved on
+    from mlflow import MlflowClient
+
+    from indai.platform import db, tenancy
+
+    eng = db.engine(platform_url)
+    assert tenancy.verify(eng, token).member == "steel-a"
+    tenancy.add_member(eng, "ship-c", "Ship C", "shipbuilding", "demand")
+    tenancy.add_user(eng, "lee", "ship-c", "researcher")
+    tenancy.create_token(eng, "lee")
+    eng.dispose()
+    client = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
+    assert client.create_experiment("after", artifact_location=(tmp_path / "a").as_uri()) == "2"
+    run = client.create_run("2")
+    client.log_metric(run.info.run_id, "loss", 0.1)
+    assert str(client.get_model_version_by_alias("cwru-bearing", "champion").version) == "1"
+
+    # 3. the cluster's stores backed up (a REPEATABLE READ snapshot of PostgreSQL) into a folder:
+    # only the new rows are new, and no object is stored again under the same content
+    second = backup.backup(backup.current_sources(), str(tmp_path / "backups"))
+    grown = {k: v["tables"] for k, v in second["databases"].items()}
+    was = {k: v["tables"] for k, v in first["databases"].items()}
+    assert grown["platform"]["members"] == was["platform"]["members"] + 1
+    assert grown["platform"]["tokens"] == was["platform"]["tokens"] + 1
+    assert grown["mlflow"]["experiments"] == was["mlflow"]["experiments"] + 1
+    assert grown["mlflow"]["metrics"] == was["mlflow"]["metrics"] + 1
+    assert second["objects"]["count"] == first["objects"]["count"]
+
+    # 4. and back into a new embedded home, row for row
+    monkeypatch.delenv("INDAI_DB_URL")
+    monkeypatch.delenv("INDAI_MLFLOW_DB_URL")
+    monkeypatch.delenv("INDAI_STORE_URI")
+    back = tmp_path / "back"
+    monkeypatch.setenv("INDAI_HOME", str(back))
+    backup.restore(backup.current_sources(), str(tmp_path / "backups"))
+    assert _comparable(all_rows(f"sqlite:///{back}/platform.db")) == _comparable(all_rows(platform_url))
+    assert _comparable(all_rows(f"sqlite:///{back}/mlflow/mlflow.db")) == _comparable(all_rows(mlflow_url))
+    assert store_contents(back / "store") == store_contents(home / "store")
+    assert Path(back / "store" / "mlflow-artifacts").is_dir()
