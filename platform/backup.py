@@ -86,11 +86,14 @@ class Sources:
 
 
 def mlflow_database_url() -> str | None:
-    """INDAI_MLFLOW_DB_URL, else the embedded MLflow server's SQLite file (None when there is
-    none yet). On Kubernetes it must be given: MLflow's database is the release's PostgreSQL."""
+    """INDAI_MLFLOW_DB_URL ("none": MLflow's database is not the platform's to keep, as with an
+    external MLflow server), else the embedded MLflow server's SQLite file. On Kubernetes it must
+    be given: MLflow's database is the release's PostgreSQL."""
     from indai.platform.settings import home
 
     url = os.environ.get("INDAI_MLFLOW_DB_URL", "").strip()
+    if url == "none":  # an external MLflow server, whose database its owner keeps
+        return None
     if url:
         return url
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
@@ -110,12 +113,14 @@ def current_sources() -> Sources:
 def open_backup_store(uri: str) -> ObjectStore:
     """The backup store a URI names. An s3:// one uses INDAI_BACKUP_S3_ENDPOINT,
     INDAI_BACKUP_S3_ACCESS_KEY and INDAI_BACKUP_S3_SECRET_KEY where they are set (a backup on
-    another server than the one it protects), else the platform's INDAI_S3_* settings."""
+    another server than the one it protects), and INDAI_BACKUP_S3_SECURE, where they are set,
+    else the platform's INDAI_S3_* settings."""
     if isinstance(uri, str) and uri.startswith("s3://"):
         env = os.environ.get
         return S3Store(uri, endpoint=env("INDAI_BACKUP_S3_ENDPOINT") or None,
-                       access_key=env("INDAI_BACKUP_S3_ACCESS_KEY") if env("INDAI_BACKUP_S3_ACCESS_KEY") else None,
-                       secret_key=env("INDAI_BACKUP_S3_SECRET_KEY") if env("INDAI_BACKUP_S3_SECRET_KEY") else None)
+                       access_key=env("INDAI_BACKUP_S3_ACCESS_KEY") or None,
+                       secret_key=env("INDAI_BACKUP_S3_SECRET_KEY") or None,
+                       secure=env("INDAI_BACKUP_S3_SECURE") or None)
     return open_store(uri)
 
 

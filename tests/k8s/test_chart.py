@@ -78,6 +78,10 @@ def test_lint_and_schema_errors_are_readable(k8s_cluster):
     assert op.returncode != 0 and "additional properties 'imag' not allowed" in op.stderr
     sql = c.helm("template", "t", CHART, "--set", "postgresql.mlflowDatabase=x;drop", check=False)
     assert sql.returncode != 0 and "/postgresql/mlflowDatabase" in sql.stderr
+    when = c.helm("template", "t", CHART, "--set", "backup.schedule=nightly", check=False)
+    assert when.returncode != 0 and "at '/backup/schedule': 'nightly' does not match pattern" in when.stderr
+    where = c.helm("template", "t", CHART, "--set", "backup.s3.uri=/var/backups", check=False)
+    assert where.returncode != 0 and "/backup/s3/uri" in where.stderr
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda p: p.stem)
@@ -104,6 +108,7 @@ TOGGLES = {
     "operator-and-serve": ["kuberay-operator.enabled=true", "serve.enabled=true"],
     "head-only": ["ray.cpuWorkers.enabled=false", "ray.gpuWorkers.enabled=false"],
     "gateway-pull-secret": ["gateway.enabled=true", "imagePullSecrets[0].name=regcred"],
+    "backup-to-volume": ["backup.enabled=true", "backup.keep=7", "backup.persistence.size=50Gi"],
 }
 
 
@@ -144,6 +149,26 @@ def test_each_part_switches_off_or_on(k8s_cluster, name):
         assert ("RayCluster", "indai-ray") in kinds and ("ServiceAccount", "indai-serve") in kinds
     if name == "head-only":
         assert not next(d for d in docs if d["kind"] == "RayCluster")["spec"]["workerGroupSpecs"]
+    if name == "backup-to-volume":  # a volume of its own, kept on uninstall; one run at a time
+        cron = next(d for d in docs if d["kind"] == "CronJob")
+        assert cron["spec"]["concurrencyPolicy"] == "Forbid" and cron["spec"]["schedule"] == "30 2 * * *"
+        (pvc,) = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+        assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        assert pvc["spec"]["resources"]["requests"]["storage"] == "50Gi"
+        (where, labels, spec), = pod_templates(cron)
+        (container,) = spec["containers"]
+        assert container["command"] == ["indai", "admin", "backup", "--to", "/backups", "--keep", "7"]
+        assert {"name": "backups", "persistentVolumeClaim": {"claimName": pvc["metadata"]["name"]}} in spec["volumes"]
+        env = {e["name"]: e for e in container["env"]}
+        # the store's full keys (MLflow's artefacts are in the bucket), both databases
+        assert env["INDAI_S3_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "indai-secrets", "key": "accessKey"}
+        assert env["INDAI_DB_URL"]["value"].endswith("@indai-postgresql:5432/indai")
+        assert env["INDAI_MLFLOW_DB_URL"]["value"].endswith("@indai-postgresql:5432/mlflow")
+        assert not {k for k in env if k.startswith("INDAI_BACKUP_S3")}
+        # PostgreSQL admits the backup's pods
+        pg = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "indai-postgresql")
+        admitted = pg["spec"]["ingress"][0]["from"][0]["podSelector"]["matchExpressions"][0]["values"]
+        assert labels["indai.io/component"] == "backup" and "backup" in admitted
     if name == "gateway-pull-secret":
         for d in docs:
             for where, spec in pod_specs(d):
@@ -157,6 +182,9 @@ def pod_templates(doc: dict) -> list[tuple[str, dict, dict]]:
         return [(name, doc["metadata"].get("labels", {}), spec)]
     if kind in ("Deployment", "StatefulSet", "Job"):
         return [(name, spec["template"]["metadata"].get("labels", {}), spec["template"]["spec"])]
+    if kind == "CronJob":
+        template = spec["jobTemplate"]["spec"]["template"]
+        return [(name, template["metadata"].get("labels", {}), template["spec"])]
     ray = spec.get("rayClusterConfig", spec) if kind == "RayService" else spec if kind == "RayCluster" else None
     if ray is None:
         return []
@@ -582,6 +610,22 @@ def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
         assert volumes["member-keys"]["secret"] == {"secretName": "indai-member-keys", "defaultMode": 0o400}
         assert {"name": "member-keys", "mountPath": "/var/run/secrets/indai/member-keys", "readOnly": True} in \
             ray_container(p["spec"])["volumeMounts"]
+
+    # the nightly backup, run now as an admin would before an upgrade: the restricted namespace admits
+    # its pod, which gets the store's keys (the admin's Secret), both databases and the backup bucket's keys
+    c.kubectl("create", "job", "backup-now", "--from=cronjob/auto-indai-backup", "-n", ns)
+    (run,) = wait("backup pod", lambda: [p for p in pods(c, ns, "job-name=backup-now")
+                                         if p["status"].get("phase") in ("Running", "Succeeded")])  # KWOK ends it at once
+    assert run["metadata"]["labels"]["indai.io/component"] == "backup" and run["spec"]["automountServiceAccountToken"] is False
+    (ctr,) = run["spec"]["containers"]
+    assert ctr["command"] == ["indai", "admin", "backup", "--to", "s3://indai-backups/prod", "--keep", "14"]
+    benv = {e["name"]: e for e in ctr["env"]}
+    assert benv["INDAI_S3_SECRET_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "indai-s3", "key": "secretKey"}
+    assert benv["INDAI_MLFLOW_DB_URL"]["value"] == "postgresql+psycopg://indai:$(DB_PASSWORD)@postgres.example.internal:5432/mlflow"
+    assert benv["INDAI_BACKUP_S3_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "indai-backup-s3", "key": "accessKey"}
+    assert (benv["INDAI_BACKUP_S3_ENDPOINT"]["value"], benv["INDAI_BACKUP_S3_SECURE"]["value"]) == ("backup-s3.example.internal:443", "1")
+    cron = json.loads(c.kubectl("get", "cronjob", "auto-indai-backup", "-n", ns, "-o", "json").stdout)["spec"]
+    assert (cron["timeZone"], cron["concurrencyPolicy"]) == ("Asia/Seoul", "Forbid")
 
     # the autoscaler may read pods and scale its RayCluster; nothing else, and nobody else may
     assert can(c, ns, "auto-indai-ray", "list", "pods") and can(c, ns, "auto-indai-ray", "patch", "rayclusters.ray.io")
