@@ -624,6 +624,14 @@ def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
     assert benv["INDAI_MLFLOW_DB_URL"]["value"] == "postgresql+psycopg://indai:$(DB_PASSWORD)@postgres.example.internal:5432/mlflow"
     assert benv["INDAI_BACKUP_S3_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "indai-backup-s3", "key": "accessKey"}
     assert (benv["INDAI_BACKUP_S3_ENDPOINT"]["value"], benv["INDAI_BACKUP_S3_SECURE"]["value"]) == ("backup-s3.example.internal:443", "1")
+    # a restore as the README makes one: a Job from the CronJob with another command (README uses jq)
+    job = json.loads(c.kubectl("create", "job", "restore-now", "--from=cronjob/auto-indai-backup", "-n", ns,
+                               "--dry-run=client", "-o", "json").stdout)
+    job["spec"]["template"]["spec"]["containers"][0]["command"] = ["indai", "admin", "restore", "--from", "s3://indai-backups/prod", "--replace"]
+    c.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(job))
+    (rest,) = wait("restore pod", lambda: [p for p in pods(c, ns, "job-name=restore-now") if p["status"].get("phase") in ("Running", "Succeeded")])
+    assert rest["metadata"]["labels"]["indai.io/component"] == "backup"  # admitted by PostgreSQL's policy
+    assert rest["spec"]["containers"][0]["command"][:3] == ["indai", "admin", "restore"]
     cron = json.loads(c.kubectl("get", "cronjob", "auto-indai-backup", "-n", ns, "-o", "json").stdout)["spec"]
     assert (cron["timeZone"], cron["concurrencyPolicy"]) == ("Asia/Seoul", "Forbid")
 
