@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import hashlib
 import json
 import os
 import re
@@ -56,7 +55,7 @@ from typing import Callable, Iterator
 
 from indai.platform import progress
 from indai.platform.errors import UserError
-from indai.platform.storage import ObjectStore, S3Store, StoreError, open_store, validate_key
+from indai.platform.storage import ObjectStore, S3Store, StoreError, open_store, sha256_file, validate_key
 
 FORMAT = 1
 SNAPSHOTS = "snapshots"
@@ -470,14 +469,6 @@ def restore_database(kind: str, url: str, dump: Path, revisions: dict[str, list[
 
 # ---- snapshots ----------------------------------------------------------------------------------
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _blob_key(sha: str) -> str:
     return f"{BLOBS}/{sha[:2]}/{sha}"
 
@@ -529,7 +520,7 @@ def pick_snapshot(backups: ObjectStore, snapshot: str | None) -> dict:
 
 def _fetch_checked(backups: ObjectStore, key: str, sha: str, into: Path) -> Path:
     backups.get_file(key, into)
-    got = _sha256_file(into)
+    got = sha256_file(into)
     if got != sha:
         raise BackupError(f"{key} in {backups.uri} does not match its checksum (sha256 {got[:12]}..., the manifest says "
                           f"{sha[:12]}...): this copy is damaged; restore another snapshot")
@@ -586,7 +577,7 @@ def backup(sources: Sources, backups_uri: str, keep: int | None = None, *, stage
                 out = work / f"{kind}.jsonl.gz"
                 info = dump_database(url, out, work)
                 backups.put_file(f"{prefix}/{kind}.jsonl.gz", out)
-                info.update(sha256=_sha256_file(out), bytes=out.stat().st_size)
+                info.update(sha256=sha256_file(out), bytes=out.stat().st_size)
                 manifest["databases"][kind] = info
                 say(f"{kind} database: {sum(info['tables'].values())} rows in {len(info['tables'])} tables")
         with stages.stage("copy the object store"):
@@ -605,7 +596,7 @@ def backup(sources: Sources, backups_uri: str, keep: int | None = None, *, stage
                 reread += 1
                 local = work / "object"
                 store.get_file(key, local)
-                sha = _sha256_file(local)
+                sha = sha256_file(local)
                 if sha not in have:
                     backups.put_file(_blob_key(sha), local)
                     have.add(sha)
@@ -619,7 +610,7 @@ def backup(sources: Sources, backups_uri: str, keep: int | None = None, *, stage
                     fh.write(json.dumps(r) + "\n")
             backups.put_file(f"{prefix}/objects.jsonl.gz", listing)
             manifest["objects"] = {"count": len(records), "bytes": sum(r[1] for r in records), "read": reread,
-                                   "new_blobs": new_blobs, "new_bytes": new_bytes, "sha256": _sha256_file(listing)}
+                                   "new_blobs": new_blobs, "new_bytes": new_bytes, "sha256": sha256_file(listing)}
             say(f"objects: {len(records)} ({manifest['objects']['bytes'] / 1e6:.1f} MB); read {reread}, "
                 f"{new_blobs} new contents ({new_bytes / 1e6:.1f} MB) stored")
         manifest["seconds"] = round(time.perf_counter() - started, 2)

@@ -38,6 +38,7 @@ from indai.platform.config import Strict, load_config
 from indai.platform.connectors.sensors import read_recording, resample  # noqa: F401  (resample is public API)
 from indai.platform.errors import UserError
 from indai.platform.progress import bar
+from indai.platform.storage import sha256_file
 from indai.platform.settings import MEMBER_ID_RE
 from indai.platform.storage import ObjectStore, StoreError
 
@@ -331,14 +332,6 @@ def resolve_path(base: Path, rel: str) -> Path:
     except OSError as e:  # e.g. a name longer than the file system allows
         raise UserError(f"path {rel!r} cannot be looked up in the data folder {base} ({e.strerror}): check the name") from None
     return path
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cut_text(text: str, limit: int) -> str:

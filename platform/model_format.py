@@ -12,7 +12,6 @@ regression {"value"} in the target's units, anomaly {"score", "anomaly", "thresh
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import threading
@@ -23,18 +22,11 @@ import numpy as np
 
 from indai.platform.errors import UserError
 from indai.platform.modalities import MODALITIES, TextTokenizer, check_sensor, decode_image, images_to_tensor_layout
+from indai.platform.storage import sha256_file  # noqa: F401  (report_format and mirror take it from here)
 
 FORMAT = "indai-torch-export/1"
 PROGRAM = "model.pt2"
 CARD = "indai_model.json"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_card(folder: Path, card: dict) -> Path:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -237,6 +238,15 @@ def _open_local_source(local_path: str | os.PathLike) -> BinaryIO:
         raise StoreError(f"{str(local_path)!r} is a folder; use upload_dir for folders") from None
     except OSError as exc:
         raise StoreError(f"cannot read local file {str(local_path)!r}: {exc.strerror}") from None
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a local file's content (hex), read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _inside(path: Path, root: Path) -> bool:
