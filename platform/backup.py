@@ -62,7 +62,7 @@ SNAPSHOTS = "snapshots"
 BLOBS = "blobs"
 MANIFEST = "manifest.json"
 DATABASES = ("platform", "mlflow")
-_SNAPSHOT_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
+_SNAPSHOT_ID = re.compile(r"\d{8}T\d{9}Z-[0-9a-f]{6}")  # UTC to the millisecond: ids sort as snapshots were made
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _BATCH = 1000
 # backups and restores may rightly run statements for minutes (a large table's rows); they are
@@ -473,8 +473,17 @@ def _blob_key(sha: str) -> str:
     return f"{BLOBS}/{sha[:2]}/{sha}"
 
 
-def _new_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+def _new_id(after: str | None = None) -> str:
+    """A snapshot id (UTC to the millisecond) that sorts after `after`, the newest so far, even
+    within the same millisecond or with a clock that stepped back."""
+    from datetime import timedelta
+
+    now = datetime.now(timezone.utc)
+    at = now.replace(microsecond=now.microsecond // 1000 * 1000)
+    if after:
+        last = datetime.strptime(after.split("-", 1)[0], "%Y%m%dT%H%M%S%fZ").replace(tzinfo=timezone.utc)
+        at = max(at, last + timedelta(milliseconds=1))
+    return at.strftime("%Y%m%dT%H%M%S") + f"{at.microsecond // 1000:03d}Z-" + secrets.token_hex(3)
 
 
 def list_snapshots(backups: ObjectStore) -> list[dict]:
@@ -489,7 +498,7 @@ def list_snapshots(backups: ObjectStore) -> list[dict]:
 
 def read_manifest(backups: ObjectStore, snapshot: str) -> dict:
     if not _SNAPSHOT_ID.fullmatch(snapshot or ""):
-        raise BackupError(f"{str(snapshot)[:80]!r} is not a snapshot id (like 20261129T203000Z-1a2b3c): "
+        raise BackupError(f"{str(snapshot)[:80]!r} is not a snapshot id (like 20261129T203000123Z-1a2b3c): "
                           f"`indai admin backups --at {backups.uri}` lists them")
     key = f"{SNAPSHOTS}/{snapshot}/{MANIFEST}"
     try:
@@ -560,7 +569,7 @@ def backup(sources: Sources, backups_uri: str, keep: int | None = None, *, stage
     backups = open_backup_store(backups_uri)
     _check_apart(store, backups)
     previous = list_snapshots(backups)
-    snap = _new_id()
+    snap = _new_id(previous[-1]["id"] if previous else None)
     prefix = f"{SNAPSHOTS}/{snap}"
     manifest: dict = {"format": FORMAT, "id": snap, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "versions": {p: md.version(p) for p in ("indai", "mlflow", "sqlalchemy")},
@@ -583,11 +592,14 @@ def backup(sources: Sources, backups_uri: str, keep: int | None = None, *, stage
         with stages.stage("copy the object store"):
             known: dict[str, tuple[int, str, str]] = {}
             if previous:
-                for key, size, tag, sha in _object_records(backups, previous[-1], work):
-                    known[key] = (size, tag, sha)
+                try:
+                    for key, size, tag, sha in _object_records(backups, previous[-1], work):
+                        known[key] = (size, tag, sha)
+                except BackupError as e:  # then every object is read again; this snapshot is whole all the same
+                    say(f"the previous snapshot's object list cannot be used ({e}); reading every object")
             have = {k.rsplit("/", 1)[-1] for k in backups.list(BLOBS)}
             stats = store.stat_all("")
-            records, new_bytes, new_blobs, reread = [], 0, 0, 0
+            records, new_bytes, new_blobs, reread, vanished = [], 0, 0, 0, 0
             for key, (size, tag) in progress.bar(sorted(stats.items()), desc="objects", total=len(stats)):
                 was = known.get(key)
                 if was and was[0] == size and was[1] == tag and tag and was[2] in have:
@@ -595,7 +607,13 @@ def backup(sources: Sources, backups_uri: str, keep: int | None = None, *, stage
                     continue
                 reread += 1
                 local = work / "object"
-                store.get_file(key, local)
+                try:
+                    store.get_file(key, local)
+                except StoreError:
+                    if store.exists(key):
+                        raise
+                    vanished += 1  # deleted since the listing (an old checkpoint pruned): not in this snapshot
+                    continue
                 sha = sha256_file(local)
                 if sha not in have:
                     backups.put_file(_blob_key(sha), local)
@@ -610,9 +628,11 @@ def backup(sources: Sources, backups_uri: str, keep: int | None = None, *, stage
                     fh.write(json.dumps(r) + "\n")
             backups.put_file(f"{prefix}/objects.jsonl.gz", listing)
             manifest["objects"] = {"count": len(records), "bytes": sum(r[1] for r in records), "read": reread,
-                                   "new_blobs": new_blobs, "new_bytes": new_bytes, "sha256": sha256_file(listing)}
+                                   "new_blobs": new_blobs, "new_bytes": new_bytes, "vanished": vanished,
+                                   "sha256": sha256_file(listing)}
             say(f"objects: {len(records)} ({manifest['objects']['bytes'] / 1e6:.1f} MB); read {reread}, "
-                f"{new_blobs} new contents ({new_bytes / 1e6:.1f} MB) stored")
+                f"{new_blobs} new contents ({new_bytes / 1e6:.1f} MB) stored"
+                + (f"; {vanished} deleted while the backup ran" if vanished else ""))
         manifest["seconds"] = round(time.perf_counter() - started, 2)
         backups.put_bytes(f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
         if keep is not None:

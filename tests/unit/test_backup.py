@@ -139,8 +139,8 @@ def test_damage_is_found_and_named(state, tmp_path, monkeypatch):
 
     with pytest.raises(backup.BackupError, match="is not a snapshot id"):
         backup.verify(str(dest), "../../etc")
-    with pytest.raises(backup.BackupError, match="no complete snapshot 20200101T000000Z-abcdef"):
-        backup.verify(str(dest), "20200101T000000Z-abcdef")
+    with pytest.raises(backup.BackupError, match="no complete snapshot 20200101T000000000Z-abcdef"):
+        backup.verify(str(dest), "20200101T000000000Z-abcdef")
     manifest = dest / "snapshots" / snap["id"] / "manifest.json"
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format": 99}))
     with pytest.raises(backup.BackupError, match="format 99, indai reads 1"):
@@ -211,3 +211,30 @@ def test_a_dump_with_tables_columns_or_values_the_schema_lacks_is_refused(tmp_pa
             backup.restore_database("platform", url, _dump(tmp_path / f"{name}.gz", lines), revisions, True, print)
     with pytest.raises(backup.BackupError, match="does not know"):
         backup.restore_database("platform", url, _dump(tmp_path / "x.gz", []), {"alembic_version": ["9999"]}, True, print)
+
+
+def test_an_object_deleted_during_a_backup_and_a_damaged_previous_list_do_not_stop_it(state, tmp_path, monkeypatch):
+    from indai.platform.storage import LocalStore
+
+    home = _copy_home(state[0], tmp_path / "home")
+    _home(monkeypatch, home)
+    dest = tmp_path / "backups"
+    first = backup.backup(backup.current_sources(), str(dest))
+    listing = dest / "snapshots" / first["id"] / "objects.jsonl.gz"
+    listing.write_bytes(listing.read_bytes()[:-8] + b"damaged!")
+    (home / "store" / "raw/steel-a/logs/2026-11-01.csv").write_bytes(b"changed, so it is read\n")
+    gone = "raw/steel-a/logs/2026-11-01.csv"
+
+    class PrunedMeanwhile(LocalStore):  # the object is deleted after the listing, before it is read
+        def get_file(self, key, local_path):
+            if key == gone:
+                self.delete(key)
+            return super().get_file(key, local_path)
+
+    monkeypatch.setattr(backup, "open_store", PrunedMeanwhile)
+    said = []
+    second = backup.backup(backup.current_sources(), str(dest), say=said.append)
+    assert any("previous snapshot's object list cannot be used" in s and "checksum" in s for s in said), said
+    assert (second["objects"]["read"], second["objects"]["vanished"], second["objects"]["count"]) == (6, 1, 5)
+    assert any("1 deleted while the backup ran" in s for s in said)
+    assert backup.verify(str(dest))["objects"] == 5
