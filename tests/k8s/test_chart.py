@@ -443,7 +443,8 @@ def can(c, ns: str, sa: str, verb: str, resource: str) -> bool:
 def test_install_upgrade_rollback_uninstall(k8s_cluster):
     c = k8s_cluster
     ns = restricted_namespace(c, "indai")
-    c.helm("install", "indai", CHART, "-n", ns, "--wait", "--timeout", "180s")
+    installed = c.helm("install", "indai", CHART, "-n", ns, "--wait", "--timeout", "180s").stdout
+    assert "Backups are off (backup.enabled=false)" in installed  # the notes say what keeps no copy
     secret_before = json.loads(c.kubectl("get", "secret", "indai-secrets", "-n", ns, "-o", "json").stdout)["data"]
 
     # the operator turned the RayCluster into pods on the right pools
@@ -552,9 +553,10 @@ def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
     c.kubectl("create", "secret", "generic", "indai-s3", "-n", ns, "--from-literal=accessKey=a", "--from-literal=secretKey=b")
     c.kubectl("create", "secret", "generic", "indai-db", "-n", ns, "--from-literal=password=c")
     c.kubectl("create", "secret", "generic", "indai-member-keys", "-n", ns, f"--from-literal=steel-a.key={'ab' * 32}")
-    c.helm("install", "auto", CHART, "-n", ns, "-f", CHART / "ci/external-values.yaml", "-f", CHART / "ci/gpu-autoscaling-values.yaml",
-           "--set", "ray.memberKeys.existingSecret=indai-member-keys", "--set", "gateway.replicas=2",
-           "--set", "serve.workers.replicas=2", "--wait", "--timeout", "180s")
+    installed = c.helm("install", "auto", CHART, "-n", ns, "-f", CHART / "ci/external-values.yaml", "-f", CHART / "ci/gpu-autoscaling-values.yaml",
+                       "--set", "ray.memberKeys.existingSecret=indai-member-keys", "--set", "gateway.replicas=2",
+                       "--set", "serve.workers.replicas=2", "--wait", "--timeout", "180s").stdout
+    assert "Backups: 30 2 * * * (Asia/Seoul), the newest 14 snapshots kept, in s3://indai-backups/prod." in installed
     assert not json.loads(c.kubectl("get", "statefulsets,pvc", "-n", ns, "-o", "json").stdout)["items"]
     served = yaml.safe_load(json.loads(c.kubectl("get", "rayservice", "auto-indai-serve", "-n", ns, "-o", "json").stdout)["spec"]["serveConfigV2"])
     args = served["applications"][0]["args"]
