@@ -385,7 +385,7 @@ def test_network_policies_keep_ray_ports_inside_the_release(k8s_cluster):
     (expr,) = peer["podSelector"]["matchExpressions"]
     assert (expr["key"], expr["operator"]) == ("indai.io/component", "In")
     assert not set(expr["values"]) & set(JOBS_CLUSTER)  # researchers' code never reaches the platform database
-    assert set(expr["values"]) == {"gateway", "mlflow", "serve-head", "serve-worker", "helm-test"}
+    assert set(expr["values"]) == {"gateway", "mlflow", "serve-head", "serve-worker", "helm-test", "backup"}
     assert rule["ports"] == [{"port": 5432, "protocol": "TCP"}]
     # and the pods the PostgreSQL rule admits are exactly those that hold one of its passwords (or probe it)
     holders = {labels["indai.io/component"] for d in docs for _, labels, spec in pod_templates(d)
