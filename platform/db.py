@@ -177,7 +177,7 @@ def _bounded_connection_class():
 
 def engine(url: str | None = None, query_timeout_s: float | None = None) -> Engine:
     """The platform database's engine. On PostgreSQL each connection attempt gives up after
-    CONNECT_TIMEOUT_S, and with psycopg (`postgresql+psycopg://`, the one driver installed) each
+    CONNECT_TIMEOUT_S or the operation deadline, whichever is shorter, and with psycopg (`postgresql+psycopg://`, the one driver installed) each
     operation on a connection after `query_timeout_s` (default INDAI_DB_QUERY_TIMEOUT_S or
     QUERY_TIMEOUT_S; `_bounded_connection_class` says why)."""
     url = url or database_url()
@@ -187,11 +187,13 @@ def engine(url: str | None = None, query_timeout_s: float | None = None) -> Engi
     if not url.startswith("postgresql"):
         raise UserError(f"database URL {url.split(':', 1)[0]}:... is not supported: use sqlite:///path or postgresql+psycopg://...")
     # a database host that takes the connection and never answers (a partition, a hung server)
-    # would hold each caller for the kernel's minutes; libpq gives up after connect_timeout
-    eng = create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+    # would hold each caller for the kernel's minutes; libpq gives up after connect_timeout, which
+    # is no longer than one operation's deadline (whole seconds, at least 2: libpq's own floor)
+    limit = query_timeout_s if query_timeout_s is not None else default_query_timeout_s()
+    connect_s = max(2, min(CONNECT_TIMEOUT_S, int(limit)))
+    eng = create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": connect_s})
     if eng.dialect.driver == "psycopg":
         bounded = _bounded_connection_class()
-        limit = query_timeout_s if query_timeout_s is not None else default_query_timeout_s()
 
         @event.listens_for(eng, "do_connect")
         def _connect(dialect, conn_rec, cargs, cparams):
