@@ -102,7 +102,7 @@ def main() -> None:
         baseline = time.perf_counter() - t
         shutil.rmtree(tmp / "plain-copy")
 
-        timings, manifests = {}, {}
+        timings, manifests, parts = {}, {}, {}
         for name in ("first", "unchanged", "1% changed"):
             if name == "1% changed":
                 rng = __import__("numpy").random.default_rng(1)
@@ -114,7 +114,10 @@ def main() -> None:
                     big[0].write_bytes(rng.bytes(16 << 20))
             t = time.perf_counter()
             with open(os.devnull, "w") as devnull:
-                manifests[name] = backup.backup(sources, str(dest), say=quiet, stages=progress.Stages(devnull))
+                stages = progress.Stages(devnull)
+                manifests[name] = backup.backup(sources, str(dest), say=quiet, stages=stages)
+            parts[name] = {"databases_s": round(sum(v for k, v in stages.timings.items() if k.startswith("dump")), 3),
+                           "objects_s": round(stages.timings["copy the object store"], 3)}
             timings[name] = time.perf_counter() - t
         size = folder_bytes(dest)
         store_bytes = folder_bytes(home / "store")
@@ -122,16 +125,17 @@ def main() -> None:
     first = timings["first"]
     rows = [(n, s, s / first, s / baseline, manifests[n]["objects"]["read"], manifests[n]["objects"]["new_bytes"])
             for n, s in timings.items()]
-    print(f"{'snapshot':<12} {'seconds':>8} {'/ first':>8} {'/ copy':>8} {'read':>6} {'new MB':>8}")
+    print(f"{'snapshot':<12} {'seconds':>8} {'/ first':>8} {'/ copy':>8} {'databases':>10} {'objects':>8} {'read':>6} {'new MB':>8}")
     print(f"{'plain copy':<12} {baseline:8.2f} {baseline / first:8.3f} {1:8.3f}")
     for n, s, r1, r2, read, new in rows:
-        print(f"{n:<12} {s:8.2f} {r1:8.3f} {r2:8.3f} {read:6d} {new / 1e6:8.1f}")
+        print(f"{n:<12} {s:8.2f} {r1:8.3f} {r2:8.3f} {parts[n]['databases_s']:9.2f}s {parts[n]['objects_s']:7.2f}s "
+              f"{read:6d} {new / 1e6:8.1f}")
     print(f"backup store after 3 snapshots: {size / 1e6:.0f} MB; 3 plain copies: {3 * store_bytes / 1e6:.0f} MB "
           f"(ratio {size / (3 * store_bytes):.3f})")
     write("backup_incremental", {
         "params": vars(a), "store_mb": round(store_bytes / 1e6, 1), "baseline_copy_s": round(baseline, 3),
         "snapshots": {n: {"s": round(s, 3), "ratio_to_first": round(r1, 4), "ratio_to_copy": round(r2, 4), "read": read,
-                          "new_mb": round(new / 1e6, 2)} for n, s, r1, r2, read, new in rows},
+                          "new_mb": round(new / 1e6, 2), **parts[n]} for n, s, r1, r2, read, new in rows},
         "backup_store_mb": round(size / 1e6, 1), "ratio_to_three_copies": round(size / (3 * store_bytes), 4)})
 
 
