@@ -392,6 +392,24 @@ def _drop_everything(eng) -> list[str]:
     return names
 
 
+def _occupied(kind: str, url: str, tables: list[str]) -> BackupError:
+    return BackupError(f"the {kind} database {_redact(url)} already holds {len(tables)} tables "
+                       f"({', '.join(sorted(tables)[:5])}{', ...' if len(tables) > 5 else ''}): restore into a new, "
+                       "empty database, or pass --replace to drop them and everything in them first")
+
+
+def _tables_in(url: str) -> list[str]:
+    from sqlalchemy import inspect
+
+    if url.startswith("sqlite:///") and not _sqlite_path(url).exists():
+        return []
+    eng = _engine(url)
+    try:
+        return inspect(eng).get_table_names()
+    finally:
+        eng.dispose()
+
+
 def restore_database(kind: str, url: str, dump: Path, revisions: dict[str, list[str]], replace: bool,
                      say: Callable[[str], None]) -> dict[str, int]:
     """Load a dump into the database at `url`: it must hold no tables, or `replace` drops them
@@ -407,9 +425,7 @@ def restore_database(kind: str, url: str, dump: Path, revisions: dict[str, list[
     try:
         existing = inspect(eng).get_table_names()
         if existing and not replace:
-            raise BackupError(f"the {kind} database {_redact(url)} already holds {len(existing)} tables "
-                              f"({', '.join(sorted(existing)[:5])}{', ...' if len(existing) > 5 else ''}): restore into a new, "
-                              "empty database, or pass --replace to drop them and everything in them first")
+            raise _occupied(kind, url, existing)
         if existing:
             say(f"{kind} database: dropping {len(existing)} tables (--replace)")
             _drop_everything(eng)
@@ -729,8 +745,13 @@ def restore(targets: Sources, backups_uri: str, snapshot: str | None = None, rep
             records = _object_records(backups, manifest, work)
         if "mlflow" in dumps and not targets.mlflow_db:
             raise BackupError("the snapshot holds MLflow's database but no target is set: set INDAI_MLFLOW_DB_URL")
+        urls = {kind: targets.platform_db if kind == "platform" else targets.mlflow_db for kind in dumps}
+        if not replace:  # every target is checked before anything is written
+            for kind, url in urls.items():
+                if tables := _tables_in(url):
+                    raise _occupied(kind, url, tables)
         for kind, (info, path) in dumps.items():
-            url = targets.platform_db if kind == "platform" else targets.mlflow_db
+            url = urls[kind]
             with stages.stage(f"restore the {kind} database"):
                 counts = restore_database(kind, url, path, info.get("revisions") or {}, replace, say)
                 expected = info.get("tables") or {}

@@ -170,6 +170,11 @@ def test_restore_refuses_to_overwrite_and_replace_makes_it_exact(state, tmp_path
     with pytest.raises(backup.BackupError, match=r"platform database .* already holds \d+ tables \(alembic_version, audit"):
         backup.restore(backup.current_sources(), str(dest))
     assert all_rows(f"sqlite:///{home}/platform.db") == before_rows
+    (home / "platform.db").rename(tmp_path / "platform-aside.db")  # only MLflow's holds tables: nothing is written
+    with pytest.raises(backup.BackupError, match=r"mlflow database .* already holds \d+ tables"):
+        backup.restore(backup.current_sources(), str(dest))
+    assert not (home / "platform.db").exists() and not (home / "store").exists()
+    (tmp_path / "platform-aside.db").rename(home / "platform.db")
     (tmp_path / "store-aside").rename(home / "store")
 
     assert cli.main(["admin", "restore", "--from", str(dest), "--replace"]) == 0
