@@ -81,6 +81,9 @@ def test_the_embedded_homes_snapshot_restores_into_postgres_and_minio_and_back(t
     # 3. the cluster's stores backed up (a REPEATABLE READ snapshot of PostgreSQL) into a folder:
     # only the new rows are new, and no object is stored again under the same content
     second = backup.backup(backup.current_sources(), str(tmp_path / "backups"))
+    # the manifest names the databases it read, never their password
+    assert second["sources"]["platform_db"] == platform_url.replace(postgres.password, "***")
+    assert postgres.password not in (tmp_path / "backups" / "snapshots" / second["id"] / "manifest.json").read_text()
     grown = {k: v["tables"] for k, v in second["databases"].items()}
     was = {k: v["tables"] for k, v in first["databases"].items()}
     assert grown["platform"]["members"] == was["platform"]["members"] + 1

@@ -58,7 +58,8 @@ def test_a_snapshot_restores_row_for_row_into_a_new_home(state, tmp_path, monkey
     assert snap["databases"]["mlflow"]["tables"]["users"] == 1  # MLflow's own accounts
     assert set(snap["databases"]["mlflow"]["revisions"]) == {"alembic_version", "alembic_version_auth"}
     assert snap["objects"]["count"] == 6 and snap["objects"]["new_blobs"] == 6
-    assert "***" in snap["sources"]["platform_db"] or "@" not in snap["sources"]["platform_db"]
+    assert snap["sources"] == {"platform_db": f"sqlite:///{home}/platform.db", "mlflow_db": f"sqlite:///{home}/mlflow/mlflow.db",
+                               "store": (home / "store").as_uri()}
     assert cli.main(["admin", "verify-backup", "--at", str(dest)]) == 0
     assert "every checksum matches" in capsys.readouterr().out
 
