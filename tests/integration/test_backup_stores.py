@@ -103,3 +103,30 @@ def test_the_embedded_homes_snapshot_restores_into_postgres_and_minio_and_back(t
     assert _comparable(all_rows(f"sqlite:///{back}/mlflow/mlflow.db")) == _comparable(all_rows(mlflow_url))
     assert store_contents(back / "store") == store_contents(home / "store")
     assert Path(back / "store" / "mlflow-artifacts").is_dir()
+
+
+def test_a_dump_that_waits_on_a_locked_table_ends_with_a_clear_error(tmp_path, monkeypatch, postgres):
+    """A table held by another session (an ACCESS EXCLUSIVE lock: a migration, a stuck admin
+    statement): each statement of the dump has a deadline, so the backup fails, saying so and
+    naming the database without its password, instead of waiting as long as the lock is held."""
+    import time
+
+    from sqlalchemy import create_engine, text
+
+    url = postgres.new_database("locked")
+    make_platform(url)
+    monkeypatch.setattr(backup, "DB_TIMEOUT_S", 2.0)
+    holder = create_engine(url)
+    with holder.connect() as c:
+        c.execute(text("LOCK TABLE tokens IN ACCESS EXCLUSIVE MODE"))  # held until this block ends
+        started = time.monotonic()
+        try:
+            backup.dump_database(url, tmp_path / "p.jsonl.gz", tmp_path)
+            raise AssertionError("the dump did not fail")
+        except backup.BackupError as e:
+            said, took = str(e), time.monotonic() - started
+        c.rollback()
+    holder.dispose()
+    assert "did not answer within 2 s" in said and "this snapshot was not made" in said, said
+    assert postgres.password not in said and ":***@" in said
+    assert took < 30, took  # given up on (a wait for the lock would last until the rollback)
