@@ -16,6 +16,14 @@ backs up):
     snapshots/<id>/objects.jsonl.gz     [key, size, change tag, sha256] for every object
     snapshots/<id>/manifest.json        written last: a snapshot without it does not exist
     blobs/<sha256[:2]>/<sha256>         object contents, shared by all snapshots
+    config.json                         the store's format, and the key id when it is sealed
+    locks/<random>.json                 one per run in progress (see LOCK_* below)
+
+With a backup key (INDAI_BACKUP_KEY_FILE or INDAI_BACKUP_KEY, from `indai admin backup-key`) a
+new backup store is sealed: every dump, list, manifest and content is encrypted and authenticated
+(platform/encryption.py), and contents are stored under keyed names instead of their sha256, so
+whoever reads the store without the key learns neither what is in it nor which files it holds.
+A store is sealed or not from its first snapshot on, and `config.json` records which.
 
 Objects are kept by content, so a snapshot holds only what changed since the one before: an
 object whose size and change tag (S3 ETag, a file's mtime) match the previous snapshot's record
@@ -43,10 +51,13 @@ import json
 import os
 import re
 import secrets
+import socket
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, time as dtime, timezone
 from decimal import Decimal
@@ -54,6 +65,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from indai.platform import progress
+from indai.platform.encryption import Key, SealError, open_bytes, open_file, seal_bytes, seal_file
 from indai.platform.errors import UserError
 from indai.platform.storage import ObjectStore, S3Store, StoreError, open_store, sha256_file, validate_key
 
@@ -61,6 +73,17 @@ FORMAT = 1
 SNAPSHOTS = "snapshots"
 BLOBS = "blobs"
 MANIFEST = "manifest.json"
+CONFIG = "config.json"  # the backup store's own settings: its format and whether (and with which key) it is sealed
+LOCKS = "locks"
+SEALED = "aes-256-gcm"
+# Runs on one backup store announce themselves with a lock file each (`locks/<random>.json`,
+# rewritten every LOCK_REFRESH_S). A run that prunes takes an exclusive lock and prunes only when
+# no other run holds one; every other run waits while an exclusive lock is held. A lock not
+# rewritten for LOCK_STALE_S is a crashed run's and is ignored (and deleted by the next prune).
+LOCK_REFRESH_S = 300.0
+LOCK_STALE_S = 1800.0
+LOCK_WAIT_S = 900.0
+_LOCK_KEY = re.compile(LOCKS + r"/[0-9a-f]{16}\.json")
 DATABASES = ("platform", "mlflow")
 _SNAPSHOT_ID = re.compile(r"\d{8}T\d{9}Z-[0-9a-f]{6}")  # UTC to the millisecond: ids sort as snapshots were made
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -122,6 +145,263 @@ def open_backup_store(uri: str) -> ObjectStore:
                        secret_key=env("INDAI_BACKUP_S3_SECRET_KEY") or None,
                        secure=env("INDAI_BACKUP_S3_SECURE") or None)
     return open_store(uri)
+
+
+def backup_key_from_env() -> Key | None:
+    """The backup key: the file INDAI_BACKUP_KEY_FILE names (the chart mounts it from a Secret),
+    or INDAI_BACKUP_KEY itself; None when neither is set."""
+    path = os.environ.get("INDAI_BACKUP_KEY_FILE", "").strip()
+    text = os.environ.get("INDAI_BACKUP_KEY", "")
+    if path and text.strip():
+        raise BackupError("both INDAI_BACKUP_KEY_FILE and INDAI_BACKUP_KEY are set: set only one")
+    if path:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                text = fh.read(4096)
+        except OSError as e:
+            raise BackupError(f"INDAI_BACKUP_KEY_FILE names {path}, which cannot be read ({e.strerror})") from None
+        where = f"the file INDAI_BACKUP_KEY_FILE names ({path})"
+    elif text.strip():
+        where = "INDAI_BACKUP_KEY"
+    else:
+        return None
+    try:
+        return Key.parse(text, where)
+    except SealError as e:
+        raise BackupError(str(e)) from None
+
+
+class _Lock:
+    """This run's lock file in a backup store, rewritten by a thread every LOCK_REFRESH_S."""
+
+    def __init__(self, store: ObjectStore, kind: str, what: str):
+        self.store, self.kind, self.what = store, kind, what
+        self.key = f"{LOCKS}/{secrets.token_hex(8)}.json"
+        self._write()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._keep, name="indai-backup-lock", daemon=True)
+        self._thread.start()
+
+    def _write(self) -> None:
+        self.store.put_bytes(self.key, json.dumps({"kind": self.kind, "what": self.what, "host": socket.gethostname(),
+                                                   "pid": os.getpid(), "at": time.time()}).encode())
+
+    def _keep(self) -> None:
+        while not self._done.wait(LOCK_REFRESH_S):
+            try:
+                self._write()
+            except Exception as e:  # the run goes on; a lock left unrefreshed only turns stale
+                print(f"could not refresh the lock {self.key} ({type(e).__name__}); going on", file=sys.stderr)
+
+    def release(self) -> None:
+        self._done.set()
+        self._thread.join()
+        try:
+            self.store.delete(self.key)
+        except Exception as e:  # it turns stale, and the next prune deletes it
+            print(f"could not delete the lock {self.key} ({type(e).__name__}): it expires by itself", file=sys.stderr)
+
+
+def _describe(info: dict) -> str:
+    at = datetime.fromtimestamp(info["at"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"{'a prune' if info['kind'] == 'exclusive' else 'a ' + info['what']} on {info['host']} (pid {info['pid']}, since {at})"
+
+
+class Repository:
+    """A backup store as backups use it. Where its config.json records a key, every file but the
+    config and the locks is sealed with that key, and contents are named by a keyed hash of their
+    sha256 instead of the sha256 itself."""
+
+    def __init__(self, store: ObjectStore, key: Key | None):
+        self.store, self.key, self.uri = store, key, store.uri
+
+    # names
+    def blob_name(self, sha: str) -> str:
+        return self.key.name(sha) if self.key else sha
+
+    def blob_key(self, sha: str) -> str:
+        name = self.blob_name(sha)
+        return f"{BLOBS}/{name[:2]}/{name}"
+
+    def blob_names(self) -> set[str]:
+        return {k.rsplit("/", 1)[-1] for k in self.store.list(BLOBS)}
+
+    # contents, sealed where the store is
+    def _damaged(self, key: str) -> BackupError:
+        return BackupError(f"{key} in {self.uri} does not open with the backup key (key id {self.key.id}): it was changed, "
+                           "cut short or moved from another name; this copy is damaged, restore another snapshot")
+
+    def put_file(self, key: str, local: Path) -> None:
+        if self.key is None:
+            return self.store.put_file(key, local)
+        sealed = local.with_name(local.name + ".sealed")
+        try:
+            seal_file(self.key, local, sealed, key)
+            self.store.put_file(key, sealed)
+        finally:
+            sealed.unlink(missing_ok=True)
+
+    def get_file(self, key: str, local: Path) -> None:
+        if self.key is None:
+            return self.store.get_file(key, local)
+        sealed = local.with_name(local.name + ".sealed")
+        try:
+            self.store.get_file(key, sealed)
+            open_file(self.key, sealed, local, key)
+        except SealError:
+            raise self._damaged(key) from None
+        finally:
+            sealed.unlink(missing_ok=True)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.store.put_bytes(key, seal_bytes(self.key, data, key) if self.key else data)
+
+    def get_bytes(self, key: str) -> bytes:
+        data = self.store.get_bytes(key)
+        if self.key is None:
+            return data
+        try:
+            return open_bytes(self.key, data, key)
+        except SealError:
+            raise self._damaged(key) from None
+
+    # names only
+    def exists(self, key: str) -> bool:
+        return self.store.exists(key)
+
+    def children(self, prefix: str) -> list[str]:
+        return self.store.children(prefix)
+
+    def list(self, prefix: str) -> list[str]:
+        return self.store.list(prefix)
+
+    def delete(self, key: str) -> None:
+        self.store.delete(key)
+
+    def delete_prefix(self, prefix: str) -> None:
+        self.store.delete_prefix(prefix)
+
+    # runs beside each other
+    def locks(self, *mine: str) -> tuple[dict[str, dict], list[str]]:
+        """The other runs' fresh locks (key: what it says) and the keys of stale or unreadable ones."""
+        fresh, stale = {}, []
+        for key in self.store.list(LOCKS):
+            if key in mine:
+                continue
+            try:
+                info = json.loads(self.store.get_bytes(key))
+                fields_ok = (isinstance(info, dict) and info.get("kind") in ("shared", "exclusive")
+                             and isinstance(info.get("at"), (int, float)) and isinstance(info.get("host"), str)
+                             and isinstance(info.get("pid"), int) and isinstance(info.get("what"), str))
+            except StoreError:
+                if self.store.exists(key):
+                    raise
+                continue  # released meanwhile
+            except ValueError:
+                fields_ok = False
+            if not fields_ok or not _LOCK_KEY.fullmatch(key) or time.time() - info["at"] > LOCK_STALE_S:
+                stale.append(key)
+            else:
+                fresh[key] = {**info, "host": info["host"][:64], "what": info["what"][:40]}
+        return fresh, stale
+
+    @contextmanager
+    def running(self, what: str, say: Callable[[str], None]) -> Iterator[_Lock | None]:
+        """Announce a run (a backup, verify or restore); first wait while another run prunes. A
+        verify or restore with keys that may only read the backup store goes on without a lock."""
+        try:
+            lock = _Lock(self.store, "shared", what)
+        except StoreError as e:
+            if what == "backup":
+                raise
+            say(f"could not write a lock into {self.uri} ({str(e)[:200]}); going on without one: a prune that runs "
+                f"meanwhile could delete what this {what} reads")
+            yield None
+            return
+        try:
+            deadline, told = time.monotonic() + LOCK_WAIT_S, False
+            while True:
+                pruning = [(k, i) for k, i in self.locks(lock.key)[0].items() if i["kind"] == "exclusive"]
+                if not pruning:
+                    break
+                key, info = pruning[0]
+                if time.monotonic() > deadline:
+                    raise BackupError(f"{self.uri} is held by {_describe(info)}, which did not finish within "
+                                      f"{LOCK_WAIT_S:.0f} s: if no indai backup is running there (a run that stopped "
+                                      f"leaves its lock for {LOCK_STALE_S / 60:.0f} minutes), delete {key} from the "
+                                      "backup store and run again")
+                if not told:
+                    say(f"waiting for {_describe(info)} to finish")
+                    told = True
+                time.sleep(1.0)
+            yield lock
+        finally:
+            lock.release()
+
+    @contextmanager
+    def alone(self, mine: _Lock, say: Callable[[str], None]) -> Iterator[list[str] | None]:
+        """An exclusive lock, if no other run holds one: yields the stale locks' keys, or None
+        (and holds nothing) while another run is going."""
+        lock = _Lock(self.store, "exclusive", "prune")
+        try:
+            fresh, stale = self.locks(lock.key, mine.key)
+            if fresh:
+                say(f"{self.uri} is also used by {_describe(next(iter(fresh.values())))}: old snapshots are pruned "
+                    "by the next backup")
+                yield None
+            else:
+                yield stale
+        finally:
+            lock.release()
+
+
+def _read_config(store: ObjectStore) -> dict | None:
+    try:
+        raw = store.get_bytes(CONFIG)
+    except StoreError:
+        if store.exists(CONFIG):
+            raise
+        return None
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        config = None
+    if (not isinstance(config, dict) or config.get("format") != FORMAT or config.get("encryption") not in (None, SEALED)
+            or (config.get("encryption") and not re.fullmatch(r"[0-9a-f]{16}", str(config.get("key_id"))))):
+        raise BackupError(f"{CONFIG} in {store.uri} is not one this indai writes (it reads format {FORMAT}): the backup "
+                          "store is damaged or belongs to something else")
+    return config
+
+
+def open_repository(uri: str, *, create: bool = False) -> Repository:
+    """The backup store at `uri`, opened with the backup key where it is sealed. `create`: a
+    backup is about to write; an empty store is then made sealed when a key is set."""
+    store = open_backup_store(uri)
+    key = backup_key_from_env()
+    config = _read_config(store)
+    if config is None:
+        used = bool(store.children(SNAPSHOTS) or store.children(BLOBS))
+        if used:  # made before config.json: never sealed
+            config = {"format": FORMAT, "encryption": None}
+        elif create:
+            config = {"format": FORMAT, "encryption": SEALED if key else None, "key_id": key.id if key else None,
+                      "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            store.put_bytes(CONFIG, json.dumps(config, indent=1).encode())
+        else:
+            return Repository(store, None)  # nothing in it to read
+    if config["encryption"] is None:
+        if key and create:
+            raise BackupError(f"{uri} holds backups that are not encrypted, and a backup key is set: encrypted backups "
+                              "go to a new backup store (another folder, bucket or prefix); the old snapshots stay "
+                              "readable without the key")
+        return Repository(store, None)
+    if key is None:
+        raise BackupError(f"{uri} is encrypted (key id {config['key_id']}): set INDAI_BACKUP_KEY_FILE to a file holding "
+                          "its key, or INDAI_BACKUP_KEY to the key")
+    if key.id != config["key_id"]:
+        raise BackupError(f"the backup key set here (key id {key.id}) is not the key of {uri} (key id {config['key_id']}): "
+                          "use the key its snapshots were made with; without it they cannot be read")
+    return Repository(store, key)
 
 
 def _same_server(a: ObjectStore, b: ObjectStore) -> bool:
@@ -414,6 +694,25 @@ def _tables_in(url: str) -> list[str]:
         eng.dispose()
 
 
+def _other_sessions(url: str) -> list[str]:
+    """Who else is connected to a PostgreSQL database: its user, application and address, as
+    far as PostgreSQL shows them to this user (SQLite: nothing to ask, `indai down` is checked)."""
+    from sqlalchemy import text
+
+    if not url.startswith("postgresql"):
+        return []
+    eng = _engine(url)
+    try:
+        with eng.connect() as conn:
+            rows = conn.execute(text(
+                "SELECT usename, application_name, client_addr FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND backend_type = 'client backend'")).all()
+    finally:
+        eng.dispose()
+    return [f"{user or '?'}" + (f" ({app[:40]})" if app else "") + (f" from {addr}" if addr else "")
+            for user, app, addr in rows]
+
+
 def restore_database(kind: str, url: str, dump: Path, revisions: dict[str, list[str]], replace: bool,
                      say: Callable[[str], None]) -> dict[str, int]:
     """Load a dump into the database at `url`: it must hold no tables, or `replace` drops them
@@ -488,10 +787,6 @@ def restore_database(kind: str, url: str, dump: Path, revisions: dict[str, list[
 
 # ---- snapshots ----------------------------------------------------------------------------------
 
-def _blob_key(sha: str) -> str:
-    return f"{BLOBS}/{sha[:2]}/{sha}"
-
-
 def _new_id(after: str | None = None) -> str:
     """A snapshot id (UTC to the millisecond) that sorts after `after`, the newest so far, even
     within the same millisecond or with a clock that stepped back."""
@@ -505,27 +800,40 @@ def _new_id(after: str | None = None) -> str:
     return at.strftime("%Y%m%dT%H%M%S") + f"{at.microsecond // 1000:03d}Z-" + secrets.token_hex(3)
 
 
-def list_snapshots(backups: ObjectStore) -> list[dict]:
-    """The complete snapshots in a backup store, oldest first (each one's manifest)."""
+def _snapshot_ids(repo: Repository) -> tuple[list[str], list[str]]:
+    """The ids of the snapshots with a manifest, and of those without one (a backup that is
+    running, or one that stopped half-way), oldest first."""
+    whole, partial = [], []
+    for name in repo.children(SNAPSHOTS):
+        if _SNAPSHOT_ID.fullmatch(name):  # anything else is not indai's
+            (whole if repo.exists(f"{SNAPSHOTS}/{name}/{MANIFEST}") else partial).append(name)
+    return sorted(whole), sorted(partial)
+
+
+def list_snapshots(repo: Repository, damaged: list[tuple[str, str]] | None = None) -> list[dict]:
+    """The complete, readable snapshots in a backup store, oldest first (each one's manifest).
+    Snapshots whose manifest cannot be read are left out, and added to `damaged` as (id, why)."""
     found = []
-    for name in backups.children(SNAPSHOTS):
-        if not _SNAPSHOT_ID.fullmatch(name) or not backups.exists(f"{SNAPSHOTS}/{name}/{MANIFEST}"):
-            continue  # a backup that did not finish, or something else's
-        found.append(read_manifest(backups, name))
-    return sorted(found, key=lambda m: m["id"])
+    for name in _snapshot_ids(repo)[0]:
+        try:
+            found.append(read_manifest(repo, name))
+        except BackupError as e:
+            if damaged is not None:
+                damaged.append((name, str(e)))
+    return found
 
 
-def read_manifest(backups: ObjectStore, snapshot: str) -> dict:
+def read_manifest(repo: Repository, snapshot: str) -> dict:
     if not _SNAPSHOT_ID.fullmatch(snapshot or ""):
         raise BackupError(f"{str(snapshot)[:80]!r} is not a snapshot id (like 20261129T203000123Z-1a2b3c): "
-                          f"`indai admin backups --at {backups.uri}` lists them")
+                          f"`indai admin backups --at {repo.uri}` lists them")
     key = f"{SNAPSHOTS}/{snapshot}/{MANIFEST}"
     try:
-        raw = backups.get_bytes(key)
+        raw = repo.get_bytes(key)
     except StoreError:
-        if backups.exists(key):
+        if repo.exists(key):
             raise
-        raise BackupError(f"no complete snapshot {snapshot} in {backups.uri}: `indai admin backups --at {backups.uri}` "
+        raise BackupError(f"no complete snapshot {snapshot} in {repo.uri}: `indai admin backups --at {repo.uri}` "
                           "lists them") from None
     try:
         manifest = json.loads(raw)
@@ -537,29 +845,37 @@ def read_manifest(backups: ObjectStore, snapshot: str) -> dict:
     return manifest
 
 
-def pick_snapshot(backups: ObjectStore, snapshot: str | None) -> dict:
+def pick_snapshot(repo: Repository, snapshot: str | None, say: Callable[[str], None] = lambda s: None) -> dict:
+    """The snapshot with this id, or the newest readable one ("latest" or None)."""
     if snapshot and snapshot != "latest":
-        return read_manifest(backups, snapshot)
-    found = list_snapshots(backups)
+        return read_manifest(repo, snapshot)
+    damaged: list[tuple[str, str]] = []
+    found = list_snapshots(repo, damaged)
     if not found:
-        raise BackupError(f"{backups.uri} holds no complete snapshot: make one with `indai admin backup --to {backups.uri}`")
+        if damaged:
+            raise BackupError(f"{repo.uri} holds no readable snapshot: " + "; ".join(why for _i, why in damaged[-3:]))
+        raise BackupError(f"{repo.uri} holds no complete snapshot: make one with `indai admin backup --to {repo.uri}`")
+    newer = [i for i, _why in damaged if i > found[-1]["id"]]
+    if newer:
+        say(f"the newest snapshot{'s' if len(newer) > 1 else ''} ({', '.join(newer)}) cannot be read; using "
+            f"{found[-1]['id']} (`indai admin backups --at {repo.uri}` says why)")
     return found[-1]
 
 
-def _fetch_checked(backups: ObjectStore, key: str, sha: str, into: Path) -> Path:
-    backups.get_file(key, into)
+def _fetch_checked(repo: Repository, key: str, sha: str, into: Path) -> Path:
+    repo.get_file(key, into)
     got = sha256_file(into)
     if got != sha:
-        raise BackupError(f"{key} in {backups.uri} does not match its checksum (sha256 {got[:12]}..., the manifest says "
+        raise BackupError(f"{key} in {repo.uri} does not match its checksum (sha256 {got[:12]}..., the manifest says "
                           f"{sha[:12]}...): this copy is damaged; restore another snapshot")
     return into
 
 
-def _object_records(backups: ObjectStore, manifest: dict, work: Path) -> list[tuple[str, int, str, str]]:
+def _object_records(repo: Repository, manifest: dict, work: Path) -> list[tuple[str, int, str, str]]:
     meta = manifest.get("objects") or {}
     if not _SHA256.fullmatch(str(meta.get("sha256", ""))):
         raise BackupError(f"snapshot {manifest['id']}: its manifest has no checksum for the object list; it is damaged")
-    path = _fetch_checked(backups, f"{SNAPSHOTS}/{manifest['id']}/objects.jsonl.gz", meta["sha256"],
+    path = _fetch_checked(repo, f"{SNAPSHOTS}/{manifest['id']}/objects.jsonl.gz", meta["sha256"],
                           work / f"objects-{manifest['id']}.jsonl.gz")
     records = []
     with gzip.open(path, "rt", encoding="utf-8") as fh:
@@ -585,129 +901,145 @@ def backup(sources: Sources, backups_uri: str, keep: int | None = None, *, stage
         raise BackupError(f"--keep {keep}: keep at least the snapshot just made (1 or more)")
     stages = stages or progress.Stages()
     store = open_store(sources.store_uri)
-    backups = open_backup_store(backups_uri)
-    _check_apart(store, backups)
-    previous = list_snapshots(backups)
-    snap = _new_id(previous[-1]["id"] if previous else None)
-    prefix = f"{SNAPSHOTS}/{snap}"
-    manifest: dict = {"format": FORMAT, "id": snap, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      "versions": {p: md.version(p) for p in ("indai", "mlflow", "sqlalchemy")},
-                      "sources": {"platform_db": _redact(sources.platform_db), "mlflow_db": _redact(sources.mlflow_db),
-                                  "store": store.uri},
-                      "databases": {}}
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="indai-backup-") as tmp:
-        work = Path(tmp)
-        for kind, url in (("platform", sources.platform_db), ("mlflow", sources.mlflow_db)):
-            if not url:
-                continue
-            with stages.stage(f"dump the {kind} database"):
-                out = work / f"{kind}.jsonl.gz"
-                info = dump_database(url, out, work)
-                backups.put_file(f"{prefix}/{kind}.jsonl.gz", out)
-                info.update(sha256=sha256_file(out), bytes=out.stat().st_size)
-                manifest["databases"][kind] = info
-                say(f"{kind} database: {sum(info['tables'].values())} rows in {len(info['tables'])} tables")
-        with stages.stage("copy the object store"):
-            known: dict[str, tuple[int, str, str]] = {}
-            if previous:
-                try:
-                    for key, size, tag, sha in _object_records(backups, previous[-1], work):
-                        known[key] = (size, tag, sha)
-                except BackupError as e:  # then every object is read again; this snapshot is whole all the same
-                    say(f"the previous snapshot's object list cannot be used ({e}); reading every object")
-            have = {k.rsplit("/", 1)[-1] for k in backups.list(BLOBS)}
-            stats = store.stat_all("")
-            records, new_bytes, new_blobs, reread, vanished = [], 0, 0, 0, 0
-            for key, (size, tag) in progress.bar(sorted(stats.items()), desc="objects", total=len(stats)):
-                was = known.get(key)
-                if was and was[0] == size and was[1] == tag and tag and was[2] in have:
-                    records.append([key, size, tag, was[2]])
+    _check_apart(store, open_backup_store(backups_uri))
+    repo = open_repository(backups_uri, create=True)
+    with repo.running("backup", say) as lock:
+        previous = list_snapshots(repo)
+        snap = _new_id(max([previous[-1]["id"] if previous else "", *_snapshot_ids(repo)[1]]) or None)
+        prefix = f"{SNAPSHOTS}/{snap}"
+        manifest: dict = {"format": FORMAT, "id": snap, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                          "versions": {p: md.version(p) for p in ("indai", "mlflow", "sqlalchemy")},
+                          "sources": {"platform_db": _redact(sources.platform_db), "mlflow_db": _redact(sources.mlflow_db),
+                                      "store": store.uri},
+                          "sealed": repo.key is not None, "databases": {}}
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="indai-backup-") as tmp:
+            work = Path(tmp)
+            for kind, url in (("platform", sources.platform_db), ("mlflow", sources.mlflow_db)):
+                if not url:
                     continue
-                reread += 1
-                local = work / "object"
-                try:
-                    store.get_file(key, local)
-                except StoreError:
-                    if store.exists(key):
-                        raise
-                    vanished += 1  # deleted since the listing (an old checkpoint pruned): not in this snapshot
-                    continue
-                sha = sha256_file(local)
-                if sha not in have:
-                    backups.put_file(_blob_key(sha), local)
-                    have.add(sha)
-                    new_blobs += 1
-                    new_bytes += local.stat().st_size
-                records.append([key, local.stat().st_size, tag, sha])
-                local.unlink()
-            listing = work / "objects.jsonl.gz"
-            with gzip.open(listing, "wt", encoding="utf-8") as fh:
-                for r in records:
-                    fh.write(json.dumps(r) + "\n")
-            backups.put_file(f"{prefix}/objects.jsonl.gz", listing)
-            manifest["objects"] = {"count": len(records), "bytes": sum(r[1] for r in records), "read": reread,
-                                   "new_blobs": new_blobs, "new_bytes": new_bytes, "vanished": vanished,
-                                   "sha256": sha256_file(listing)}
-            say(f"objects: {len(records)} ({manifest['objects']['bytes'] / 1e6:.1f} MB); read {reread}, "
-                f"{new_blobs} new contents ({new_bytes / 1e6:.1f} MB) stored"
-                + (f"; {vanished} deleted while the backup ran" if vanished else ""))
-        manifest["seconds"] = round(time.perf_counter() - started, 2)
-        backups.put_bytes(f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
-        if keep is not None:
-            with stages.stage("prune old snapshots"):
-                manifest["pruned"] = prune(backups, keep, work, say)
+                with stages.stage(f"dump the {kind} database"):
+                    out = work / f"{kind}.jsonl.gz"
+                    info = dump_database(url, out, work)
+                    repo.put_file(f"{prefix}/{kind}.jsonl.gz", out)
+                    info.update(sha256=sha256_file(out), bytes=out.stat().st_size)
+                    manifest["databases"][kind] = info
+                    say(f"{kind} database: {sum(info['tables'].values())} rows in {len(info['tables'])} tables")
+            with stages.stage("copy the object store"):
+                known: dict[str, tuple[int, str, str]] = {}
+                if previous:
+                    try:
+                        for key, size, tag, sha in _object_records(repo, previous[-1], work):
+                            known[key] = (size, tag, sha)
+                    except BackupError as e:  # then every object is read again; this snapshot is whole all the same
+                        say(f"the previous snapshot's object list cannot be used ({e}); reading every object")
+                have = repo.blob_names()
+                stats = store.stat_all("")
+                records, new_bytes, new_blobs, reread, vanished = [], 0, 0, 0, 0
+                for key, (size, tag) in progress.bar(sorted(stats.items()), desc="objects", total=len(stats)):
+                    was = known.get(key)
+                    if was and was[0] == size and was[1] == tag and tag and repo.blob_name(was[2]) in have:
+                        records.append([key, size, tag, was[2]])
+                        continue
+                    reread += 1
+                    local = work / "object"
+                    try:
+                        store.get_file(key, local)
+                    except StoreError:
+                        if store.exists(key):
+                            raise
+                        vanished += 1  # deleted since the listing (an old checkpoint pruned): not in this snapshot
+                        continue
+                    sha = sha256_file(local)
+                    if repo.blob_name(sha) not in have:
+                        repo.put_file(repo.blob_key(sha), local)
+                        have.add(repo.blob_name(sha))
+                        new_blobs += 1
+                        new_bytes += local.stat().st_size
+                    records.append([key, local.stat().st_size, tag, sha])
+                    local.unlink()
+                listing = work / "objects.jsonl.gz"
+                with gzip.open(listing, "wt", encoding="utf-8") as fh:
+                    for r in records:
+                        fh.write(json.dumps(r) + "\n")
+                repo.put_file(f"{prefix}/objects.jsonl.gz", listing)
+                manifest["objects"] = {"count": len(records), "bytes": sum(r[1] for r in records), "read": reread,
+                                       "new_blobs": new_blobs, "new_bytes": new_bytes, "vanished": vanished,
+                                       "sha256": sha256_file(listing)}
+                say(f"objects: {len(records)} ({manifest['objects']['bytes'] / 1e6:.1f} MB); read {reread}, "
+                    f"{new_blobs} new contents ({new_bytes / 1e6:.1f} MB) stored"
+                    + (f"; {vanished} deleted while the backup ran" if vanished else ""))
+            manifest["seconds"] = round(time.perf_counter() - started, 2)
+            repo.put_bytes(f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+            if keep is not None:
+                with stages.stage("prune old snapshots"), repo.alone(lock, say) as stale_locks:
+                    if stale_locks is not None:
+                        manifest["pruned"] = prune(repo, keep, work, say, stale_locks)
     return manifest
 
 
-def prune(backups: ObjectStore, keep: int, work: Path, say: Callable[[str], None]) -> dict:
-    """Delete all but the newest `keep` snapshots, then every content no kept snapshot names.
-    One backup at a time per backup store (the chart's CronJob forbids overlapping runs): a
-    backup running beside this could lose contents it stored but has not named yet."""
-    snaps = list_snapshots(backups)
+def prune(repo: Repository, keep: int, work: Path, say: Callable[[str], None], stale_locks: list[str] = ()) -> dict:
+    """Delete all but the newest `keep` snapshots, the folders of snapshots that never finished,
+    the locks of runs that stopped, then every content no kept snapshot names. The caller holds
+    the store alone (`Repository.alone`). Snapshots whose manifest cannot be read are neither
+    kept nor deleted: their contents go, their folders stay for someone to look at."""
+    damaged: list[tuple[str, str]] = []
+    snaps = list_snapshots(repo, damaged)
     gone = snaps[:-keep] if len(snaps) > keep else []
     for m in gone:
-        backups.delete(f"{SNAPSHOTS}/{m['id']}/{MANIFEST}")  # first: the snapshot stops existing at once
-        backups.delete_prefix(f"{SNAPSHOTS}/{m['id']}")
+        repo.delete(f"{SNAPSHOTS}/{m['id']}/{MANIFEST}")  # first: the snapshot stops existing at once
+        repo.delete_prefix(f"{SNAPSHOTS}/{m['id']}")
+    unfinished = _snapshot_ids(repo)[1]
+    for snap in unfinished:
+        repo.delete_prefix(f"{SNAPSHOTS}/{snap}")
+    for key in stale_locks:
+        repo.delete(key)
     named = set()
     for m in snaps[len(gone):]:
-        named.update(sha for _k, _s, _t, sha in _object_records(backups, m, work))
-    blobs = [k for k in backups.list(BLOBS) if k.rsplit("/", 1)[-1] not in named]
+        named.update(repo.blob_name(sha) for _k, _s, _t, sha in _object_records(repo, m, work))
+    blobs = [k for k in repo.list(BLOBS) if k.rsplit("/", 1)[-1] not in named]
     for key in blobs:
-        backups.delete(key)
-    if gone or blobs:
-        say(f"pruned {len(gone)} snapshots and {len(blobs)} contents no kept snapshot names")
-    return {"snapshots": [m["id"] for m in gone], "blobs": len(blobs)}
+        repo.delete(key)
+    if gone or blobs or unfinished:
+        say(f"pruned {len(gone)} snapshots, {len(unfinished)} unfinished ones and {len(blobs)} contents no kept "
+            "snapshot names")
+    if damaged:
+        say(f"{len(damaged)} snapshots cannot be read and were left as they are ({', '.join(i for i, _w in damaged)}): "
+            "`indai admin backups` says why; delete their folders once nobody needs to look at them")
+    return {"snapshots": [m["id"] for m in gone], "unfinished": unfinished, "blobs": len(blobs),
+            "locks": len(stale_locks), "damaged": [i for i, _w in damaged]}
 
 
-def _fetch_dumps(backups: ObjectStore, manifest: dict, work: Path) -> dict[str, tuple[dict, Path]]:
+def _fetch_dumps(repo: Repository, manifest: dict, work: Path) -> dict[str, tuple[dict, Path]]:
     dumps = {}
     for kind, info in (manifest.get("databases") or {}).items():
         if kind not in DATABASES or not isinstance(info, dict) or not _SHA256.fullmatch(str(info.get("sha256", ""))):
             raise BackupError(f"snapshot {manifest['id']}: its manifest names a database {str(kind)[:40]!r} indai does not "
                               "keep, or one without a checksum; it is damaged")
-        path = _fetch_checked(backups, f"{SNAPSHOTS}/{manifest['id']}/{kind}.jsonl.gz", info["sha256"],
+        path = _fetch_checked(repo, f"{SNAPSHOTS}/{manifest['id']}/{kind}.jsonl.gz", info["sha256"],
                               work / f"{kind}.jsonl.gz")
         dumps[kind] = (info, path)
     return dumps
 
 
-def verify(backups_uri: str, snapshot: str | None = None) -> dict:
+def verify(backups_uri: str, snapshot: str | None = None,
+           say: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
     """Read a snapshot back in full: its dumps and every content it names, each checked against
     its sha256. Returns what was checked; BackupError names the first thing damaged or missing."""
-    backups = open_backup_store(backups_uri)
-    manifest = pick_snapshot(backups, snapshot)
-    with tempfile.TemporaryDirectory(prefix="indai-verify-") as tmp:
+    repo = open_repository(backups_uri)
+    with repo.running("verify", say), tempfile.TemporaryDirectory(prefix="indai-verify-") as tmp:
+        manifest = pick_snapshot(repo, snapshot, say)
         work = Path(tmp)
-        dumps = _fetch_dumps(backups, manifest, work)
+        dumps = _fetch_dumps(repo, manifest, work)
         rows = {}
         for kind, (_info, path) in dumps.items():
             rows[kind] = sum(sum(1 for _ in r) for _t, _c, r in _read_dump(path))
-        records = _object_records(backups, manifest, work)
+        records = _object_records(repo, manifest, work)
         shas = sorted({sha for *_x, sha in records})
         for sha in progress.bar(shas, desc="contents", total=len(shas)):
-            _fetch_checked(backups, _blob_key(sha), sha, work / "blob").unlink()
-    return {"snapshot": manifest["id"], "rows": rows, "objects": len(records), "contents": len(shas)}
+            _fetch_checked(repo, repo.blob_key(sha), sha, work / "blob").unlink()
+    return {"snapshot": manifest["id"], "rows": rows, "objects": len(records), "contents": len(shas),
+            "sealed": repo.key is not None}
 
 
 def _embedded_services_running() -> bool:
@@ -729,30 +1061,34 @@ def restore(targets: Sources, backups_uri: str, snapshot: str | None = None, rep
     """Write a snapshot back: both databases (new and empty, or `replace`) and the object store
     (empty, or `replace`: then its objects that are not in the snapshot are deleted at the end)."""
     stages = stages or progress.Stages()
-    backups = open_backup_store(backups_uri)
     store = open_store(targets.store_uri)
-    _check_apart(store, backups)
+    _check_apart(store, open_backup_store(backups_uri))
     if not os.environ.get("INDAI_DB_URL") and not os.environ.get("INDAI_MLFLOW_DB_URL") and _embedded_services_running():
         raise BackupError("the embedded services are running on the databases a restore would write: run `indai down` "
                           "first, and `indai up` after the restore")
-    manifest = pick_snapshot(backups, snapshot)
+    repo = open_repository(backups_uri)
     present = store.stat_all("")
     if present and not replace:
         raise BackupError(f"the store {store.uri} already holds {len(present)} objects: restore into an empty store, or "
                           "pass --replace to make it hold exactly the snapshot's objects")
-    result: dict = {"snapshot": manifest["id"], "databases": {}}
-    with tempfile.TemporaryDirectory(prefix="indai-restore-") as tmp:
+    with repo.running("restore", say), tempfile.TemporaryDirectory(prefix="indai-restore-") as tmp:
+        manifest = pick_snapshot(repo, snapshot, say)
+        result: dict = {"snapshot": manifest["id"], "databases": {}}
         work = Path(tmp)
         with stages.stage("check the snapshot"):
-            dumps = _fetch_dumps(backups, manifest, work)
-            records = _object_records(backups, manifest, work)
+            dumps = _fetch_dumps(repo, manifest, work)
+            records = _object_records(repo, manifest, work)
         if "mlflow" in dumps and not targets.mlflow_db:
             raise BackupError("the snapshot holds MLflow's database but no target is set: set INDAI_MLFLOW_DB_URL")
         urls = {kind: targets.platform_db if kind == "platform" else targets.mlflow_db for kind in dumps}
-        if not replace:  # every target is checked before anything is written
-            for kind, url in urls.items():
-                if tables := _tables_in(url):
-                    raise _occupied(kind, url, tables)
+        for kind, url in urls.items():  # every target is checked before anything is written
+            if not replace and (tables := _tables_in(url)):
+                raise _occupied(kind, url, tables)
+            if replace and (others := _other_sessions(url)):
+                raise BackupError(f"the {kind} database {_redact(url)} is in use by {len(others)} other session"
+                                  f"{'s' if len(others) > 1 else ''} ({', '.join(sorted(set(others))[:5])}): stop what "
+                                  "uses it before a restore replaces it (on the cluster: the gateway, MLflow and the "
+                                  "serving RayService, README \"Backups and restores\"), then run the restore again")
         for kind, (info, path) in dumps.items():
             url = urls[kind]
             with stages.stage(f"restore the {kind} database"):
@@ -766,7 +1102,7 @@ def restore(targets: Sources, backups_uri: str, snapshot: str | None = None, rep
             wanted = set()
             for key, size, _tag, sha in progress.bar(records, desc="objects", total=len(records)):
                 wanted.add(key)
-                local = _fetch_checked(backups, _blob_key(sha), sha, work / "object")
+                local = _fetch_checked(repo, repo.blob_key(sha), sha, work / "object")
                 store.put_file(key, local)
                 local.unlink()
             extra = sorted(set(present) - wanted)

@@ -666,12 +666,18 @@ def cmd_admin_backup(a) -> int:
 def cmd_admin_backups(a) -> int:
     from indai.platform import backup
 
-    snaps = backup.list_snapshots(backup.open_backup_store(a.at))
+    damaged: list[tuple[str, str]] = []
+    repo = backup.open_repository(a.at)
+    snaps = backup.list_snapshots(repo, damaged)
+    for snap, why in damaged:
+        print(f"{snap}  cannot be read: {why}", file=sys.stderr)
     if a.json:
         _print_json(snaps)
         return 0
     if not snaps:
         print(f"no complete snapshot in {a.at}")
+    elif repo.key:
+        print(f"{a.at} is encrypted (key id {repo.key.id})")
     for m in snaps:
         rows = sum(sum(d["tables"].values()) for d in m["databases"].values())
         print(f"{m['id']}  {m['created']}  indai {m['versions']['indai']}  {rows} rows  "
@@ -679,11 +685,22 @@ def cmd_admin_backups(a) -> int:
     return 0
 
 
+def cmd_admin_backup_key(a) -> int:
+    from indai.platform.encryption import new_key_text
+
+    print(new_key_text())
+    print("a new backup key: keep a copy off the cluster (a password manager, a safe). Without it no backup made "
+          "with it can be read, by anyone. Give it to backups as a Secret: kubectl -n indai create secret generic "
+          "indai-backup-key --from-file=key=<this file>, and backup.encryption.existingSecret=indai-backup-key",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_admin_verify_backup(a) -> int:
     from indai.platform import backup
 
     r = backup.verify(a.at, a.snapshot)
-    print(f"snapshot {r['snapshot']} is whole: " + ", ".join(f"{k} database {n} rows" for k, n in r["rows"].items())
+    print(f"snapshot {r['snapshot']}{' (encrypted)' if r['sealed'] else ''} is whole: " + ", ".join(f"{k} database {n} rows" for k, n in r["rows"].items())
           + f", {r['objects']} objects, {r['contents']} contents, every checksum matches")
     return 0
 
@@ -956,6 +973,10 @@ def parser() -> argparse.ArgumentParser:
     abk.add_argument("--to", required=True, metavar="URI", help="the backup store: a folder, file:///path or s3://bucket[/prefix]")
     abk.add_argument("--keep", type=int, metavar="N", help="afterwards keep only the newest N snapshots (and what they name)")
     abk.set_defaults(fn=cmd_admin_backup)
+    abk.epilog = ("With INDAI_BACKUP_KEY_FILE (or INDAI_BACKUP_KEY) set to a key from `indai admin backup-key`, a new "
+                  "backup store is encrypted: every dump, list, manifest and content, under keyed names.")
+    akey = adm.add_parser("backup-key", help="print a new random key for encrypted backups (keep a copy off the cluster)")
+    akey.set_defaults(fn=cmd_admin_backup_key)
     als = adm.add_parser("backups", help="the snapshots in a backup store, oldest first")
     als.add_argument("--at", required=True, metavar="URI")
     als.add_argument("--json", action="store_true")

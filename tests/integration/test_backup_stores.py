@@ -34,9 +34,17 @@ def test_the_embedded_homes_snapshot_restores_into_postgres_and_minio_and_back(t
     monkeypatch.setenv("INDAI_S3_SECRET_KEY", minio.secret_key)
     monkeypatch.setenv("INDAI_S3_SECURE", "false")
 
-    # 1. the embedded home into a MinIO bucket
+    # 1. the embedded home into a MinIO bucket, encrypted
+    from indai.platform.encryption import MAGIC, new_key_text
+    from indai.platform.storage import open_store
+
+    monkeypatch.setenv("INDAI_BACKUP_KEY", new_key_text())
     first = backup.backup(backup.current_sources(), "s3://indai-backups/nightly")
     assert first["objects"]["count"] == len(objects) + 1  # and MLflow's artefact
+    raw = open_store("s3://indai-backups/nightly")
+    keys = raw.list("")
+    assert "config.json" in keys and not any(k.startswith("locks/") for k in keys)
+    assert all(raw.get_bytes(k).startswith(MAGIC) for k in keys if k != "config.json")
 
     # 2. restored onto the cluster's stores: new PostgreSQL databases, another bucket
     platform_url, mlflow_url = postgres.new_database("platform"), postgres.new_database("mlflow")
@@ -55,7 +63,22 @@ def test_the_embedded_homes_snapshot_restores_into_postgres_and_minio_and_back(t
     assert restored["objects"] == len(objects) + 1
     assert _comparable(all_rows(platform_url)) == _comparable(all_rows(f"sqlite:///{home}/platform.db"))
     assert _comparable(all_rows(mlflow_url)) == _comparable(all_rows(f"sqlite:///{home}/mlflow/mlflow.db"))
-    from indai.platform.storage import open_store
+
+    # a restore does not replace a database something is still using (MLflow, the gateway, Serve)
+    rows_now = all_rows(platform_url)
+    user = create_engine(platform_url, connect_args={"application_name": "indai-gateway"})
+    with user.connect() as c:
+        c.execute(text("SELECT 1"))
+        try:
+            backup.restore(backup.current_sources(), "s3://indai-backups/nightly", replace=True)
+            raise AssertionError("the restore replaced a database in use")
+        except backup.BackupError as e:
+            said = str(e)
+    user.dispose()
+    assert "platform database" in said and "is in use by 1 other session" in said and "(indai-gateway)" in said, said
+    assert postgres.password not in said
+    assert all_rows(platform_url) == rows_now
+    monkeypatch.delenv("INDAI_BACKUP_KEY")
 
     store = open_store("s3://indai-restored")
     for key, data in objects.items():

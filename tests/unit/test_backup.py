@@ -27,7 +27,7 @@ def state(tmp_path_factory):
 
 
 def _home(monkeypatch, home: Path) -> None:
-    for var in ("INDAI_DB_URL", "INDAI_MLFLOW_DB_URL", "INDAI_STORE_URI"):
+    for var in ("INDAI_DB_URL", "INDAI_MLFLOW_DB_URL", "INDAI_STORE_URI", "INDAI_BACKUP_KEY", "INDAI_BACKUP_KEY_FILE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("INDAI_HOME", str(home))
 
@@ -118,8 +118,9 @@ def test_the_next_snapshot_copies_only_what_changed_and_keep_prunes(state, tmp_p
     _home(monkeypatch, home)
     third = backup.backup(backup.current_sources(), str(dest), keep=1)
     assert third["objects"]["read"] == 0 and third["objects"]["new_blobs"] == 0
-    assert third["pruned"] == {"snapshots": [first["id"], second["id"]], "blobs": 2}
-    assert [m["id"] for m in backup.list_snapshots(backup.open_backup_store(str(dest)))] == [third["id"]]
+    assert third["pruned"] == {"snapshots": [first["id"], second["id"]], "blobs": 2, "unfinished": [], "locks": 0,
+                               "damaged": []}
+    assert [m["id"] for m in backup.list_snapshots(backup.open_repository(str(dest)))] == [third["id"]]
     assert not (dest / "snapshots" / first["id"]).exists()
     assert backup.verify(str(dest))["contents"] == 6
 
@@ -244,3 +245,198 @@ def test_an_object_deleted_during_a_backup_and_a_damaged_previous_list_do_not_st
     assert (second["objects"]["read"], second["objects"]["vanished"], second["objects"]["count"]) == (6, 1, 5)
     assert any("1 deleted while the backup ran" in s for s in said)
     assert backup.verify(str(dest))["objects"] == 5
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_an_encrypted_backup_store_shows_nothing_and_opens_only_with_its_key(state, tmp_path, monkeypatch, capsys):
+    import hashlib
+
+    from indai.platform.encryption import new_key_text
+
+    home = _copy_home(state[0], tmp_path / "home")
+    _home(monkeypatch, home)
+    key_file = tmp_path / "backup.key"
+    assert cli.main(["admin", "backup-key"]) == 0
+    made = capsys.readouterr()
+    key_file.write_text(made.out)
+    assert "keep a copy off the cluster" in made.err
+    monkeypatch.setenv("INDAI_BACKUP_KEY_FILE", str(key_file))
+    dest = tmp_path / "sealed"
+    first = backup.backup(backup.current_sources(), str(dest))
+    assert first["sealed"] is True
+    config = json.loads((dest / "config.json").read_text())
+    assert config["encryption"] == "aes-256-gcm" and len(config["key_id"]) == 16
+
+    # what the store shows without the key: no content, no name, no row, no table, not the key
+    contents = store_contents(home / "store")
+    stored = _files(dest)
+    needles = [made.out.strip().encode(), b"steel-a", b"cwru-bearing", b"tokens", b"platform.db"]
+    needles += [data[:32] for data in contents.values() if len(data) >= 32]
+    for name, data in stored.items():
+        for needle in needles:
+            assert needle not in data and needle.decode(errors="ignore") not in name, (name, needle[:20])
+    shas = {hashlib.sha256(d).hexdigest() for d in contents.values()}
+    blob_names = {Path(n).name for n in stored if n.startswith("blobs/")}
+    assert len(blob_names) == 6 and not blob_names & shas, "contents must not be named by their sha256"
+    from indai.platform.encryption import MAGIC
+
+    assert sorted(n for n, d in stored.items() if not d.startswith(MAGIC)) == ["config.json"]
+
+    # incremental as before, and whole with the key
+    second = backup.backup(backup.current_sources(), str(dest))
+    assert (second["objects"]["read"], second["objects"]["new_blobs"]) == (0, 0)
+    assert cli.main(["admin", "verify-backup", "--at", str(dest)]) == 0
+    assert f"snapshot {second['id']} (encrypted) is whole" in capsys.readouterr().out
+    new = tmp_path / "new-home"
+    _home(monkeypatch, new)
+    monkeypatch.setenv("INDAI_BACKUP_KEY", key_file.read_text())  # the key itself works as well as its file
+    backup.restore(backup.current_sources(), str(dest), first["id"])
+    _same_state(home, new)
+
+    # without the key, with another key, with a key that is not one: refused, saying what to do
+    monkeypatch.delenv("INDAI_BACKUP_KEY")
+    with pytest.raises(backup.BackupError, match=rf"is encrypted \(key id {config['key_id']}\): set INDAI_BACKUP_KEY_FILE"):
+        backup.verify(str(dest))
+    monkeypatch.setenv("INDAI_BACKUP_KEY", new_key_text())
+    with pytest.raises(backup.BackupError, match=rf"is not the key of .* \(key id {config['key_id']}\)"):
+        backup.verify(str(dest))
+    monkeypatch.setenv("INDAI_BACKUP_KEY", "hunter2")
+    with pytest.raises(backup.BackupError, match=r"INDAI_BACKUP_KEY is not an indai backup key \(7 characters.*backup-key"):
+        backup.verify(str(dest))
+    monkeypatch.setenv("INDAI_BACKUP_KEY_FILE", str(key_file))
+    with pytest.raises(backup.BackupError, match="both INDAI_BACKUP_KEY_FILE and INDAI_BACKUP_KEY are set"):
+        backup.verify(str(dest))
+    monkeypatch.delenv("INDAI_BACKUP_KEY")
+    monkeypatch.setenv("INDAI_BACKUP_KEY_FILE", str(tmp_path / "missing.key"))
+    with pytest.raises(backup.BackupError, match="missing.key, which cannot be read"):
+        backup.verify(str(dest))
+
+    # a store of unencrypted snapshots is not turned half-sealed by a key set later
+    monkeypatch.delenv("INDAI_BACKUP_KEY_FILE")
+    _home(monkeypatch, home)
+    plain = tmp_path / "plain"
+    backup.backup(backup.current_sources(), str(plain))
+    monkeypatch.setenv("INDAI_BACKUP_KEY_FILE", str(key_file))
+    with pytest.raises(backup.BackupError, match="holds backups that are not encrypted, and a backup key is set"):
+        backup.backup(backup.current_sources(), str(plain))
+    assert backup.verify(str(plain))["sealed"] is False  # and it is still read with a key set
+
+
+def test_a_changed_cut_or_swapped_sealed_file_is_named(state, tmp_path, monkeypatch):
+    from indai.platform.encryption import new_key_text
+
+    _home(monkeypatch, state[0])
+    monkeypatch.setenv("INDAI_BACKUP_KEY", new_key_text())
+    dest = tmp_path / "sealed"
+    snap = backup.backup(backup.current_sources(), str(dest))
+    blobs = sorted((p for p in (dest / "blobs").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    small, big = blobs[0], blobs[-1]
+    original = {p: p.read_bytes() for p in (small, big)}
+
+    def damaged(match: str):
+        with pytest.raises(backup.BackupError, match=match):
+            backup.verify(str(dest))
+        for p, data in original.items():
+            p.write_bytes(data)
+
+    data = bytearray(original[big])
+    data[len(data) // 2] ^= 1  # a bit flipped
+    big.write_bytes(bytes(data))
+    damaged(rf"blobs/../{big.name} in .* does not open with the backup key .*restore another snapshot")
+    big.write_bytes(original[big][:-1])  # cut short
+    damaged(f"{big.name} .* does not open")
+    big.write_bytes(original[big] + original[big][-32:])  # extended
+    damaged(f"{big.name} .* does not open")
+    big.write_bytes(original[small])  # another content put under this one's name
+    damaged(f"{big.name} .* does not open")
+    assert backup.verify(str(dest))["contents"] == 6  # each put back: whole again
+
+    # a manifest that does not open: listed as unreadable, and `latest` falls back to the one before
+    later = backup.backup(backup.current_sources(), str(dest))
+    manifest = dest / "snapshots" / later["id"] / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:-5])
+    said = []
+    damaged_list: list = []
+    assert [m["id"] for m in backup.list_snapshots(backup.open_repository(str(dest)), damaged_list)] == [snap["id"]]
+    assert damaged_list[0][0] == later["id"] and "does not open" in damaged_list[0][1]
+    assert backup.verify(str(dest), say=said.append)["snapshot"] == snap["id"]
+    assert any(f"({later['id']}) cannot be read; using {snap['id']}" in s for s in said), said
+
+
+def _lock(dest: Path, kind: str, age_s: float = 0.0, name: str = "0123456789abcdef") -> Path:
+    import time
+
+    path = dest / "locks" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"kind": kind, "what": "backup", "host": "backup-28890-x", "pid": 7, "at": time.time() - age_s}))
+    return path
+
+
+def test_runs_beside_each_other_wait_for_a_prune_and_a_prune_waits_for_none(state, tmp_path, monkeypatch, capsys):
+    import threading
+
+    home = _copy_home(state[0], tmp_path / "home")
+    _home(monkeypatch, home)
+    dest = tmp_path / "backups"
+    first = backup.backup(backup.current_sources(), str(dest))
+    second = backup.backup(backup.current_sources(), str(dest))
+
+    # another run going (a fresh lock): this run's backup is made, its prune is left for later
+    other = _lock(dest, "shared")
+    said = []
+    third = backup.backup(backup.current_sources(), str(dest), keep=1, say=said.append)
+    assert "pruned" not in third
+    assert any("is also used by a backup on backup-28890-x (pid 7" in s and "pruned by the next backup" in s for s in said)
+    assert len(backup.list_snapshots(backup.open_repository(str(dest)))) == 3
+    assert [p.name for p in (dest / "locks").iterdir()] == [other.name], "this run's locks must be gone"
+
+    # a prune in progress: a run waits for it, and fails, naming the lock, when it does not end
+    other.unlink()
+    pruning = _lock(dest, "exclusive")
+    monkeypatch.setattr(backup, "LOCK_WAIT_S", 1.5)
+    with pytest.raises(backup.BackupError, match=r"held by a prune on backup-28890-x .* delete locks/0123456789abcdef.json"):
+        backup.verify(str(dest))
+    monkeypatch.setattr(backup, "LOCK_WAIT_S", 60.0)
+    threading.Timer(2.0, pruning.unlink).start()
+    said = []
+    assert backup.verify(str(dest), say=said.append)["snapshot"] == third["id"]
+    assert any(s.startswith("waiting for a prune on backup-28890-x") for s in said), said
+
+    # a crashed run: its stale lock and its unfinished snapshot folder are cleared by the next prune
+    stale = _lock(dest, "exclusive", age_s=backup.LOCK_STALE_S + 60, name="fedcba9876543210")
+    unfinished = dest / "snapshots" / "20990101T000000000Z-abcdef"
+    (unfinished).mkdir()
+    (unfinished / "platform.jsonl.gz").write_bytes(b"half")
+    fourth = backup.backup(backup.current_sources(), str(dest), keep=2)
+    assert fourth["id"] > unfinished.name, "a new snapshot sorts after every folder, finished or not"
+    assert fourth["pruned"]["snapshots"] == [first["id"], second["id"]]
+    assert fourth["pruned"]["unfinished"] == [unfinished.name] and fourth["pruned"]["locks"] == 1
+    assert not unfinished.exists() and not stale.exists() and list((dest / "locks").iterdir()) == []
+    assert [m["id"] for m in backup.list_snapshots(backup.open_repository(str(dest)))] == [third["id"], fourth["id"]]
+
+
+def test_a_backup_store_that_may_only_be_read_is_still_verified_and_restored(state, tmp_path, monkeypatch):
+    from indai.platform.storage import LocalStore, StoreError
+
+    _home(monkeypatch, state[0])
+    dest = tmp_path / "backups"
+    snap = backup.backup(backup.current_sources(), str(dest))
+
+    class ReadOnly(LocalStore):  # keys that may read the backup bucket and nothing more
+        def put_bytes(self, key, data):
+            raise StoreError(f"cannot write {key!r} in {self.uri}: Access Denied")
+
+        put_file = put_bytes
+
+    monkeypatch.setattr(backup, "open_backup_store", ReadOnly)
+    said = []
+    assert backup.verify(str(dest), say=said.append)["snapshot"] == snap["id"]
+    assert any("could not write a lock" in s and "Access Denied" in s for s in said), said
+    _home(monkeypatch, tmp_path / "new")
+    assert backup.restore(backup.current_sources(), str(dest), say=said.append)["snapshot"] == snap["id"]
+    _same_state(state[0], tmp_path / "new")
+    with pytest.raises(StoreError, match="Access Denied"):  # a backup must write, lock included
+        backup.backup(backup.current_sources(), str(tmp_path / "b2"))
