@@ -82,6 +82,8 @@ def test_lint_and_schema_errors_are_readable(k8s_cluster):
     assert when.returncode != 0 and "at '/backup/schedule': 'nightly' does not match pattern" in when.stderr
     where = c.helm("template", "t", CHART, "--set", "backup.s3.uri=/var/backups", check=False)
     assert where.returncode != 0 and "/backup/s3/uri" in where.stderr
+    key = c.helm("template", "t", CHART, "--set", "backup.encryption.existingSecret=../key", check=False)
+    assert key.returncode != 0 and "/backup/encryption/existingSecret" in key.stderr
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda p: p.stem)
@@ -164,7 +166,8 @@ def test_each_part_switches_off_or_on(k8s_cluster, name):
         assert env["INDAI_S3_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "indai-secrets", "key": "accessKey"}
         assert env["INDAI_DB_URL"]["value"].endswith("@indai-postgresql:5432/indai")
         assert env["INDAI_MLFLOW_DB_URL"]["value"].endswith("@indai-postgresql:5432/mlflow")
-        assert not {k for k in env if k.startswith("INDAI_BACKUP_S3")}
+        assert not {k for k in env if k.startswith("INDAI_BACKUP_")}  # the platform's store keys; not encrypted
+        assert "backup-key" not in {v["name"] for v in spec["volumes"]}
         # PostgreSQL admits the backup's pods
         pg = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "indai-postgresql")
         admitted = pg["spec"]["ingress"][0]["from"][0]["podSelector"]["matchExpressions"][0]["values"]
@@ -557,6 +560,7 @@ def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
                        "--set", "ray.memberKeys.existingSecret=indai-member-keys", "--set", "gateway.replicas=2",
                        "--set", "serve.workers.replicas=2", "--wait", "--timeout", "180s").stdout
     assert "Backups: 30 2 * * * (Asia/Seoul), the newest 14 snapshots kept, in s3://indai-backups/prod." in installed
+    assert "Encrypted with the backup key in the Secret indai-backup-key: keep a copy of it off the cluster" in installed
     assert not json.loads(c.kubectl("get", "statefulsets,pvc", "-n", ns, "-o", "json").stdout)["items"]
     served = yaml.safe_load(json.loads(c.kubectl("get", "rayservice", "auto-indai-serve", "-n", ns, "-o", "json").stdout)["spec"]["serveConfigV2"])
     args = served["applications"][0]["args"]
@@ -626,6 +630,11 @@ def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
     assert benv["INDAI_MLFLOW_DB_URL"]["value"] == "postgresql+psycopg://indai:$(DB_PASSWORD)@postgres.example.internal:5432/mlflow"
     assert benv["INDAI_BACKUP_S3_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "indai-backup-s3", "key": "accessKey"}
     assert (benv["INDAI_BACKUP_S3_ENDPOINT"]["value"], benv["INDAI_BACKUP_S3_SECURE"]["value"]) == ("backup-s3.example.internal:443", "1")
+    # the backup key: a read-only file from the admin's Secret, never a variable holding the key
+    assert benv["INDAI_BACKUP_KEY_FILE"]["value"] == "/var/run/secrets/indai/backup-key/key" and "INDAI_BACKUP_KEY" not in benv
+    bvol = {v["name"]: v for v in run["spec"]["volumes"]}
+    assert bvol["backup-key"]["secret"] == {"secretName": "indai-backup-key", "defaultMode": 0o400, "items": [{"key": "key", "path": "key"}]}
+    assert {"name": "backup-key", "mountPath": "/var/run/secrets/indai/backup-key", "readOnly": True} in ctr["volumeMounts"]
     # a restore as the README makes one: a Job from the CronJob with another command (README uses jq)
     job = json.loads(c.kubectl("create", "job", "restore-now", "--from=cronjob/auto-indai-backup", "-n", ns,
                                "--dry-run=client", "-o", "json").stdout)
