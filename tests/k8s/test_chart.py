@@ -82,6 +82,11 @@ def test_lint_and_schema_errors_are_readable(k8s_cluster):
     assert when.returncode != 0 and "at '/backup/schedule': 'nightly' does not match pattern" in when.stderr
     where = c.helm("template", "t", CHART, "--set", "backup.s3.uri=/var/backups", check=False)
     assert where.returncode != 0 and "/backup/s3/uri" in where.stderr
+    redis = c.helm("template", "t", CHART, "--set", "serve.highAvailability.redis.address=redis://r:6379", check=False)
+    assert redis.returncode != 0 and "/serve/highAvailability/redis/address" in redis.stderr
+    secretless = c.helm("template", "t", CHART, "--set", "serve.enabled=true", "--set", "serve.highAvailability.enabled=true",
+                        "--set", "serve.highAvailability.redis.address=r.example:6379", check=False)
+    assert secretless.returncode != 0 and "serve.highAvailability.redis.existingSecret (a Secret with key password) is required" in secretless.stderr
     key = c.helm("template", "t", CHART, "--set", "backup.encryption.existingSecret=../key", check=False)
     assert key.returncode != 0 and "/backup/encryption/existingSecret" in key.stderr
 
@@ -111,6 +116,7 @@ TOGGLES = {
     "head-only": ["ray.cpuWorkers.enabled=false", "ray.gpuWorkers.enabled=false"],
     "gateway-pull-secret": ["gateway.enabled=true", "imagePullSecrets[0].name=regcred"],
     "backup-to-volume": ["backup.enabled=true", "backup.keep=7", "backup.persistence.size=50Gi"],
+    "serve-high-availability": ["serve.enabled=true", "serve.highAvailability.enabled=true"],
 }
 
 
@@ -148,6 +154,35 @@ def test_each_part_switches_off_or_on(k8s_cluster, name):
         assert "NetworkPolicy" not in {k for k, _ in kinds} and ("ConfigMap", "indai-mlflow-auth") not in kinds
     if name == "operator-and-serve":
         assert ("Deployment", "indai-kuberay-operator") in kinds and ("RayService", "indai-serve") in kinds
+        # without serve.highAvailability: no Redis, no password for one, and a head that fate-shares
+        service = next(d for d in docs if d["kind"] == "RayService")
+        assert "gcsFaultToleranceOptions" not in service["spec"]["rayClusterConfig"]
+        assert not {n for k, n in kinds if "redis" in n}
+        assert "redisPassword" not in next(d for d in docs if d["kind"] == "Secret")["data"]
+    if name == "serve-high-availability":  # the serving head's control state in the chart's own Redis
+        service = next(d for d in docs if d["kind"] == "RayService")
+        assert service["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"] == {
+            "redisAddress": "indai-redis:6379",
+            "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "indai-secrets", "key": "redisPassword"}}}}
+        assert service["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no replica on the head
+        assert "redisPassword" in next(d for d in docs if d["kind"] == "Secret")["data"]
+        redis = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "indai-redis")
+        (ctr,) = redis["spec"]["template"]["spec"]["containers"]
+        assert ctr["securityContext"]["readOnlyRootFilesystem"] is True
+        assert ctr["env"] == [{"name": "REDISCLI_AUTH", "valueFrom": {"secretKeyRef": {"name": "indai-secrets", "key": "redisPassword"}}}]
+        assert "--appendonly yes" in ctr["command"][-1] and '--requirepass "$REDISCLI_AUTH"' in ctr["command"][-1]
+        assert ctr["image"].startswith("docker.io/library/redis:") and redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+        assert ("Service", "indai-redis") in kinds
+        policy = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "indai-redis")
+        (rule,) = policy["spec"]["ingress"]
+        assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "indai", "indai.io/platform": "true"},
+                                                 "matchExpressions": [{"key": "indai.io/component", "operator": "In",
+                                                                       "values": ["serve-head", "helm-test"]}]}}]
+        assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
+        # `helm test` asks it with the password (PONG) and without (NOAUTH)
+        probe = next(d for d in docs if d["kind"] == "Pod" and d["metadata"]["name"] == "indai-test-redis")
+        (check,) = probe["spec"]["containers"]
+        assert check["env"] == ctr["env"] and "grep -q NOAUTH" in check["args"][0] and check["image"] == ctr["image"]
         assert ("RayCluster", "indai-ray") in kinds and ("ServiceAccount", "indai-serve") in kinds
     if name == "head-only":
         assert not next(d for d in docs if d["kind"] == "RayCluster")["spec"]["workerGroupSpecs"]
@@ -257,6 +292,8 @@ def test_every_pod_is_restricted_and_least_privileged(k8s_cluster, scenario):
                 if minio and ref.get("name") == "indai-secrets" and ref.get("key") in ("accessKey", "secretKey"):
                     # MinIO's root keys: MinIO, the MLflow server (its artefact proxy) and the hook Job only
                     assert where in ("indai-minio", "indai-mlflow", "indai-minio-provision"), (where, env["name"])
+                if ref.get("key") == "redisPassword":  # the serving cluster's Redis: only Redis (the operator gives it to the serve head)
+                    assert where in ("indai-redis", "indai-test-redis"), (where, env["name"])
                 if ref.get("name") == "indai-secrets" and ref.get("key") == "mlflowAdminPassword":
                     # MLflow's admin: the server, the hook Job that makes the platform's users, and helm test's probe
                     assert where in ("indai-mlflow", "indai-mlflow-provision") or where.startswith("indai-test-"), (where, env["name"])
@@ -561,6 +598,7 @@ def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
                        "--set", "serve.workers.replicas=2", "--wait", "--timeout", "180s").stdout
     assert "Backups: 30 2 * * * (Asia/Seoul), the newest 14 snapshots kept, in s3://indai-backups/prod." in installed
     assert "Encrypted with the backup key in the Secret indai-backup-key: keep a copy of it off the cluster" in installed
+    assert "Serving is highly available: the serving head keeps its control state in redis.example.internal:6379" in installed
     assert not json.loads(c.kubectl("get", "statefulsets,pvc", "-n", ns, "-o", "json").stdout)["items"]
     served = yaml.safe_load(json.loads(c.kubectl("get", "rayservice", "auto-indai-serve", "-n", ns, "-o", "json").stdout)["spec"]["serveConfigV2"])
     args = served["applications"][0]["args"]
@@ -607,6 +645,15 @@ def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
         assert not [v["name"] for v in p["spec"].get("volumes", []) if "secret" in v or "projected" in v], p["metadata"]["name"]
         assert p["spec"]["serviceAccountName"] == "auto-indai-serve" and p["spec"]["automountServiceAccountToken"] is False
         assert node_pool(c, p["spec"]["nodeName"]) == "cpu"
+        # GCS fault tolerance, as the operator wires it: the head's GCS writes to the admin's Redis with
+        # the password from the admin's Secret; the workers wait 10 min (not 60 s) for a restarted head
+        if p["metadata"]["labels"]["indai.io/component"] == "serve-head":
+            assert ray_env["RAY_REDIS_ADDRESS"]["value"] == "redis.example.internal:6379"
+            assert ray_env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "indai-redis", "key": "password"}
+            assert p["metadata"]["annotations"]["ray.io/ft-enabled"] == "true"
+        else:
+            assert ray_env["RAY_gcs_rpc_server_reconnect_timeout_s"]["value"] == "600"
+            assert "REDIS_PASSWORD" not in ray_env and "RAY_REDIS_ADDRESS" not in ray_env
     for p in (head, gpu[0]):
         ray_env = {e["name"]: e for e in ray_container(p["spec"])["env"]}
         assert "INDAI_DB_URL" not in ray_env and "DB_PASSWORD" not in ray_env, p["metadata"]["name"]

@@ -248,3 +248,26 @@ mounted into the autoscaler sidecar only: the pod itself has automountServiceAcc
 - {name: RAY_AUTH_MODE, value: token}
 - {name: RAY_AUTH_TOKEN_PATH, value: {{ include "indai.rayAuthDir" . }}/token}
 {{- end -}}
+
+{{- /* The serving cluster's GCS fault tolerance (serve.highAvailability): on only with serve. Its
+Redis: the admin's (address, existingSecret with `password`) or the chart's own StatefulSet (the
+release secret's redisPassword). */}}
+{{- define "indai.serveHa" -}}
+{{- if and .Values.serve.enabled .Values.serve.highAvailability.enabled }}true{{ end -}}
+{{- end -}}
+
+{{- define "indai.ownRedis" -}}
+{{- if and (include "indai.serveHa" .) (not .Values.serve.highAvailability.redis.address) }}true{{ end -}}
+{{- end -}}
+
+{{- define "indai.redisAddress" -}}
+{{- with .Values.serve.highAvailability.redis.address -}}{{ . }}{{- else -}}{{ include "indai.fullname" . }}-redis:6379{{- end -}}
+{{- end -}}
+
+{{- define "indai.redisSecretRef" -}}
+{{- if .Values.serve.highAvailability.redis.address -}}
+{name: {{ required "serve.highAvailability.redis.existingSecret (a Secret with key password) is required with serve.highAvailability.redis.address" .Values.serve.highAvailability.redis.existingSecret }}, key: password}
+{{- else -}}
+{name: {{ include "indai.secretName" . }}, key: redisPassword}
+{{- end -}}
+{{- end -}}
