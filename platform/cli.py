@@ -658,7 +658,7 @@ def cmd_admin_backup(a) -> int:
     print(stages.summary(), file=sys.stderr)
     o = m["objects"]
     rows = {k: sum(v["tables"].values()) for k, v in m["databases"].items()}
-    print(f"snapshot {m['id']} in {a.to}: " + ", ".join(f"{k} database {n} rows" for k, n in rows.items())
+    print(f"snapshot {m['id']}{' (encrypted)' if m.get('sealed') else ''} in {a.to}: " + ", ".join(f"{k} database {n} rows" for k, n in rows.items())
           + f", {o['count']} objects ({o['bytes'] / 1e6:.1f} MB; {o['new_blobs']} new contents, {o['new_bytes'] / 1e6:.1f} MB)")
     return 0
 

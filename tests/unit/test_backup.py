@@ -286,7 +286,13 @@ def test_an_encrypted_backup_store_shows_nothing_and_opens_only_with_its_key(sta
     assert sorted(n for n, d in stored.items() if not d.startswith(MAGIC)) == ["config.json"]
 
     # incremental as before, and whole with the key
-    second = backup.backup(backup.current_sources(), str(dest))
+    capsys.readouterr()
+    assert cli.main(["admin", "backup", "--to", str(dest)]) == 0
+    assert " (encrypted) in " in capsys.readouterr().out
+    assert cli.main(["admin", "backups", "--at", str(dest)]) == 0
+    listed = capsys.readouterr().out
+    assert f"is encrypted (key id {config['key_id']})" in listed and first["id"] in listed
+    second = backup.list_snapshots(backup.open_repository(str(dest)))[-1]
     assert (second["objects"]["read"], second["objects"]["new_blobs"]) == (0, 0)
     assert cli.main(["admin", "verify-backup", "--at", str(dest)]) == 0
     assert f"snapshot {second['id']} (encrypted) is whole" in capsys.readouterr().out
