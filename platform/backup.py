@@ -67,7 +67,7 @@ from typing import Callable, Iterator
 from indai.platform import progress
 from indai.platform.encryption import Key, SealError, open_bytes, open_file, seal_bytes, seal_file
 from indai.platform.errors import UserError
-from indai.platform.storage import ObjectStore, S3Store, StoreError, open_store, sha256_file, validate_key
+from indai.platform.storage import LocalStore, ObjectStore, S3Store, StoreError, open_store, sha256_file, validate_key
 
 FORMAT = 1
 SNAPSHOTS = "snapshots"
@@ -134,10 +134,10 @@ def current_sources() -> Sources:
 
 
 def open_backup_store(uri: str) -> ObjectStore:
-    """The backup store a URI names. An s3:// one uses INDAI_BACKUP_S3_ENDPOINT,
-    INDAI_BACKUP_S3_ACCESS_KEY and INDAI_BACKUP_S3_SECRET_KEY where they are set (a backup on
-    another server than the one it protects), and INDAI_BACKUP_S3_SECURE, where they are set,
-    else the platform's INDAI_S3_* settings."""
+    """The backup store a URI names: a folder, or an s3:// bucket. For a bucket, each of
+    INDAI_BACKUP_S3_ENDPOINT, _ACCESS_KEY, _SECRET_KEY and _SECURE that is set is used (a backup
+    store on another server than the store it protects), and the platform's INDAI_S3_* setting
+    otherwise."""
     if isinstance(uri, str) and uri.startswith("s3://"):
         env = os.environ.get
         return S3Store(uri, endpoint=env("INDAI_BACKUP_S3_ENDPOINT") or None,
@@ -410,7 +410,9 @@ def _same_server(a: ObjectStore, b: ObjectStore) -> bool:
 
 def _inside(inner: ObjectStore, outer: ObjectStore) -> bool:
     """Whether `inner`'s keys are a part of `outer`'s (the same server, and a folder below)."""
-    if type(inner) is not type(outer) or not _same_server(inner, outer):
+    if not any(isinstance(inner, kind) and isinstance(outer, kind) for kind in (S3Store, LocalStore)):
+        return False  # a folder and a bucket never overlap
+    if not _same_server(inner, outer):
         return False
     if isinstance(inner, S3Store):
         return inner.bucket == outer.bucket and (not outer.base or inner.base == outer.base

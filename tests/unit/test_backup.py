@@ -192,6 +192,16 @@ def test_a_backup_must_live_apart_from_what_it_protects(state, tmp_path, monkeyp
         with pytest.raises(backup.BackupError, match="overlap: a backup must live apart"):
             backup.backup(backup.current_sources(), str(inside))
     assert not (home / "store" / "backups").exists()
+    from indai.platform.storage import LocalStore
+
+    class Wrapped(LocalStore):  # a store of another class over the same folder is the same folder
+        pass
+
+    monkeypatch.setattr(backup, "open_backup_store", Wrapped)
+    with pytest.raises(backup.BackupError, match="overlap: a backup must live apart"):
+        backup.backup(backup.current_sources(), str(home / "store" / "backups"))
+    monkeypatch.undo()
+    _home(monkeypatch, home)
     with pytest.raises(backup.BackupError, match="--keep 0: keep at least"):
         backup.backup(backup.current_sources(), str(tmp_path / "b"), keep=0)
 
