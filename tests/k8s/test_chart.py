@@ -80,6 +80,8 @@ def test_lint_and_schema_errors_are_readable(k8s_cluster):
     assert sql.returncode != 0 and "/postgresql/mlflowDatabase" in sql.stderr
     when = c.helm("template", "t", CHART, "--set", "backup.schedule=nightly", check=False)
     assert when.returncode != 0 and "at '/backup/schedule': 'nightly' does not match pattern" in when.stderr
+    weekly = c.helm("template", "t", CHART, "--set", "backup.verify.schedule=weekly", check=False)
+    assert weekly.returncode != 0 and "/backup/verify/schedule" in weekly.stderr
     where = c.helm("template", "t", CHART, "--set", "backup.s3.uri=/var/backups", check=False)
     assert where.returncode != 0 and "/backup/s3/uri" in where.stderr
     redis = c.helm("template", "t", CHART, "--set", "serve.highAvailability.redis.address=redis://r:6379", check=False)
@@ -207,6 +209,15 @@ def test_each_part_switches_off_or_on(k8s_cluster, name):
         pg = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "indai-postgresql")
         admitted = pg["spec"]["ingress"][0]["from"][0]["podSelector"]["matchExpressions"][0]["values"]
         assert labels["indai.io/component"] == "backup" and "backup" in admitted
+        # the weekly read-back: the same volume, the backup key if any, and nothing else (no database, no store keys)
+        verify = next(d for d in docs if d["kind"] == "CronJob" and d["metadata"]["name"] == "indai-backup-verify")
+        assert verify["spec"]["schedule"] == "0 5 * * 0" and verify["spec"]["concurrencyPolicy"] == "Forbid"
+        (vwhere, vlabels, vspec), = pod_templates(verify)
+        (vctr,) = vspec["containers"]
+        assert vctr["command"] == ["indai", "admin", "verify-backup", "--at", "/backups"]
+        assert vctr["env"] == [{"name": "TMPDIR", "value": "/work"}]
+        assert {"name": "backups", "persistentVolumeClaim": {"claimName": pvc["metadata"]["name"]}} in vspec["volumes"]
+        assert vlabels["indai.io/component"] == "backup-verify" and "backup-verify" not in admitted
     if name == "gateway-pull-secret":
         for d in docs:
             for where, spec in pod_specs(d):
@@ -598,6 +609,7 @@ def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
                        "--set", "serve.workers.replicas=2", "--wait", "--timeout", "180s").stdout
     assert "Backups: 30 2 * * * (Asia/Seoul), the newest 14 snapshots kept, in s3://indai-backups/prod." in installed
     assert "Encrypted with the backup key in the Secret indai-backup-key: keep a copy of it off the cluster" in installed
+    assert "The newest snapshot is read back in full (0 5 * * 0): kubectl get pods -n auto -l indai.io/component=backup-verify" in installed
     assert "Serving is highly available: the serving head keeps its control state in redis.example.internal:6379" in installed
     assert not json.loads(c.kubectl("get", "statefulsets,pvc", "-n", ns, "-o", "json").stdout)["items"]
     served = yaml.safe_load(json.loads(c.kubectl("get", "rayservice", "auto-indai-serve", "-n", ns, "-o", "json").stdout)["spec"]["serveConfigV2"])
@@ -692,6 +704,13 @@ def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
     assert rest["spec"]["containers"][0]["command"][:3] == ["indai", "admin", "restore"]
     cron = json.loads(c.kubectl("get", "cronjob", "auto-indai-backup", "-n", ns, "-o", "json").stdout)["spec"]
     assert (cron["timeZone"], cron["concurrencyPolicy"]) == ("Asia/Seoul", "Forbid")
+    # the weekly read-back holds the backup bucket's keys and the backup key, and no database or store key
+    vcron = json.loads(c.kubectl("get", "cronjob", "auto-indai-backup-verify", "-n", ns, "-o", "json").stdout)["spec"]
+    (vctr,) = vcron["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    venv = {e["name"] for e in vctr["env"]}
+    assert vctr["command"] == ["indai", "admin", "verify-backup", "--at", "s3://indai-backups/prod"]
+    assert venv == {"INDAI_BACKUP_S3_ENDPOINT", "INDAI_BACKUP_S3_SECURE", "INDAI_BACKUP_S3_ACCESS_KEY", "INDAI_BACKUP_S3_SECRET_KEY",
+                    "INDAI_BACKUP_KEY_FILE", "TMPDIR"}
 
     # the autoscaler may read pods and scale its RayCluster; nothing else, and nobody else may
     assert can(c, ns, "auto-indai-ray", "list", "pods") and can(c, ns, "auto-indai-ray", "patch", "rayclusters.ray.io")
