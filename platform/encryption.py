@@ -60,9 +60,7 @@ class Key:
     def parse(cls, text: str, where: str = "the backup key") -> "Key":
         text = (text or "").strip()
         if not _KEY_TEXT.fullmatch(text):
-            shown = f"{len(text)} characters" + (f" starting {text[:5]!r}" if text else "")
-            raise SealError(f"{where} is not an indai backup key ({shown}; a key is 'ibk1-' and 43 base64url "
-                            "characters): make one with `indai admin backup-key` and keep a copy off the cluster")
+            raise SealError(refusal(where, text))
         secret = base64.urlsafe_b64decode(text[len(KEY_PREFIX):] + "=")
         return cls(contents=_derive(secret, b"contents"), names=_derive(secret, b"names"),
                    id=_derive(secret, b"key id")[:8].hex())
@@ -71,6 +69,15 @@ class Key:
         """A name that hides `value` (a content's sha256) from whoever reads the store without the
         key: equal values give equal names, so contents are still shared."""
         return hmac.new(self.names, value.encode(), hashlib.sha256).hexdigest()
+
+
+def refusal(where: str, text: str) -> str:
+    """Why `text` is not a key, saying nothing of it but its length and whether it has the prefix
+    (a wrong secret pasted here must not reach a log)."""
+    prefix = "with" if text.startswith(KEY_PREFIX) else "without"
+    return (f"{where} is not an indai backup key ({len(text)} characters, {prefix} the prefix {KEY_PREFIX!r}; a key "
+            "is that prefix and 43 base64url characters): make one with `indai admin backup-key` and keep a copy off "
+            "the cluster")
 
 
 def new_key_text() -> str:

@@ -320,7 +320,7 @@ def test_an_encrypted_backup_store_shows_nothing_and_opens_only_with_its_key(sta
     with pytest.raises(backup.BackupError, match=rf"is not the key of .* \(key id {config['key_id']}\)"):
         backup.verify(str(dest))
     monkeypatch.setenv("INDAI_BACKUP_KEY", "hunter2")
-    with pytest.raises(backup.BackupError, match=r"INDAI_BACKUP_KEY is not an indai backup key \(7 characters.*backup-key"):
+    with pytest.raises(backup.BackupError, match=r"INDAI_BACKUP_KEY is not an indai backup key \(7 characters, without the prefix 'ibk1-'.*backup-key"):
         backup.verify(str(dest))
     monkeypatch.setenv("INDAI_BACKUP_KEY_FILE", str(key_file))
     with pytest.raises(backup.BackupError, match="both INDAI_BACKUP_KEY_FILE and INDAI_BACKUP_KEY are set"):

@@ -218,6 +218,34 @@ def check_kpi_member(member: str, root: Path) -> None:
         assert is_plain_name(name, 200) and name.endswith("-2026-11-01-2026-11-30"), name
 
 
+# ---- backups: a snapshot id (`--snapshot`) and a backup key (INDAI_BACKUP_KEY, or its file) ---------
+
+def check_snapshot_id(snapshot: str, root: Path) -> None:
+    from indai.platform import backup
+
+    repo = backup.Repository(LocalStore(root / "backups"), None)
+    try:
+        backup.read_manifest(repo, snapshot)
+    except UserError as e:
+        check_refusal(e, "is not a snapshot id", "no complete snapshot")
+        if "no complete snapshot" in str(e):  # looked for: only an id of the pattern, a plain folder name
+            assert re.fullmatch(r"\d{8}T\d{9}Z-[0-9a-f]{6}", snapshot), snapshot
+        return
+    raise AssertionError(f"{snapshot!r} named a snapshot in an empty backup store")
+
+
+def check_backup_key(text: str, root: Path) -> None:
+    from indai.platform.encryption import Key, SealError, refusal
+
+    try:
+        key = Key.parse(text)
+    except SealError as e:
+        check_refusal(e, "backup key")
+        assert str(e) == refusal("the backup key", text.strip()), "a refused key says only its length, never its text"
+        return
+    assert re.fullmatch(r"ibk1-[A-Za-z0-9_-]{43}", text.strip()) and re.fullmatch(r"[0-9a-f]{16}", key.id), text
+
+
 # kind: (check, valid names the corpus hides its tricks in)
 ENTRY_POINTS = {
     "local store key": (check_local_key, ("data.csv", "sub/file.npz", "link")),
@@ -234,6 +262,8 @@ ENTRY_POINTS = {
     "spec glob": (check_spec_glob, ("*.csv", "sub/*", "link/*", "**/*.npz")),
     "override key": (check_override_key, ("optim.lr", "run")),
     "kpi report name": (check_kpi_member, ("steel-a", "steel")),
+    "backup snapshot id": (check_snapshot_id, ("20261129T203000123Z-1a2b3c", "latest")),
+    "backup key": (check_backup_key, ("ibk1-" + "A" * 43, "ibk1-0123456789abcdefghijklmnopqrstuvwxyz-_ABCDE")),
 }
 
 
@@ -275,6 +305,12 @@ def test_valid_names_pass_every_check(root):
     assert parse_override("optim.lr=0.1") == (["optim", "lr"], 0.1)
     period = {"from": "2026-11-01", "to": "2026-11-30"}
     assert kpi.report_name({"industry": "steel", "member": "steel-a", "period": period}) == "kpi-steel-steel-a-2026-11-01-2026-11-30"
+    from indai.platform import backup
+    from indai.platform.encryption import Key
+
+    with pytest.raises(backup.BackupError, match="no complete snapshot 20261129T203000123Z-1a2b3c"):
+        backup.read_manifest(backup.Repository(LocalStore(root / "backups"), None), "20261129T203000123Z-1a2b3c")
+    assert len(Key.parse("ibk1-" + "A" * 43).id) == 16
 
 
 def test_the_known_tricks_are_refused_where_they_matter(root):
