@@ -1024,10 +1024,13 @@ def _fetch_dumps(repo: Repository, manifest: dict, work: Path) -> dict[str, tupl
     return dumps
 
 
-def verify(backups_uri: str, snapshot: str | None = None,
+def verify(backups_uri: str, snapshot: str | None = None, restore_test: bool = False,
            say: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
     """Read a snapshot back in full: its dumps and every content it names, each checked against
-    its sha256. Returns what was checked; BackupError names the first thing damaged or missing."""
+    its sha256. `restore_test`: then also restore both databases into scratch SQLite files, with
+    this installation's migrations up to its newest revision, and count their rows (a drill: the
+    snapshot restores with the code installed now). Returns what was checked; BackupError names
+    the first thing damaged, missing or not restorable."""
     repo = open_repository(backups_uri)
     with repo.running("verify", say), tempfile.TemporaryDirectory(prefix="indai-verify-") as tmp:
         manifest = pick_snapshot(repo, snapshot, say)
@@ -1040,8 +1043,17 @@ def verify(backups_uri: str, snapshot: str | None = None,
         shas = sorted({sha for *_x, sha in records})
         for sha in progress.bar(shas, desc="contents", total=len(shas)):
             _fetch_checked(repo, repo.blob_key(sha), sha, work / "blob").unlink()
+        restored = {}
+        if restore_test:
+            for kind, (info, path) in dumps.items():
+                counts = restore_database(kind, f"sqlite:///{work / (kind + '-drill.db')}", path, info.get("revisions") or {},
+                                          False, say)
+                if counts != (info.get("tables") or {}):
+                    raise BackupError(f"snapshot {manifest['id']}: the {kind} dump restored {sum(counts.values())} rows, its "
+                                      f"manifest counts {sum((info.get('tables') or {}).values())}; it is damaged")
+                restored[kind] = sum(counts.values())
     return {"snapshot": manifest["id"], "rows": rows, "objects": len(records), "contents": len(shas),
-            "sealed": repo.key is not None}
+            "sealed": repo.key is not None, "restored": restored}
 
 
 def _embedded_services_running() -> bool:

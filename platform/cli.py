@@ -699,9 +699,12 @@ def cmd_admin_backup_key(a) -> int:
 def cmd_admin_verify_backup(a) -> int:
     from indai.platform import backup
 
-    r = backup.verify(a.at, a.snapshot)
+    r = backup.verify(a.at, a.snapshot, restore_test=a.restore_test)
     print(f"snapshot {r['snapshot']}{' (encrypted)' if r['sealed'] else ''} is whole: " + ", ".join(f"{k} database {n} rows" for k, n in r["rows"].items())
           + f", {r['objects']} objects, {r['contents']} contents, every checksum matches")
+    if r["restored"]:
+        print("restore drill: " + ", ".join(f"{k} database {n} rows" for k, n in r["restored"].items())
+              + " restored into scratch databases and migrated to this release's schema")
     return 0
 
 
@@ -984,6 +987,8 @@ def parser() -> argparse.ArgumentParser:
     avf = adm.add_parser("verify-backup", help="read a snapshot back in full and check every checksum")
     avf.add_argument("--at", required=True, metavar="URI")
     avf.add_argument("--snapshot", help="its id (default: the newest)")
+    avf.add_argument("--restore-test", action="store_true", help="also restore both databases into scratch SQLite "
+                                                                  "files with this release's migrations (a restore drill)")
     avf.set_defaults(fn=cmd_admin_verify_backup)
     ars = adm.add_parser("restore", help="write a snapshot back into new, empty databases and an empty store "
                                          "(INDAI_DB_URL, INDAI_MLFLOW_DB_URL, the store URI; on the embedded default, "

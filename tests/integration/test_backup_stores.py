@@ -114,6 +114,9 @@ def test_the_embedded_homes_snapshot_restores_into_postgres_and_minio_and_back(t
     assert grown["mlflow"]["experiments"] == was["mlflow"]["experiments"] + 1
     assert grown["mlflow"]["metrics"] == was["mlflow"]["metrics"] + 1
     assert second["objects"]["count"] == first["objects"]["count"]
+    # the drill: PostgreSQL's rows restore into scratch SQLite with this release's migrations
+    drill = backup.verify(str(tmp_path / "backups"), restore_test=True)
+    assert drill["restored"] == {k: sum(v["tables"].values()) for k, v in second["databases"].items()}
 
     # 4. and back into a new embedded home, row for row
     monkeypatch.delenv("INDAI_DB_URL")

@@ -214,7 +214,7 @@ def test_each_part_switches_off_or_on(k8s_cluster, name):
         assert verify["spec"]["schedule"] == "0 5 * * 0" and verify["spec"]["concurrencyPolicy"] == "Forbid"
         (vwhere, vlabels, vspec), = pod_templates(verify)
         (vctr,) = vspec["containers"]
-        assert vctr["command"] == ["indai", "admin", "verify-backup", "--at", "/backups"]
+        assert vctr["command"] == ["indai", "admin", "verify-backup", "--at", "/backups", "--restore-test"]
         assert vctr["env"] == [{"name": "TMPDIR", "value": "/work"}]
         assert {"name": "backups", "persistentVolumeClaim": {"claimName": pvc["metadata"]["name"]}} in vspec["volumes"]
         assert vlabels["indai.io/component"] == "backup-verify" and "backup-verify" not in admitted
@@ -708,7 +708,7 @@ def test_external_stores_with_autoscaled_gpu_pool_and_serve(k8s_cluster):
     vcron = json.loads(c.kubectl("get", "cronjob", "auto-indai-backup-verify", "-n", ns, "-o", "json").stdout)["spec"]
     (vctr,) = vcron["jobTemplate"]["spec"]["template"]["spec"]["containers"]
     venv = {e["name"] for e in vctr["env"]}
-    assert vctr["command"] == ["indai", "admin", "verify-backup", "--at", "s3://indai-backups/prod"]
+    assert vctr["command"] == ["indai", "admin", "verify-backup", "--at", "s3://indai-backups/prod", "--restore-test"]
     assert venv == {"INDAI_BACKUP_S3_ENDPOINT", "INDAI_BACKUP_S3_SECURE", "INDAI_BACKUP_S3_ACCESS_KEY", "INDAI_BACKUP_S3_SECRET_KEY",
                     "INDAI_BACKUP_KEY_FILE", "TMPDIR"}
 
