@@ -688,10 +688,23 @@ def cmd_admin_backups(a) -> int:
 def cmd_admin_backup_key(a) -> int:
     from indai.platform.encryption import new_key_text
 
-    print(new_key_text())
-    print("a new backup key: keep a copy off the cluster (a password manager, a safe). Without it no backup made "
-          "with it can be read, by anyone. Give it to backups as a Secret: kubectl -n indai create secret generic "
-          "indai-backup-key --from-file=key=<this file>, and backup.encryption.existingSecret=indai-backup-key",
+    text = new_key_text()
+    if a.out:
+        try:  # never over another file: a key there may be the only one that opens some backups
+            fd = os.open(a.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise UserError(f"{a.out} exists: a key in it may be the only one that opens some backups; write the new "
+                            "key to another file") from None
+        except OSError as e:
+            raise UserError(f"cannot write {a.out}: {e.strerror}") from None
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text + "\n")
+        print(f"a new backup key is in {a.out} (readable by you only)", file=sys.stderr)
+    else:
+        print(text)
+    print("keep a copy of the key off the cluster (a password manager, a safe): without it no backup made with it can "
+          "be read, by anyone. Give it to the chart's backups as a Secret: kubectl -n indai create secret generic "
+          "indai-backup-key --from-file=key=<the key's file>, and backup.encryption.existingSecret=indai-backup-key",
           file=sys.stderr)
     return 0
 
@@ -979,6 +992,8 @@ def parser() -> argparse.ArgumentParser:
     abk.epilog = ("With INDAI_BACKUP_KEY_FILE (or INDAI_BACKUP_KEY) set to a key from `indai admin backup-key`, a new "
                   "backup store is encrypted: every dump, list, manifest and content, under keyed names.")
     akey = adm.add_parser("backup-key", help="print a new random key for encrypted backups (keep a copy off the cluster)")
+    akey.add_argument("--out", metavar="FILE", help="write it into this new file (mode 0600; an existing file is never "
+                                                    "overwritten) instead of printing it")
     akey.set_defaults(fn=cmd_admin_backup_key)
     als = adm.add_parser("backups", help="the snapshots in a backup store, oldest first")
     als.add_argument("--at", required=True, metavar="URI")

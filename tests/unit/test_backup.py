@@ -281,10 +281,16 @@ def test_an_encrypted_backup_store_shows_nothing_and_opens_only_with_its_key(sta
     home = _copy_home(state[0], tmp_path / "home")
     _home(monkeypatch, home)
     key_file = tmp_path / "backup.key"
+    assert cli.main(["admin", "backup-key", "--out", str(key_file)]) == 0
+    assert "keep a copy of the key off the cluster" in capsys.readouterr().err
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    kept = key_file.read_text()
+    assert cli.main(["admin", "backup-key", "--out", str(key_file)]) == 2  # never over a key that may be the only one
+    assert "backup.key exists: a key in it may be the only one" in capsys.readouterr().err
+    assert key_file.read_text() == kept
     assert cli.main(["admin", "backup-key"]) == 0
-    made = capsys.readouterr()
-    key_file.write_text(made.out)
-    assert "keep a copy off the cluster" in made.err
+    printed = capsys.readouterr().out.strip()
+    assert printed.startswith("ibk1-") and printed != kept.strip()
     monkeypatch.setenv("INDAI_BACKUP_KEY_FILE", str(key_file))
     dest = tmp_path / "sealed"
     first = backup.backup(backup.current_sources(), str(dest))
@@ -295,7 +301,7 @@ def test_an_encrypted_backup_store_shows_nothing_and_opens_only_with_its_key(sta
     # what the store shows without the key: no content, no name, no row, no table, not the key
     contents = store_contents(home / "store")
     stored = _files(dest)
-    needles = [made.out.strip().encode(), b"steel-a", b"cwru-bearing", b"tokens", b"platform.db"]
+    needles = [kept.strip().encode(), b"steel-a", b"cwru-bearing", b"tokens", b"platform.db"]
     needles += [data[:32] for data in contents.values() if len(data) >= 32]
     for name, data in stored.items():
         for needle in needles:
