@@ -299,7 +299,9 @@ class Repository:
                 continue  # released meanwhile
             except ValueError:
                 fields_ok = False
-            if not fields_ok or not _LOCK_KEY.fullmatch(key) or time.time() - info["at"] > LOCK_STALE_S:
+            # a lock dated more than an hour ahead (a wrong clock, or not a lock at all) would hold every
+            # prune off for as long as it stays: stale too, as NaN
+            if not fields_ok or not _LOCK_KEY.fullmatch(key) or not -3600 <= time.time() - info["at"] <= LOCK_STALE_S:
                 stale.append(key)
             else:
                 fresh[key] = {**info, "host": info["host"][:64], "what": info["what"][:40]}

@@ -441,14 +441,16 @@ def test_runs_beside_each_other_wait_for_a_prune_and_a_prune_waits_for_none(stat
 
     # a crashed run: its stale lock and its unfinished snapshot folder are cleared by the next prune
     stale = _lock(dest, "exclusive", age_s=backup.LOCK_STALE_S + 60, name="fedcba9876543210")
+    future = _lock(dest, "shared", age_s=-10 * 86400, name="00000000000000ff")  # dated 10 days ahead: never fresh
+    (dest / "locks" / "00000000000000ee.json").write_text('{"kind": "exclusive", "what": "x", "host": "h", "pid": 1, "at": NaN}')
     unfinished = dest / "snapshots" / "20990101T000000000Z-abcdef"
     (unfinished).mkdir()
     (unfinished / "platform.jsonl.gz").write_bytes(b"half")
     fourth = backup.backup(backup.current_sources(), str(dest), keep=2)
     assert fourth["id"] > unfinished.name, "a new snapshot sorts after every folder, finished or not"
     assert fourth["pruned"]["snapshots"] == [first["id"], second["id"]]
-    assert fourth["pruned"]["unfinished"] == [unfinished.name] and fourth["pruned"]["locks"] == 1
-    assert not unfinished.exists() and not stale.exists() and list((dest / "locks").iterdir()) == []
+    assert fourth["pruned"]["unfinished"] == [unfinished.name] and fourth["pruned"]["locks"] == 3
+    assert not unfinished.exists() and not stale.exists() and not future.exists() and list((dest / "locks").iterdir()) == []
     assert [m["id"] for m in backup.list_snapshots(backup.open_repository(str(dest)))] == [third["id"], fourth["id"]]
 
 
