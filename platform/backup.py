@@ -16,14 +16,15 @@ backs up):
     snapshots/<id>/objects.jsonl.gz     [key, size, change tag, sha256] for every object
     snapshots/<id>/manifest.json        written last: a snapshot without it does not exist
     blobs/<sha256[:2]>/<sha256>         object contents, shared by all snapshots
-    config.json                         the store's format, and the key id when it is sealed
-    locks/<random>.json                 one per run in progress (see LOCK_* below)
+    config.json, locks/                 the store's format and keys, the runs in progress
+                                        (platform/backup_store.py)
 
 With a backup key (INDAI_BACKUP_KEY_FILE or INDAI_BACKUP_KEY, from `indai admin backup-key`) a
 new backup store is sealed: every dump, list, manifest and content is encrypted and authenticated
 (platform/encryption.py), and contents are stored under keyed names instead of their sha256, so
 whoever reads the store without the key learns neither what is in it nor which files it holds.
-A store is sealed or not from its first snapshot on, and `config.json` records which.
+A store is sealed or not from its first snapshot on, and `config.json` records which, and which
+keys open it.
 
 Objects are kept by content, so a snapshot holds only what changed since the one before: an
 object whose size and change tag (S3 ETag, a file's mtime) match the previous snapshot's record
@@ -51,13 +52,10 @@ import json
 import os
 import re
 import secrets
-import socket
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, time as dtime, timezone
 from decimal import Decimal
@@ -65,25 +63,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from indai.platform import progress
-from indai.platform.encryption import Key, SealError, open_bytes, open_file, seal_bytes, seal_file
-from indai.platform.errors import UserError
+from indai.platform.backup_store import (BLOBS, SNAPSHOTS, BackupError, Repository, open_backup_store,
+                                         open_repository)
 from indai.platform.storage import LocalStore, ObjectStore, S3Store, StoreError, open_store, sha256_file, validate_key
 
-FORMAT = 1
-SNAPSHOTS = "snapshots"
-BLOBS = "blobs"
+MANIFEST_FORMAT = 1
 MANIFEST = "manifest.json"
-CONFIG = "config.json"  # the backup store's own settings: its format and whether (and with which key) it is sealed
-LOCKS = "locks"
-SEALED = "aes-256-gcm"
-# Runs on one backup store announce themselves with a lock file each (`locks/<random>.json`,
-# rewritten every LOCK_REFRESH_S). A run that prunes takes an exclusive lock and prunes only when
-# no other run holds one; every other run waits while an exclusive lock is held. A lock not
-# rewritten for LOCK_STALE_S is a crashed run's and is ignored (and deleted by the next prune).
-LOCK_REFRESH_S = 300.0
-LOCK_STALE_S = 1800.0
-LOCK_WAIT_S = 900.0
-_LOCK_KEY = re.compile(LOCKS + r"/[0-9a-f]{16}\.json")
 DATABASES = ("platform", "mlflow")
 _SNAPSHOT_ID = re.compile(r"\d{8}T\d{9}Z-[0-9a-f]{6}")  # UTC to the millisecond: ids sort as snapshots were made
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -92,10 +77,6 @@ _BATCH = 1000
 # more than it needs, and no longer: a database that stops answering fails the command instead of
 # hanging the nightly job. Migrations and drops run without a limit, as `db.upgrade` does.
 DB_TIMEOUT_S = 900.0
-
-
-class BackupError(UserError):
-    """A backup or restore that cannot go on; the message says what to do."""
 
 
 # ---- where the platform's state is ---------------------------------------------------------
@@ -131,279 +112,6 @@ def current_sources() -> Sources:
     from indai.platform.settings import load_settings
 
     return Sources(platform_db=db.database_url(), mlflow_db=mlflow_database_url(), store_uri=load_settings().store_uri)
-
-
-def open_backup_store(uri: str) -> ObjectStore:
-    """The backup store a URI names: a folder, or an s3:// bucket. For a bucket, each of
-    INDAI_BACKUP_S3_ENDPOINT, _ACCESS_KEY, _SECRET_KEY and _SECURE that is set is used (a backup
-    store on another server than the store it protects), and the platform's INDAI_S3_* setting
-    otherwise."""
-    if isinstance(uri, str) and uri.startswith("s3://"):
-        env = os.environ.get
-        return S3Store(uri, endpoint=env("INDAI_BACKUP_S3_ENDPOINT") or None,
-                       access_key=env("INDAI_BACKUP_S3_ACCESS_KEY") or None,
-                       secret_key=env("INDAI_BACKUP_S3_SECRET_KEY") or None,
-                       secure=env("INDAI_BACKUP_S3_SECURE") or None)
-    return open_store(uri)
-
-
-def backup_key_from_env() -> Key | None:
-    """The backup key: the file INDAI_BACKUP_KEY_FILE names (the chart mounts it from a Secret),
-    or INDAI_BACKUP_KEY itself; None when neither is set."""
-    path = os.environ.get("INDAI_BACKUP_KEY_FILE", "").strip()
-    text = os.environ.get("INDAI_BACKUP_KEY", "")
-    if path and text.strip():
-        raise BackupError("both INDAI_BACKUP_KEY_FILE and INDAI_BACKUP_KEY are set: set only one")
-    if path:
-        try:
-            with open(path, encoding="utf-8", errors="replace") as fh:
-                text = fh.read(4096)
-        except OSError as e:
-            raise BackupError(f"INDAI_BACKUP_KEY_FILE names {path}, which cannot be read ({e.strerror})") from None
-        where = f"the file INDAI_BACKUP_KEY_FILE names ({path})"
-    elif text.strip():
-        where = "INDAI_BACKUP_KEY"
-    else:
-        return None
-    try:
-        return Key.parse(text, where)
-    except SealError as e:
-        raise BackupError(str(e)) from None
-
-
-class _Lock:
-    """This run's lock file in a backup store, rewritten by a thread every LOCK_REFRESH_S."""
-
-    def __init__(self, store: ObjectStore, kind: str, what: str):
-        self.store, self.kind, self.what = store, kind, what
-        self.key = f"{LOCKS}/{secrets.token_hex(8)}.json"
-        self._write()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._keep, name="indai-backup-lock", daemon=True)
-        self._thread.start()
-
-    def _write(self) -> None:
-        self.store.put_bytes(self.key, json.dumps({"kind": self.kind, "what": self.what, "host": socket.gethostname(),
-                                                   "pid": os.getpid(), "at": time.time()}).encode())
-
-    def _keep(self) -> None:
-        while not self._done.wait(LOCK_REFRESH_S):
-            try:
-                self._write()
-            except Exception as e:  # the run goes on; a lock left unrefreshed only turns stale
-                print(f"could not refresh the lock {self.key} ({type(e).__name__}); going on", file=sys.stderr)
-
-    def release(self) -> None:
-        self._done.set()
-        self._thread.join()
-        try:
-            self.store.delete(self.key)
-        except Exception as e:  # it turns stale, and the next prune deletes it
-            print(f"could not delete the lock {self.key} ({type(e).__name__}): it expires by itself", file=sys.stderr)
-
-
-def _describe(info: dict) -> str:
-    at = datetime.fromtimestamp(info["at"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return f"{'a prune' if info['kind'] == 'exclusive' else 'a ' + info['what']} on {info['host']} (pid {info['pid']}, since {at})"
-
-
-class Repository:
-    """A backup store as backups use it. Where its config.json records a key, every file but the
-    config and the locks is sealed with that key, and contents are named by a keyed hash of their
-    sha256 instead of the sha256 itself."""
-
-    def __init__(self, store: ObjectStore, key: Key | None):
-        self.store, self.key, self.uri = store, key, store.uri
-
-    # names
-    def blob_name(self, sha: str) -> str:
-        return self.key.name(sha) if self.key else sha
-
-    def blob_key(self, sha: str) -> str:
-        name = self.blob_name(sha)
-        return f"{BLOBS}/{name[:2]}/{name}"
-
-    def blob_names(self) -> set[str]:
-        return {k.rsplit("/", 1)[-1] for k in self.store.list(BLOBS)}
-
-    # contents, sealed where the store is
-    def _damaged(self, key: str) -> BackupError:
-        return BackupError(f"{key} in {self.uri} does not open with the backup key (key id {self.key.id}): it was changed, "
-                           "cut short or moved from another name; this copy is damaged, restore another snapshot")
-
-    def put_file(self, key: str, local: Path) -> None:
-        if self.key is None:
-            return self.store.put_file(key, local)
-        sealed = local.with_name(local.name + ".sealed")
-        try:
-            seal_file(self.key, local, sealed, key)
-            self.store.put_file(key, sealed)
-        finally:
-            sealed.unlink(missing_ok=True)
-
-    def get_file(self, key: str, local: Path) -> None:
-        if self.key is None:
-            return self.store.get_file(key, local)
-        sealed = local.with_name(local.name + ".sealed")
-        try:
-            self.store.get_file(key, sealed)
-            open_file(self.key, sealed, local, key)
-        except SealError:
-            raise self._damaged(key) from None
-        finally:
-            sealed.unlink(missing_ok=True)
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        self.store.put_bytes(key, seal_bytes(self.key, data, key) if self.key else data)
-
-    def get_bytes(self, key: str) -> bytes:
-        data = self.store.get_bytes(key)
-        if self.key is None:
-            return data
-        try:
-            return open_bytes(self.key, data, key)
-        except SealError:
-            raise self._damaged(key) from None
-
-    # names only
-    def exists(self, key: str) -> bool:
-        return self.store.exists(key)
-
-    def children(self, prefix: str) -> list[str]:
-        return self.store.children(prefix)
-
-    def list(self, prefix: str) -> list[str]:
-        return self.store.list(prefix)
-
-    def delete(self, key: str) -> None:
-        self.store.delete(key)
-
-    def delete_prefix(self, prefix: str) -> None:
-        self.store.delete_prefix(prefix)
-
-    # runs beside each other
-    def locks(self, *mine: str) -> tuple[dict[str, dict], list[str]]:
-        """The other runs' fresh locks (key: what it says) and the keys of stale or unreadable ones."""
-        fresh, stale = {}, []
-        for key in self.store.list(LOCKS):
-            if key in mine:
-                continue
-            try:
-                info = json.loads(self.store.get_bytes(key))
-                fields_ok = (isinstance(info, dict) and info.get("kind") in ("shared", "exclusive")
-                             and isinstance(info.get("at"), (int, float)) and isinstance(info.get("host"), str)
-                             and isinstance(info.get("pid"), int) and isinstance(info.get("what"), str))
-            except StoreError:
-                if self.store.exists(key):
-                    raise
-                continue  # released meanwhile
-            except ValueError:
-                fields_ok = False
-            # a lock dated more than an hour ahead (a wrong clock, or not a lock at all) would hold every
-            # prune off for as long as it stays: stale too, as NaN
-            if not fields_ok or not _LOCK_KEY.fullmatch(key) or not -3600 <= time.time() - info["at"] <= LOCK_STALE_S:
-                stale.append(key)
-            else:
-                fresh[key] = {**info, "host": info["host"][:64], "what": info["what"][:40]}
-        return fresh, stale
-
-    @contextmanager
-    def running(self, what: str, say: Callable[[str], None]) -> Iterator[_Lock | None]:
-        """Announce a run (a backup, verify or restore); first wait while another run prunes. A
-        verify or restore with keys that may only read the backup store goes on without a lock."""
-        try:
-            lock = _Lock(self.store, "shared", what)
-        except StoreError as e:
-            if what == "backup":
-                raise
-            say(f"could not write a lock into {self.uri} ({str(e)[:200]}); going on without one: a prune that runs "
-                f"meanwhile could delete what this {what} reads")
-            yield None
-            return
-        try:
-            deadline, told = time.monotonic() + LOCK_WAIT_S, False
-            while True:
-                pruning = [(k, i) for k, i in self.locks(lock.key)[0].items() if i["kind"] == "exclusive"]
-                if not pruning:
-                    break
-                key, info = pruning[0]
-                if time.monotonic() > deadline:
-                    raise BackupError(f"{self.uri} is held by {_describe(info)}, which did not finish within "
-                                      f"{LOCK_WAIT_S:.0f} s: if no indai backup is running there (a run that stopped "
-                                      f"leaves its lock for {LOCK_STALE_S / 60:.0f} minutes), delete {key} from the "
-                                      "backup store and run again")
-                if not told:
-                    say(f"waiting for {_describe(info)} to finish")
-                    told = True
-                time.sleep(1.0)
-            yield lock
-        finally:
-            lock.release()
-
-    @contextmanager
-    def alone(self, mine: _Lock, say: Callable[[str], None]) -> Iterator[list[str] | None]:
-        """An exclusive lock, if no other run holds one: yields the stale locks' keys, or None
-        (and holds nothing) while another run is going."""
-        lock = _Lock(self.store, "exclusive", "prune")
-        try:
-            fresh, stale = self.locks(lock.key, mine.key)
-            if fresh:
-                say(f"{self.uri} is also used by {_describe(next(iter(fresh.values())))}: old snapshots are pruned "
-                    "by the next backup")
-                yield None
-            else:
-                yield stale
-        finally:
-            lock.release()
-
-
-def _read_config(store: ObjectStore) -> dict | None:
-    try:
-        raw = store.get_bytes(CONFIG)
-    except StoreError:
-        if store.exists(CONFIG):
-            raise
-        return None
-    try:
-        config = json.loads(raw)
-    except ValueError:
-        config = None
-    if (not isinstance(config, dict) or config.get("format") != FORMAT or config.get("encryption") not in (None, SEALED)
-            or (config.get("encryption") and not re.fullmatch(r"[0-9a-f]{16}", str(config.get("key_id"))))):
-        raise BackupError(f"{CONFIG} in {store.uri} is not one this indai writes (it reads format {FORMAT}): the backup "
-                          "store is damaged or belongs to something else")
-    return config
-
-
-def open_repository(uri: str, *, create: bool = False) -> Repository:
-    """The backup store at `uri`, opened with the backup key where it is sealed. `create`: a
-    backup is about to write; an empty store is then made sealed when a key is set."""
-    store = open_backup_store(uri)
-    key = backup_key_from_env()
-    config = _read_config(store)
-    if config is None:
-        used = bool(store.children(SNAPSHOTS) or store.children(BLOBS))
-        if used:  # made before config.json: never sealed
-            config = {"format": FORMAT, "encryption": None}
-        elif create:
-            config = {"format": FORMAT, "encryption": SEALED if key else None, "key_id": key.id if key else None,
-                      "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-            store.put_bytes(CONFIG, json.dumps(config, indent=1).encode())
-        else:
-            return Repository(store, None)  # nothing in it to read
-    if config["encryption"] is None:
-        if key and create:
-            raise BackupError(f"{uri} holds backups that are not encrypted, and a backup key is set: encrypted backups "
-                              "go to a new backup store (another folder, bucket or prefix); the old snapshots stay "
-                              "readable without the key")
-        return Repository(store, None)
-    if key is None:
-        raise BackupError(f"{uri} is encrypted (key id {config['key_id']}): set INDAI_BACKUP_KEY_FILE to a file holding "
-                          "its key, or INDAI_BACKUP_KEY to the key")
-    if key.id != config["key_id"]:
-        raise BackupError(f"the backup key set here (key id {key.id}) is not the key of {uri} (key id {config['key_id']}): "
-                          "use the key its snapshots were made with; without it they cannot be read")
-    return Repository(store, key)
 
 
 def _same_server(a: ObjectStore, b: ObjectStore) -> bool:
@@ -843,9 +551,9 @@ def read_manifest(repo: Repository, snapshot: str) -> dict:
         manifest = json.loads(raw)
     except ValueError:
         raise BackupError(f"the manifest of snapshot {snapshot} is not JSON; the snapshot is damaged") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("id") != snapshot:
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or manifest.get("id") != snapshot:
         raise BackupError(f"the manifest of snapshot {snapshot} is not one this indai writes (format "
-                          f"{manifest.get('format') if isinstance(manifest, dict) else '?'}, indai reads {FORMAT})")
+                          f"{manifest.get('format') if isinstance(manifest, dict) else '?'}, indai reads {MANIFEST_FORMAT})")
     return manifest
 
 
@@ -907,11 +615,13 @@ def backup(sources: Sources, backups_uri: str, keep: int | None = None, *, stage
     store = open_store(sources.store_uri)
     _check_apart(store, open_backup_store(backups_uri))
     repo = open_repository(backups_uri, create=True)
-    with repo.running("backup", say) as lock:
+    with repo.running("backup", say, writes=True) as lock:
         previous = list_snapshots(repo)
-        snap = _new_id(max([previous[-1]["id"] if previous else "", *_snapshot_ids(repo)[1]]) or None)
+        # after every folder there, readable, damaged or unfinished, so a clock that stepped back
+        # cannot sort the new snapshot before one of them
+        snap = _new_id(max((i for ids in _snapshot_ids(repo) for i in ids), default=None))
         prefix = f"{SNAPSHOTS}/{snap}"
-        manifest: dict = {"format": FORMAT, "id": snap, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        manifest: dict = {"format": MANIFEST_FORMAT, "id": snap, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                           "versions": {p: md.version(p) for p in ("indai", "mlflow", "sqlalchemy")},
                           "sources": {"platform_db": _redact(sources.platform_db), "mlflow_db": _redact(sources.mlflow_db),
                                       "store": store.uri},
@@ -976,8 +686,10 @@ def backup(sources: Sources, backups_uri: str, keep: int | None = None, *, stage
             manifest["seconds"] = round(time.perf_counter() - started, 2)
             repo.put_bytes(f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
             if keep is not None:
-                with stages.stage("prune old snapshots"), repo.alone(lock, say) as stale_locks:
-                    if stale_locks is not None:
+                with stages.stage("prune old snapshots"), repo.alone(lock, "prune") as stale_locks:
+                    if isinstance(stale_locks, str):
+                        say(f"{repo.uri} is also used by {stale_locks}: old snapshots are pruned by the next backup")
+                    else:
                         manifest["pruned"] = prune(repo, keep, work, say, stale_locks)
     return manifest
 

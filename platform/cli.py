@@ -676,8 +676,8 @@ def cmd_admin_backups(a) -> int:
         return 0
     if not snaps:
         print(f"no complete snapshot in {a.at}")
-    elif repo.key:
-        print(f"{a.at} is encrypted (key id {repo.key.id})")
+    if repo.key:
+        print(f"{a.at} is encrypted; opened with key id {repo.opened_with} (its keys: {', '.join(repo.key_ids)})")
     for m in snaps:
         rows = sum(sum(d["tables"].values()) for d in m["databases"].values())
         print(f"{m['id']}  {m['created']}  indai {m['versions']['indai']}  {rows} rows  "
@@ -706,6 +706,32 @@ def cmd_admin_backup_key(a) -> int:
           "be read, by anyone. Give it to the chart's backups as a Secret: kubectl -n indai create secret generic "
           "indai-backup-key --from-file=key=<the key's file>, and backup.encryption.existingSecret=indai-backup-key",
           file=sys.stderr)
+    return 0
+
+
+def cmd_admin_backup_keys(a) -> int:
+    from indai.platform import backup_store
+    from indai.platform.encryption import Key, SealError
+
+    add = None
+    if a.add:
+        try:
+            text = sys.stdin.read(4096) if a.add == "-" else Path(a.add).read_text(encoding="utf-8", errors="replace")[:4096]
+        except OSError as e:
+            raise UserError(f"cannot read the key to add from {a.add}: {e.strerror}") from None
+        try:
+            add = Key.parse(text, "the key to add" if a.add == "-" else f"the key to add ({a.add})")
+        except SealError as e:
+            raise UserError(str(e)) from None
+    if add or a.remove:
+        ids = backup_store.change_keys(a.at, add=add, remove=a.remove)
+    else:
+        repo = backup_store.open_repository(a.at)
+        if not repo.key:
+            raise UserError(f"{a.at} is not an encrypted backup store (or holds nothing yet): it has no keys")
+        ids = repo.key_ids
+    for kid in ids:
+        print(kid)
     return 0
 
 
@@ -995,6 +1021,17 @@ def parser() -> argparse.ArgumentParser:
     akey.add_argument("--out", metavar="FILE", help="write it into this new file (mode 0600; an existing file is never "
                                                     "overwritten) instead of printing it")
     akey.set_defaults(fn=cmd_admin_backup_key)
+    akeys = adm.add_parser("backup-keys", help="the ids of the keys that open an encrypted backup store; add or remove one "
+                                               "(run with one of its keys set)")
+    akeys.add_argument("--at", required=True, metavar="URI")
+    change = akeys.add_mutually_exclusive_group()
+    change.add_argument("--add", metavar="FILE", help="let the key in FILE (`-`: read it from stdin) open the store too")
+    change.add_argument("--remove", metavar="KEY_ID", help="the key with this id no longer opens the store (not the "
+                                                           "last one, nor the one set here)")
+    akeys.set_defaults(fn=cmd_admin_backup_keys)
+    akeys.epilog = ("To rotate: make a new key (`indai admin backup-key --out new.key`), --add it with the old key set, "
+                    "set the new key where backups run, then --remove the old key's id with the new key set. Only "
+                    "config.json changes; the snapshots are not written again.")
     als = adm.add_parser("backups", help="the snapshots in a backup store, oldest first")
     als.add_argument("--at", required=True, metavar="URI")
     als.add_argument("--json", action="store_true")

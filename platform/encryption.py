@@ -12,6 +12,10 @@ last chunk, and every chunk is bound to the file's name (its associated data). S
 was changed, cut short, extended, had its chunks reordered, or was moved to another name does not
 open: `open_file` names it instead of giving back something else. Files of any size pass through
 in constant memory.
+
+A backup store is sealed with a key of its own (256 random bits), which is itself sealed with
+each key that may open the store (`wrap_secret`): so keys can be added and removed without
+sealing the backups again (platform/backup_store.py).
 """
 from __future__ import annotations
 
@@ -61,7 +65,10 @@ class Key:
         text = (text or "").strip()
         if not _KEY_TEXT.fullmatch(text):
             raise SealError(refusal(where, text))
-        secret = base64.urlsafe_b64decode(text[len(KEY_PREFIX):] + "=")
+        return cls.from_secret(base64.urlsafe_b64decode(text[len(KEY_PREFIX):] + "="))
+
+    @classmethod
+    def from_secret(cls, secret: bytes) -> "Key":
         return cls(contents=_derive(secret, b"contents"), names=_derive(secret, b"names"),
                    id=_derive(secret, b"key id")[:8].hex())
 
@@ -82,6 +89,28 @@ def refusal(where: str, text: str) -> str:
 
 def new_key_text() -> str:
     return KEY_PREFIX + base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
+
+
+def new_secret() -> bytes:
+    return os.urandom(32)
+
+
+def wrap_secret(key: Key, secret: bytes, slot: str) -> str:
+    """`secret` (a store's own key) sealed with `key` and bound to `slot`, as base64 text."""
+    return base64.b64encode(seal_bytes(key, secret, slot)).decode()
+
+
+def unwrap_secret(key: Key, text: str, slot: str) -> bytes:
+    """The secret `wrap_secret` sealed into `text`; SealError when `key` is not the one it was
+    sealed with or the text was changed or moved."""
+    try:
+        data = base64.b64decode(text.encode(), validate=True)
+    except (ValueError, AttributeError):
+        raise SealError(f"{slot} is not base64 text") from None
+    secret = open_bytes(key, data, slot)
+    if len(secret) != 32:
+        raise SealError(f"{slot} does not hold a 256-bit key")
+    return secret
 
 
 def _nonce(counter: int, last: bool) -> bytes:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from backup_state import all_rows, make_mlflow, make_platform, make_store, store_contents
-from indai.platform import backup, cli
+from indai.platform import backup, backup_store, cli
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +296,9 @@ def test_an_encrypted_backup_store_shows_nothing_and_opens_only_with_its_key(sta
     first = backup.backup(backup.current_sources(), str(dest))
     assert first["sealed"] is True
     config = json.loads((dest / "config.json").read_text())
-    assert config["encryption"] == "aes-256-gcm" and len(config["key_id"]) == 16
+    assert (config["format"], config["encryption"]) == (2, "aes-256-gcm")
+    (key_id,) = config["keys"]
+    assert len(key_id) == 16
 
     # what the store shows without the key: no content, no name, no row, no table, not the key
     contents = store_contents(home / "store")
@@ -319,7 +321,7 @@ def test_an_encrypted_backup_store_shows_nothing_and_opens_only_with_its_key(sta
     assert " (encrypted) in " in capsys.readouterr().out
     assert cli.main(["admin", "backups", "--at", str(dest)]) == 0
     listed = capsys.readouterr().out
-    assert f"is encrypted (key id {config['key_id']})" in listed and first["id"] in listed
+    assert f"is encrypted; opened with key id {key_id} (its keys: {key_id})" in listed and first["id"] in listed
     second = backup.list_snapshots(backup.open_repository(str(dest)))[-1]
     assert (second["objects"]["read"], second["objects"]["new_blobs"]) == (0, 0)
     assert cli.main(["admin", "verify-backup", "--at", str(dest)]) == 0
@@ -332,10 +334,10 @@ def test_an_encrypted_backup_store_shows_nothing_and_opens_only_with_its_key(sta
 
     # without the key, with another key, with a key that is not one: refused, saying what to do
     monkeypatch.delenv("INDAI_BACKUP_KEY")
-    with pytest.raises(backup.BackupError, match=rf"is encrypted \(key id {config['key_id']}\): set INDAI_BACKUP_KEY_FILE"):
+    with pytest.raises(backup.BackupError, match=rf"is encrypted \(key id {key_id}\): set INDAI_BACKUP_KEY_FILE"):
         backup.verify(str(dest))
     monkeypatch.setenv("INDAI_BACKUP_KEY", new_key_text())
-    with pytest.raises(backup.BackupError, match=rf"is not the key of .* \(key id {config['key_id']}\)"):
+    with pytest.raises(backup.BackupError, match=rf"is not a key of .* \(key id {key_id}\)"):
         backup.verify(str(dest))
     monkeypatch.setenv("INDAI_BACKUP_KEY", "hunter2")
     with pytest.raises(backup.BackupError, match=r"INDAI_BACKUP_KEY is not an indai backup key \(7 characters, without the prefix 'ibk1-'.*backup-key"):
@@ -359,6 +361,93 @@ def test_an_encrypted_backup_store_shows_nothing_and_opens_only_with_its_key(sta
     assert backup.verify(str(plain))["sealed"] is False  # and it is still read with a key set
 
 
+def test_keys_are_added_and_removed_without_writing_the_snapshots_again(state, tmp_path, monkeypatch, capsys):
+    import io
+
+    from indai.platform.encryption import Key, new_key_text
+
+    home = _copy_home(state[0], tmp_path / "home")
+    _home(monkeypatch, home)
+    old, new = new_key_text(), new_key_text()
+    old_id, new_id = Key.parse(old).id, Key.parse(new).id
+    (tmp_path / "new.key").write_text(new + "\n")
+    monkeypatch.setenv("INDAI_BACKUP_KEY", old)
+    dest = tmp_path / "sealed"
+    first = backup.backup(backup.current_sources(), str(dest))
+    assert cli.main(["admin", "backup-keys", "--at", str(dest)]) == 0
+    assert capsys.readouterr().out.split() == [old_id]
+
+    # add the new key with the old one set: only config.json changes
+    before = _files(dest)
+    assert cli.main(["admin", "backup-keys", "--at", str(dest), "--add", str(tmp_path / "new.key")]) == 0
+    said = capsys.readouterr()
+    assert said.out.split() == sorted([old_id, new_id]) and f"key id {new_id} now opens" in said.err
+    after = _files(dest)
+    assert [n for n in after if after[n] != before.get(n)] == ["config.json"] and set(after) == set(before)
+    assert new.encode() not in after["config.json"] and old.encode() not in after["config.json"]
+    assert cli.main(["admin", "backup-keys", "--at", str(dest), "--add", str(tmp_path / "new.key")]) == 2
+    assert f"key id {new_id} already opens" in capsys.readouterr().err
+
+    # the new key opens every snapshot, old and new, and backs up incrementally into the same store
+    monkeypatch.setenv("INDAI_BACKUP_KEY", new)
+    second = backup.backup(backup.current_sources(), str(dest))
+    assert (second["objects"]["read"], second["objects"]["new_blobs"]) == (0, 0)
+    assert backup.verify(str(dest), first["id"])["contents"] == 6
+
+    # remove the old key with the new one set; the old key no longer opens the store
+    assert cli.main(["admin", "backup-keys", "--at", str(dest), "--remove", new_id]) == 2
+    assert f"key id {new_id} is the key this command runs with: set another" in capsys.readouterr().err
+    assert cli.main(["admin", "backup-keys", "--at", str(dest), "--remove", "0123456789abcdef"]) == 2
+    assert f"'0123456789abcdef' is not a key id of {dest}" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO(new))  # `--add -`: the key from stdin, as on a cluster
+    assert cli.main(["admin", "backup-keys", "--at", str(dest), "--add", "-"]) == 2
+    assert "already opens" in capsys.readouterr().err
+    assert cli.main(["admin", "backup-keys", "--at", str(dest), "--remove", old_id]) == 0
+    assert capsys.readouterr().out.split() == [new_id]
+    monkeypatch.setenv("INDAI_BACKUP_KEY", old)
+    with pytest.raises(backup.BackupError, match=rf"key id {old_id}\) is not a key of .* \(key id {new_id}\)"):
+        backup.verify(str(dest))
+    monkeypatch.setenv("INDAI_BACKUP_KEY", new)
+    new_home = tmp_path / "restored"
+    _home(monkeypatch, new_home)
+    monkeypatch.setenv("INDAI_BACKUP_KEY", new)
+    backup.restore(backup.current_sources(), str(dest), first["id"])
+    _same_state(home, new_home)
+
+    # a slot changed in config.json is named; another run in progress holds key changes off
+    config_path = dest / "config.json"
+    config = json.loads(config_path.read_text())
+    kept = config_path.read_text()
+    sealed = config["keys"][new_id]["sealed"]
+    config["keys"][new_id]["sealed"] = sealed[:-8] + ("A" if sealed[-8] != "A" else "B") + sealed[-7:]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(backup.BackupError, match=f"key slot {new_id} in .* does not open with that key"):
+        backup.verify(str(dest))
+    config_path.write_text(kept)
+    _lock(dest, "shared")
+    with pytest.raises(backup.BackupError, match="is in use by a backup on backup-28890-x .* change its keys when it has"):
+        backup_store.change_keys(str(dest), add=Key.parse(old), say=print)
+    assert json.loads(config_path.read_text())["keys"].keys() == {new_id}
+
+    # a store sealed before key slots (format 1: with the backup key itself) is read and written as
+    # before, and says why its key cannot change
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text(json.dumps({"format": 1, "encryption": "aes-256-gcm", "key_id": new_id}))
+    _home(monkeypatch, home)
+    monkeypatch.setenv("INDAI_BACKUP_KEY", new)
+    made = backup.backup(backup.current_sources(), str(legacy))
+    assert backup.verify(str(legacy))["snapshot"] == made["id"]
+    blob = next(p for p in (legacy / "blobs").rglob("*") if p.is_file())
+    from indai.platform.encryption import open_bytes
+
+    open_bytes(Key.parse(new), blob.read_bytes(), str(blob.relative_to(legacy)))  # sealed with the key itself
+    with pytest.raises(backup.BackupError, match="was made before backup stores had key slots"):
+        backup_store.change_keys(str(legacy), add=Key.parse(old), say=print)
+    with pytest.raises(backup.BackupError, match="is not an encrypted backup store"):
+        backup_store.change_keys(str(tmp_path / "nothing"), add=Key.parse(old), say=print)
+
+
 def test_a_changed_cut_or_swapped_sealed_file_is_named(state, tmp_path, monkeypatch):
     from indai.platform.encryption import new_key_text
 
@@ -379,7 +468,7 @@ def test_a_changed_cut_or_swapped_sealed_file_is_named(state, tmp_path, monkeypa
     data = bytearray(original[big])
     data[len(data) // 2] ^= 1  # a bit flipped
     big.write_bytes(bytes(data))
-    damaged(rf"blobs/../{big.name} in .* does not open with the backup key .*restore another snapshot")
+    damaged(rf"blobs/../{big.name} in .* does not open with the store's key: .*restore another snapshot")
     big.write_bytes(original[big][:-1])  # cut short
     damaged(f"{big.name} .* does not open")
     big.write_bytes(original[big] + original[big][-32:])  # extended
@@ -405,7 +494,7 @@ def _lock(dest: Path, kind: str, age_s: float = 0.0, name: str = "0123456789abcd
 
     path = dest / "locks" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"kind": kind, "what": "backup", "host": "backup-28890-x", "pid": 7, "at": time.time() - age_s}))
+    path.write_text(json.dumps({"kind": kind, "what": "prune" if kind == "exclusive" else "backup", "host": "backup-28890-x", "pid": 7, "at": time.time() - age_s}))
     return path
 
 
@@ -430,24 +519,29 @@ def test_runs_beside_each_other_wait_for_a_prune_and_a_prune_waits_for_none(stat
     # a prune in progress: a run waits for it, and fails, naming the lock, when it does not end
     other.unlink()
     pruning = _lock(dest, "exclusive")
-    monkeypatch.setattr(backup, "LOCK_WAIT_S", 1.5)
+    monkeypatch.setattr(backup_store, "LOCK_WAIT_S", 1.5)
     with pytest.raises(backup.BackupError, match=r"held by a prune on backup-28890-x .* delete locks/0123456789abcdef.json"):
         backup.verify(str(dest))
-    monkeypatch.setattr(backup, "LOCK_WAIT_S", 60.0)
+    monkeypatch.setattr(backup_store, "LOCK_WAIT_S", 60.0)
     threading.Timer(2.0, pruning.unlink).start()
     said = []
     assert backup.verify(str(dest), say=said.append)["snapshot"] == third["id"]
     assert any(s.startswith("waiting for a prune on backup-28890-x") for s in said), said
 
     # a crashed run: its stale lock and its unfinished snapshot folder are cleared by the next prune
-    stale = _lock(dest, "exclusive", age_s=backup.LOCK_STALE_S + 60, name="fedcba9876543210")
+    stale = _lock(dest, "exclusive", age_s=backup_store.LOCK_STALE_S + 60, name="fedcba9876543210")
     future = _lock(dest, "shared", age_s=-10 * 86400, name="00000000000000ff")  # dated 10 days ahead: never fresh
     (dest / "locks" / "00000000000000ee.json").write_text('{"kind": "exclusive", "what": "x", "host": "h", "pid": 1, "at": NaN}')
     unfinished = dest / "snapshots" / "20990101T000000000Z-abcdef"
     (unfinished).mkdir()
     (unfinished / "platform.jsonl.gz").write_bytes(b"half")
+    damaged = dest / "snapshots" / "20990102T000000000Z-abcdef"  # a clock that stepped back, past a damaged one
+    damaged.mkdir()
+    (damaged / "manifest.json").write_bytes(b"{not json")
     fourth = backup.backup(backup.current_sources(), str(dest), keep=2)
-    assert fourth["id"] > unfinished.name, "a new snapshot sorts after every folder, finished or not"
+    assert fourth["id"] > damaged.name > unfinished.name, "a new snapshot sorts after every folder, readable or not"
+    assert fourth["pruned"]["damaged"] == [damaged.name] and damaged.exists(), "a damaged snapshot is left to the admin"
+    shutil.rmtree(damaged)
     assert fourth["pruned"]["snapshots"] == [first["id"], second["id"]]
     assert fourth["pruned"]["unfinished"] == [unfinished.name] and fourth["pruned"]["locks"] == 3
     assert not unfinished.exists() and not stale.exists() and not future.exists() and list((dest / "locks").iterdir()) == []
@@ -467,7 +561,7 @@ def test_a_backup_store_that_may_only_be_read_is_still_verified_and_restored(sta
 
         put_file = put_bytes
 
-    monkeypatch.setattr(backup, "open_backup_store", ReadOnly)
+    monkeypatch.setattr(backup_store, "open_backup_store", ReadOnly)
     said = []
     assert backup.verify(str(dest), say=said.append)["snapshot"] == snap["id"]
     assert any("could not write a lock" in s and "Access Denied" in s for s in said), said

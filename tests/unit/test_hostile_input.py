@@ -246,6 +246,19 @@ def check_backup_key(text: str, root: Path) -> None:
     assert re.fullmatch(r"ibk1-[A-Za-z0-9_-]{43}", text.strip()) and re.fullmatch(r"[0-9a-f]{16}", key.id), text
 
 
+def check_backup_key_id(text: str, root: Path) -> None:
+    from indai.platform import backup_store
+
+    try:
+        backup_store.change_keys(str(root / "no-backups"), remove=text, say=print)
+    except UserError as e:
+        check_refusal(e, "is not a key id", "is not an encrypted backup store")
+        if "is not an encrypted backup store" in str(e):  # looked for: only an id of the pattern
+            assert re.fullmatch(r"[0-9a-f]{16}", text), text
+        return
+    raise AssertionError(f"{text!r} removed a key from a store that has none")
+
+
 # kind: (check, valid names the corpus hides its tricks in)
 ENTRY_POINTS = {
     "local store key": (check_local_key, ("data.csv", "sub/file.npz", "link")),
@@ -264,6 +277,7 @@ ENTRY_POINTS = {
     "kpi report name": (check_kpi_member, ("steel-a", "steel")),
     "backup snapshot id": (check_snapshot_id, ("20261129T203000123Z-1a2b3c", "latest")),
     "backup key": (check_backup_key, ("ibk1-" + "A" * 43, "ibk1-0123456789abcdefghijklmnopqrstuvwxyz-_ABCDE")),
+    "backup key id": (check_backup_key_id, ("0123456789abcdef", "a8d62b23bdec635d")),
 }
 
 
@@ -357,3 +371,44 @@ def test_the_serving_ingress_refuses_a_hostile_model_before_any_lookup():
     # what passes is a plain name with a dot mixed in ("x.cwru/3"), never a trick of the corpus
     assert accepted and all(re.fullmatch(r"[a-z.-]+(@champion|/3)", t) for t in accepted), accepted
     assert parsed_model_ref("cwru-bearing@champion") == registry.ModelRef("cwru-bearing", alias="champion")
+
+
+def test_a_hostile_backup_store_config_is_refused_or_well_formed(tmp_path_factory):
+    """config.json comes from the backup store, which others may write: whatever it holds, reading
+    it and opening a key slot in it either works or is a one-line BackupError naming the file or
+    the slot, never another exception."""
+    import json
+
+    from hypothesis import strategies as st
+
+    from indai.platform import backup_store
+    from indai.platform.encryption import Key, new_key_text
+
+    key = Key.parse(new_key_text())
+    root = tmp_path_factory.mktemp("config")
+    store = LocalStore(root)
+    scalars = st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=True) | st.text(max_size=24)
+    anything = st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                            max_leaves=8)
+    slot_ids = st.sampled_from([key.id, "0123456789abcdef", "../../etc", "", key.id.upper()]) | st.text(max_size=20)
+    slots = st.dictionaries(slot_ids, st.fixed_dictionaries({"sealed": st.text(max_size=80) | anything}) | anything, max_size=3)
+    configs = st.fixed_dictionaries({}, optional={
+        "format": st.sampled_from([1, 2, 3, "2", None, 2.0, True]),
+        "encryption": st.sampled_from([None, "aes-256-gcm", "rot13", 1]),
+        "key_id": st.sampled_from([key.id, "0123456789abcdef", "x"]) | anything,
+        "keys": slots | anything}) | anything
+
+    @HOSTILE_SETTINGS
+    @given(config=configs)
+    def one(config):
+        store.put_bytes("config.json", json.dumps(config).encode())
+        try:
+            read = backup_store._read_config(store)
+            assert type(read["format"]) is int and read["format"] in (1, 2), read  # not true, nor 2.0
+            if read.get("encryption"):
+                opened = backup_store._store_key(store.uri, read, key)
+                assert isinstance(opened, Key) and key.id in backup_store.key_ids(read)
+        except backup_store.BackupError as e:
+            check_refusal(e, "config.json", "is not a key of", "key slot")
+
+    one()
