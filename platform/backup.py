@@ -685,6 +685,11 @@ def backup(sources: Sources, backups_uri: str, keep: int | None = None, *, stage
                     + (f"; {vanished} deleted while the backup ran" if vanished else ""))
             manifest["seconds"] = round(time.perf_counter() - started, 2)
             repo.put_bytes(f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+            try:
+                repo.check_store_key()
+            except BackupError:
+                repo.delete_prefix(prefix)  # unreadable; its contents go with the next prune
+                raise
             if keep is not None:
                 with stages.stage("prune old snapshots"), repo.alone(lock, "prune") as stale_locks:
                     if isinstance(stale_locks, str):

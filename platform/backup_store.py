@@ -148,6 +148,17 @@ class Repository:
         self.store, self.key, self.uri = store, key, store.uri
         # the id of the backup key that opened it (the store key's own id is never shown), and all of them
         self.opened_with, self.key_ids = opened_with, list(key_ids)
+        self._opener: Key | None = None
+
+    def check_store_key(self) -> None:
+        """Fail if config.json no longer holds the store key this run seals with: two first backups
+        into one new store at the same moment each made a store key, and only one config.json stays."""
+        if self._opener is None:
+            return
+        config = _read_config(self.store)
+        if config is None or not config.get("encryption") or _store_key(self.uri, config, self._opener).id != self.key.id:
+            raise BackupError(f"another run made {self.uri} at the same moment as this one, with a store key of its own: "
+                              "what this run wrote cannot be read; run the backup again (it goes into the same store)")
 
     # names
     def blob_name(self, sha: str) -> str:
@@ -380,7 +391,9 @@ def open_repository(uri: str, *, create: bool = False) -> "Repository":
         ids = key_ids(config)
         raise BackupError(f"{uri} is encrypted (key id{'s' if len(ids) > 1 else ''} {', '.join(ids)}): set "
                           "INDAI_BACKUP_KEY_FILE to a file holding one of its keys, or INDAI_BACKUP_KEY to the key")
-    return Repository(store, _store_key(uri, config, key), opened_with=key.id, key_ids=key_ids(config))
+    repo = Repository(store, _store_key(uri, config, key), opened_with=key.id, key_ids=key_ids(config))
+    repo._opener = key
+    return repo
 
 
 # ---- keys -----------------------------------------------------------------------------------------

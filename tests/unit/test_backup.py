@@ -429,6 +429,28 @@ def test_keys_are_added_and_removed_without_writing_the_snapshots_again(state, t
         backup_store.change_keys(str(dest), add=Key.parse(old), say=print)
     assert json.loads(config_path.read_text())["keys"].keys() == {new_id}
 
+    # two first backups into one new store at once: each makes a store key, one config.json stays;
+    # the run whose key was lost says so and leaves nothing unreadable behind
+    from indai.platform.encryption import new_secret, wrap_secret
+
+    raced = tmp_path / "raced"
+    dump = backup.dump_database
+
+    def other_run_made_the_store(url, out, work):
+        slot = {new_id: {"sealed": wrap_secret(Key.parse(new), new_secret(), f"config.json/keys/{new_id}")}}
+        (raced / "config.json").write_text(json.dumps({"format": 2, "encryption": "aes-256-gcm", "keys": slot}))
+        return dump(url, out, work)
+
+    _home(monkeypatch, home)
+    monkeypatch.setenv("INDAI_BACKUP_KEY", new)
+    monkeypatch.setattr(backup, "dump_database", other_run_made_the_store)
+    with pytest.raises(backup.BackupError, match="another run made .* at the same moment .* run the backup again"):
+        backup.backup(backup.current_sources(), str(raced))
+    assert list((raced / "snapshots").iterdir()) == []
+    monkeypatch.setattr(backup, "dump_database", dump)
+    again = backup.backup(backup.current_sources(), str(raced))
+    assert backup.verify(str(raced))["snapshot"] == again["id"]
+
     # a store sealed before key slots (format 1: with the backup key itself) is read and written as
     # before, and says why its key cannot change
     legacy = tmp_path / "legacy"

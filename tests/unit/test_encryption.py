@@ -70,3 +70,20 @@ def test_keys_parse_strictly_and_never_show_themselves():
     for bad in ("", text[:-1], text + "A", "ibk2-" + text[5:], text.replace("-", "+", 1), "x" * 48):
         with pytest.raises(enc.SealError, match="is not an indai backup key .*indai admin backup-key"):
             enc.Key.parse(bad)
+
+
+def test_a_store_key_sealed_into_a_slot_opens_only_with_its_key_and_slot():
+    key, other = enc.Key.parse(enc.new_key_text()), enc.Key.parse(enc.new_key_text())
+    secret = enc.new_secret()
+    text = enc.wrap_secret(key, secret, "config.json/keys/a")
+    assert enc.unwrap_secret(key, text, "config.json/keys/a") == secret
+    assert secret.hex() not in text and enc.wrap_secret(key, secret, "config.json/keys/a") != text  # a new salt each time
+    assert enc.Key.from_secret(secret).id == enc.Key.from_secret(secret).id != key.id
+    with pytest.raises(enc.SealError, match="does not open with this key"):
+        enc.unwrap_secret(other, text, "config.json/keys/a")
+    with pytest.raises(enc.SealError, match="does not open with this key"):
+        enc.unwrap_secret(key, text, "config.json/keys/b")  # copied into another key's slot
+    with pytest.raises(enc.SealError, match="is not base64 text"):
+        enc.unwrap_secret(key, text[:-2] + "!!", "config.json/keys/a")
+    with pytest.raises(enc.SealError, match="does not hold a 256-bit key"):
+        enc.unwrap_secret(key, enc.wrap_secret(key, b"short", "s"), "s")
