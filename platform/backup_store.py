@@ -50,8 +50,11 @@ BLOBS = "blobs"
 CONFIG = "config.json"
 LOCKS = "locks"
 SEALED = "aes-256-gcm"
-FORMAT = 2  # the config this indai writes: key slots
-FORMATS = (1, 2)  # those it reads: 1 is a store sealed with the backup key itself
+# config.json's formats: 1, a plain store, or one sealed with the backup key itself (before key
+# slots: still read and written); 2, a store sealed with a store key in key slots. A new plain
+# store is still written as format 1, so that an earlier release reads it.
+FORMAT_PLAIN, FORMAT_SLOTS = 1, 2
+FORMATS = (FORMAT_PLAIN, FORMAT_SLOTS)
 LOCK_REFRESH_S = 300.0
 LOCK_STALE_S = 1800.0
 LOCK_WAIT_S = 900.0
@@ -325,7 +328,7 @@ def _config_ok(config) -> bool:
         return False
     if not config.get("encryption"):
         return True
-    if config["format"] == 1:
+    if config["format"] == FORMAT_PLAIN:
         return bool(_KEY_ID.fullmatch(str(config.get("key_id"))))
     keys = config.get("keys")
     return (isinstance(keys, dict) and 0 < len(keys) <= MAX_KEYS
@@ -343,7 +346,7 @@ def _now() -> str:
 
 def key_ids(config: dict) -> list[str]:
     """The ids of the backup keys that open a sealed store."""
-    return [config["key_id"]] if config["format"] == 1 else sorted(config["keys"])
+    return [config["key_id"]] if config["format"] == FORMAT_PLAIN else sorted(config["keys"])
 
 
 def _store_key(uri: str, config: dict, key: Key) -> Key:
@@ -353,7 +356,7 @@ def _store_key(uri: str, config: dict, key: Key) -> Key:
         raise BackupError(f"the backup key set here (key id {key.id}) is not a key of {uri} (key id"
                           f"{'s' if len(ids) > 1 else ''} {', '.join(ids)}): use a key its snapshots were made or "
                           "opened with; without one they cannot be read")
-    return key if config["format"] == 1 else Key.from_secret(_open_slot(uri, config, key))
+    return key if config["format"] == FORMAT_PLAIN else Key.from_secret(_open_slot(uri, config, key))
 
 
 def _open_slot(uri: str, config: dict, key: Key) -> bytes:
@@ -373,9 +376,10 @@ def open_repository(uri: str, *, create: bool = False) -> "Repository":
     if config is None:
         used = bool(store.children(SNAPSHOTS) or store.children(BLOBS))
         if used:  # made before config.json: never sealed
-            config = {"format": 1, "encryption": None}
+            config = {"format": FORMAT_PLAIN, "encryption": None}
         elif create:
-            config = {"format": FORMAT, "encryption": SEALED if key else None, "created": _now()}
+            config = {"format": FORMAT_SLOTS if key else FORMAT_PLAIN, "encryption": SEALED if key else None,
+                      "created": _now()}
             if key:
                 config["keys"] = {key.id: {"sealed": wrap_secret(key, new_secret(), _slot(key.id)), "added": _now()}}
             _write_config(store, config)
@@ -404,7 +408,7 @@ def _sealed_config(uri: str) -> tuple[ObjectStore, dict]:
     if config is None or not config.get("encryption"):
         raise BackupError(f"{uri} is not an encrypted backup store: it has no keys (encrypted backups go to a new store, "
                           "made by `indai admin backup` with INDAI_BACKUP_KEY_FILE set)")
-    if config["format"] == 1:
+    if config["format"] == FORMAT_PLAIN:
         raise BackupError(f"{uri} was made before backup stores had key slots: it opens with its one key (key id "
                           f"{config['key_id']}) and that cannot change. To use a new key, back up into a new store with "
                           "it, and keep this one and its key until its snapshots are no longer needed")

@@ -355,6 +355,7 @@ def test_an_encrypted_backup_store_shows_nothing_and_opens_only_with_its_key(sta
     _home(monkeypatch, home)
     plain = tmp_path / "plain"
     backup.backup(backup.current_sources(), str(plain))
+    assert json.loads((plain / "config.json").read_text())["format"] == 1, "a plain store stays readable by earlier releases"
     monkeypatch.setenv("INDAI_BACKUP_KEY_FILE", str(key_file))
     with pytest.raises(backup.BackupError, match="holds backups that are not encrypted, and a backup key is set"):
         backup.backup(backup.current_sources(), str(plain))
