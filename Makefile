@@ -14,7 +14,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 # 7 GB: measured 10 GB at the peak on a fresh machine. A disk that fills half-way leaves a broken
 # .venv, so the space is checked first (a .venv already there counts as space), and pip's temporary
 # folder is kept on the same disk (a small tmpfs /tmp would fail half-way too).
-INSTALL_NEEDS_GB ?= 11
+INSTALL_NEEDS_GB ?= 10
 PIP_TMP := $(CURDIR)/$(VENV)/.pip-tmp
 
 install: $(VENV)/.installed
