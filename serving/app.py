@@ -2,7 +2,8 @@
 
 Two deployments:
 - `Ingress` (FastAPI): authenticates the member's API token, checks that the member may call
-  the model (private to its owner, shared with named members, or consortium-wide), applies a
+  the model (by the platform database's rule: private to its owner, shared with named members,
+  or consortium-wide; a model without a rule is served to admins only), applies a
   per-member rate limit, resolves `name@alias` to a registered version (re-resolved every few
   seconds, so moving an alias moves traffic without a restart; `name/version` stays pinned),
   and meters every call in batches (serving never waits on the database). While the database
@@ -41,6 +42,9 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 # models held per pool replica; set by build_app through the replica's environment, because
 # serve.multiplexed takes its bound when the class is defined
 MAX_MODELS = int(os.environ.get("INDAI_SERVE_MAX_MODELS", "4"))
+# the visibility of a registered model the platform database holds no access rule for: served to
+# admins only, until `indai model share` records its owner
+UNASSIGNED = "unassigned"
 
 
 class ServeArgs(Strict):
@@ -374,8 +378,10 @@ class Ingress:
             raise Refused(401 if "scope" not in str(e) else 403, str(e)) from None
 
     def _rule(self, name: str) -> dict | None:
-        """The model's access rule: the platform database's, else its registry tags (owner
-        from `indai.member`, private); None if the model is not registered at all."""
+        """The model's access rule from the platform database; a registered model without one is
+        `unassigned` (admins only); None if the model is not registered at all. Registry tags are
+        never read for access: every job writes the registry with one account, so a tag naming a
+        model's owner may have been written by another member's job."""
         try:
             return self.rules.get(name)
         except SourceAway as e:
@@ -399,13 +405,12 @@ class Ingress:
             return {"owner": row.owner_member_id, "visibility": row.visibility, "process": row.process,
                     "shared_with": {m for m in row.shared_with.split(",") if m}}
         try:
-            tags = client(self.args.mlflow_uri).get_registered_model(name).tags or {}
+            client(self.args.mlflow_uri).get_registered_model(name)
         except MlflowException as e:
             if (away := registry_away(e)) is not None:
                 raise away from None
             return None  # no such model (404); under MLflow's auth also a 403, which it answers before it looks
-        return {"owner": tags.get("indai.member", ""), "visibility": "private", "process": tags.get("indai.process", ""),
-                "shared_with": set()}
+        return {"owner": "", "visibility": UNASSIGNED, "process": "", "shared_with": set()}
 
     def _check_access(self, p, name: str) -> dict:
         rule = self._rule(name)
@@ -418,6 +423,9 @@ class Ingress:
         if admin or rule["visibility"] == "consortium" or p.member == rule["owner"] or \
                 (rule["visibility"] == "shared" and p.member in rule["shared_with"]):
             return rule
+        if rule["visibility"] == UNASSIGNED:
+            raise Refused(403, f"model {name!r} has no owner in the platform yet: an admin records it with `indai model "
+                               f"share {name} --owner <member>`, and it is then served to that member")
         raise Refused(403, f"model {name!r} belongs to another member and is not shared with {p.member}: ask its owner to share it")
 
     def _version(self, text: str) -> tuple[str, int]:

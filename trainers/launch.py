@@ -393,8 +393,10 @@ def tag_registered(cfg: TrainConfig, manifest: dict, name: str, version: int, da
     for k, v in {"indai.dataset": dataset, "indai.recipe": cfg.recipe, "indai.run": cfg.run.name, "indai.step": str(step),
                  **(extra or {})}.items():
         c.set_model_version_tag(name, str(version), k, v)
-    # the owner of a model trained in a member's job, and the process it serves: the serving
-    # ingress makes it private to that member until an admin shares it (`indai model share`)
+    # the member whose job trained the model, and the process it serves: a hint for the admin.
+    # The serving ingress never reads these for access (every job writes the registry with one
+    # account, so another member's job could rewrite them): it serves the model to admins only
+    # until `indai model share` records its owner in the platform database
     owner = os.environ.get("INDAI_JOB_MEMBER") or manifest.get("member")
     if owner:
         c.set_registered_model_tag(name, "indai.member", owner)

@@ -67,6 +67,8 @@ def served(trained, services):
         tenancy.add_member(eng, member, member.upper(), "other", "demand")
         tenancy.add_user(eng, f"u-{member}", member, "researcher")
         tokens[member] = tenancy.create_token(eng, f"u-{member}")[1]
+    # who may call it is the platform database's (the registry's `indai.member` tag is only a hint)
+    tenancy.set_model_access(eng, MODEL, owner="nist-demo", visibility="private")
     url = serve_model(f"{MODEL}@champion")
     yield url, tokens
     from ray import serve

@@ -286,6 +286,56 @@ def test_an_admin_token_narrowed_to_predict_gets_what_a_member_gets(ingress):
     assert r.status_code == 403
 
 
+# ---- 2b: who may call a model comes from the platform database only, never from registry tags --------
+
+def test_a_model_without_an_access_rule_is_served_to_admins_only_whatever_its_tags_say(ingress, platform, registry_uri):
+    """Every job writes the registry with one account: a job of auto-b can tag any model as its own
+    (`indai.member`). Before, a model without a rule in the platform database was private to the
+    member its tag named, so that tag handed auto-b steel-a's newly trained model."""
+    from mlflow.tracking import MlflowClient
+    from sqlalchemy import delete
+    from sqlalchemy.orm import Session
+
+    url, tokens, pool, _ = ingress
+    c = MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
+    c.create_registered_model("fresh-model", tags={"indai.member": "auto-b", "indai.process": "line-9"})
+    try:
+        version = c.create_model_version("fresh-model", source="file:///nowhere")
+        c.set_registered_model_alias("fresh-model", "champion", version.version)
+        _served_to_admins_until_an_owner_is_recorded(url, tokens, pool, platform[0])
+    finally:  # the other tests see the registry with secret-model alone
+        c.delete_registered_model("fresh-model")
+        with Session(db.engine(platform[0])) as s, s.begin():
+            s.execute(delete(db.ModelAccess).where(db.ModelAccess.model == "fresh-model"))
+
+
+def _served_to_admins_until_an_owner_is_recorded(url: str, tokens: dict, pool, db_url: str) -> None:
+    body = {"model": "fresh-model@champion", "instances": [{"text": "bearing noise"}]}
+
+    def listed(token: str) -> dict:
+        r = requests.get(f"{url}/v1/models", headers=bearer(token), timeout=30)
+        assert r.status_code == 200, r.text
+        return {m["model"]: m for m in r.json()["models"]}
+
+    for who in ("other", "own", "admin-narrowed"):
+        r = requests.post(f"{url}/v1/predict", json=body, headers=bearer(tokens[who]), timeout=30)
+        assert r.status_code == 403, (who, r.text)
+        assert r.json()["detail"] == ("model 'fresh-model' has no owner in the platform yet: an admin records it with "
+                                      "`indai model share fresh-model --owner <member>`, and it is then served to that member")
+        assert "fresh-model" not in listed(tokens[who])
+    r = requests.post(f"{url}/v1/predict", json=body, headers=bearer(tokens["admin"]), timeout=30)
+    assert r.status_code == 200 and pool.calls[-1][:2] == ("predict", "fresh-model/1")
+    assert listed(tokens["admin"])["fresh-model"] == {"model": "fresh-model", "owner": "", "visibility": "unassigned",
+                                                      "process": ""}
+
+    # the admin records the owner: served to it, and to no one else
+    tenancy.set_model_access(db.engine(db_url), "fresh-model", owner="steel-a", visibility="private", process="line-1")
+    assert requests.post(f"{url}/v1/predict", json=body, headers=bearer(tokens["own"]), timeout=30).status_code == 200
+    r = requests.post(f"{url}/v1/predict", json=body, headers=bearer(tokens["other"]), timeout=30)
+    assert r.status_code == 403 and "belongs to another member" in r.json()["detail"]
+    assert listed(tokens["own"])["fresh-model"]["owner"] == "steel-a" and "fresh-model" not in listed(tokens["other"])
+
+
 # ---- 3: /v1/model does not tell a stranger which aliases and versions a private model has -------------
 
 def test_model_info_checks_access_before_resolving_the_version(ingress):
