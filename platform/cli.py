@@ -279,9 +279,28 @@ def _print_train_result(result) -> None:
 # ---- registry -------------------------------------------------------------------------------
 
 def cmd_model_ls(a) -> int:
-    from indai.platform import registry
+    """The registered models with who may call each (the platform database's rule, or
+    `unassigned`: admins only until `indai model share` names an owner)."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
 
-    _print_json(registry.list_models(_settings().require_mlflow()))
+    from indai.platform import registry
+    from indai.platform.db import ModelAccess
+
+    models = registry.list_models(_settings().require_mlflow())
+    with Session(_db()) as s:
+        rules = {r.model: r for r in s.scalars(select(ModelAccess))}
+    for m in models:
+        r = rules.get(m["name"])
+        m["access"] = ({"owner": r.owner_member_id, "visibility": r.visibility, "process": r.process,
+                        "shared_with": [x for x in r.shared_with.split(",") if x]} if r
+                       else {"owner": None, "visibility": "unassigned"})
+    _print_json(models)
+    waiting = [m for m in models if m["access"]["owner"] is None]
+    if waiting:
+        print(f"{len(waiting)} model(s) are served to admins only until an owner is recorded (`indai model share <name> "
+              "--owner <member>`): " + ", ".join(m["name"] + (f" (tagged {m['member_tag']!r} by its job)" if m["member_tag"] else "")
+                                                 for m in waiting[:20]) + (" ..." if len(waiting) > 20 else ""), file=sys.stderr)
     return 0
 
 

@@ -172,7 +172,9 @@ def list_models(tracking_uri: str) -> list[dict]:
     for rm in c.search_registered_models():
         versions = c.search_model_versions(f"name='{rm.name}'")
         out.append({"name": rm.name, "aliases": dict(rm.aliases or {}),
-                    "versions": sorted(int(v.version) for v in versions)})
+                    "versions": sorted(int(v.version) for v in versions),
+                    # the member whose job trained it, as that job wrote it: a hint, never read for access
+                    "member_tag": (rm.tags or {}).get("indai.member")})
     return out
 
 

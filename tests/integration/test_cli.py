@@ -1,5 +1,6 @@
 """The CLI as a user meets it: --help everywhere, one-line errors, nothing half-written,
 and a training job killed mid-run that `indai train` resumes."""
+import json
 import os
 import signal
 import subprocess
@@ -78,6 +79,32 @@ def test_model_promote_moves_the_alias(services, trained_model):
     assert MlflowClient(services.mlflow_uri).get_model_version_by_alias("it-cwru", "staging").version == "1"
     listed = indai("model", "ls", home=services.home)
     assert '"staging": "1"' in listed.stdout
+
+
+def test_model_ls_names_who_may_call_each_model(services):
+    """A newly registered model is `unassigned` (admins only) until `indai model share` records its
+    owner; the registry's tag is shown as the hint it is."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(services.mlflow_uri)
+    c.create_registered_model("cli-fresh", tags={"indai.member": "cwru-demo"})
+    try:
+        listed = indai("model", "ls", home=services.home)
+        assert listed.returncode == 0, listed.stderr[-2000:]
+        (model,) = [m for m in json.loads(listed.stdout) if m["name"] == "cli-fresh"]
+        assert model["access"] == {"owner": None, "visibility": "unassigned"} and model["member_tag"] == "cwru-demo"
+        assert "served to admins only until an owner is recorded" in listed.stderr
+        assert "cli-fresh (tagged 'cwru-demo' by its job)" in listed.stderr
+        for args in (["member", "add", "cli-owner", "--company", "CLI Owner", "--industry", "other", "--role", "demand"],
+                     ["model", "share", "cli-fresh", "--owner", "cli-owner", "--process", "line-1"]):
+            done = indai(*args, home=services.home)
+            assert done.returncode == 0, done.stderr[-2000:]
+        listed = indai("model", "ls", home=services.home)
+        (model,) = [m for m in json.loads(listed.stdout) if m["name"] == "cli-fresh"]
+        assert model["access"] == {"owner": "cli-owner", "visibility": "private", "process": "line-1", "shared_with": []}
+        assert "cli-fresh" not in listed.stderr
+    finally:
+        c.delete_registered_model("cli-fresh")
 
 
 def test_killed_training_resumes_from_its_last_checkpoint(services, cwru_dataset, tmp_path):
