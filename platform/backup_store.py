@@ -146,12 +146,10 @@ class Repository:
     config and the locks is sealed with that key, and contents are named by a keyed hash of their
     sha256 instead of the sha256 itself."""
 
-    def __init__(self, store: ObjectStore, key: Key | None, opened_with: str | None = None,
-                 key_ids: list[str] = ()):
+    def __init__(self, store: ObjectStore, key: Key | None, opener: Key | None = None, key_ids: list[str] = ()):
         self.store, self.key, self.uri = store, key, store.uri
-        # the id of the backup key that opened it (the store key's own id is never shown), and all of them
-        self.opened_with, self.key_ids = opened_with, list(key_ids)
-        self._opener: Key | None = None
+        self._opener = opener  # the backup key that opened it: its id is shown, never the store key's
+        self.opened_with, self.key_ids = (opener.id if opener else None), list(key_ids)
 
     def check_store_key(self) -> None:
         """Fail if config.json no longer holds the store key this run seals with: two first backups
@@ -395,9 +393,7 @@ def open_repository(uri: str, *, create: bool = False) -> "Repository":
         ids = key_ids(config)
         raise BackupError(f"{uri} is encrypted (key id{'s' if len(ids) > 1 else ''} {', '.join(ids)}): set "
                           "INDAI_BACKUP_KEY_FILE to a file holding one of its keys, or INDAI_BACKUP_KEY to the key")
-    repo = Repository(store, _store_key(uri, config, key), opened_with=key.id, key_ids=key_ids(config))
-    repo._opener = key
-    return repo
+    return Repository(store, _store_key(uri, config, key), opener=key, key_ids=key_ids(config))
 
 
 # ---- keys -----------------------------------------------------------------------------------------
@@ -429,7 +425,7 @@ def change_keys(uri: str, add: Key | None = None, remove: str | None = None,
         raise BackupError(f"set INDAI_BACKUP_KEY_FILE (or INDAI_BACKUP_KEY) to one of the keys of {uri} (key ids "
                           f"{', '.join(key_ids(config))}): changing its keys needs one that opens it")
     secret = _open_slot(uri, config, key) if key.id in config["keys"] else None
-    repo = Repository(store, _store_key(uri, config, key), opened_with=key.id, key_ids=key_ids(config))
+    repo = Repository(store, _store_key(uri, config, key), opener=key, key_ids=key_ids(config))
     with repo.running("key change", say, writes=True) as mine, repo.alone(mine, "key change") as free:
         if isinstance(free, str):
             raise BackupError(f"{uri} is in use by {free}: change its keys when it has finished")
