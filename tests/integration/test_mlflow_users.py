@@ -221,7 +221,7 @@ def test_serving_user_reads_what_serve_reads_and_changes_nothing(auth_mlflow, re
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SERVE[1])
     ref = registry.parse_model_ref("auth-cwru@champion")
     assert int(registry.resolve_version(uri, ref).version) == 1
-    assert {"name": "auth-cwru", "aliases": {"champion": "1"}, "versions": [1]} in registry.list_models(uri)
+    assert {"name": "auth-cwru", "aliases": {"champion": "1"}, "versions": [1], "member_tag": "cwru-demo"} in registry.list_models(uri)
     assert registry.client(uri).get_registered_model("auth-cwru").tags == tags
     folder, got = registry.download(uri, ref, Path(os.environ.get("TMPDIR", "/tmp")) / f"serve-{secrets.token_hex(4)}")
     model = IndaiModel.load(folder / "artifacts" / "indai_model")
