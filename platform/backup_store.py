@@ -89,16 +89,26 @@ def backup_key_from_env() -> Key | None:
     if path and text.strip():
         raise BackupError("both INDAI_BACKUP_KEY_FILE and INDAI_BACKUP_KEY are set: set only one")
     if path:
-        try:
+        return read_key_file(path, f"the file INDAI_BACKUP_KEY_FILE names ({path})")
+    if text.strip():
+        return _parsed(text, "INDAI_BACKUP_KEY")
+    return None
+
+
+def read_key_file(path: str, where: str) -> Key:
+    """The backup key in a file (`-`: standard input), read no further than a key could be long."""
+    try:
+        if path == "-":
+            text = sys.stdin.read(4096)
+        else:
             with open(path, encoding="utf-8", errors="replace") as fh:
                 text = fh.read(4096)
-        except OSError as e:
-            raise BackupError(f"INDAI_BACKUP_KEY_FILE names {path}, which cannot be read ({e.strerror})") from None
-        where = f"the file INDAI_BACKUP_KEY_FILE names ({path})"
-    elif text.strip():
-        where = "INDAI_BACKUP_KEY"
-    else:
-        return None
+    except OSError as e:
+        raise BackupError(f"{where} cannot be read ({e.strerror})") from None
+    return _parsed(text, where)
+
+
+def _parsed(text: str, where: str) -> Key:
     try:
         return Key.parse(text, where)
     except SealError as e:

@@ -293,7 +293,7 @@ def cmd_model_ls(a) -> int:
     for m in models:
         r = rules.get(m["name"])
         m["access"] = ({"owner": r.owner_member_id, "visibility": r.visibility, "process": r.process,
-                        "shared_with": [x for x in r.shared_with.split(",") if x]} if r
+                        "shared_with": r.shared_members} if r
                        else {"owner": None, "visibility": "unassigned"})
     _print_json(models)
     waiting = [m for m in models if m["access"]["owner"] is None]
@@ -730,19 +730,11 @@ def cmd_admin_backup_key(a) -> int:
 
 def cmd_admin_backup_keys(a) -> int:
     from indai.platform import backup_store
-    from indai.platform.encryption import Key, SealError
 
     add = None
-    if a.add:
-        try:
-            text = sys.stdin.read(4096) if a.add == "-" else Path(a.add).read_text(encoding="utf-8", errors="replace")[:4096]
-        except OSError as e:
-            raise UserError(f"cannot read the key to add from {a.add}: {e.strerror}") from None
-        try:
-            add = Key.parse(text, "the key to add" if a.add == "-" else f"the key to add ({a.add})")
-        except SealError as e:
-            raise UserError(str(e)) from None
-    if add or a.remove:
+    if a.add is not None:
+        add = backup_store.read_key_file(a.add, "the key to add" + ("" if a.add == "-" else f" ({a.add})"))
+    if add or a.remove is not None:
         ids = backup_store.change_keys(a.at, add=add, remove=a.remove)
     else:
         repo = backup_store.open_repository(a.at)

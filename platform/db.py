@@ -251,6 +251,11 @@ class ModelAccess(Base):
     process: Mapped[str] = mapped_column(String(64), default="")
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
+    @property
+    def shared_members(self) -> list[str]:
+        """The members `shared_with` names (stored comma-separated)."""
+        return [m for m in self.shared_with.split(",") if m]
+
 
 class Call(Base):
     """One metered inference request (written in batches by the serving ingress)."""

@@ -403,7 +403,7 @@ class Ingress:
             raise db.unavailable(e) from None
         if row:
             return {"owner": row.owner_member_id, "visibility": row.visibility, "process": row.process,
-                    "shared_with": {m for m in row.shared_with.split(",") if m}}
+                    "shared_with": set(row.shared_members)}
         try:
             client(self.args.mlflow_uri).get_registered_model(name)
         except MlflowException as e:

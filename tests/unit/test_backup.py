@@ -347,7 +347,7 @@ def test_an_encrypted_backup_store_shows_nothing_and_opens_only_with_its_key(sta
         backup.verify(str(dest))
     monkeypatch.delenv("INDAI_BACKUP_KEY")
     monkeypatch.setenv("INDAI_BACKUP_KEY_FILE", str(tmp_path / "missing.key"))
-    with pytest.raises(backup.BackupError, match="missing.key, which cannot be read"):
+    with pytest.raises(backup.BackupError, match=r"the file INDAI_BACKUP_KEY_FILE names \(.*missing.key\) cannot be read"):
         backup.verify(str(dest))
 
     # a store of unencrypted snapshots is not turned half-sealed by a key set later
@@ -388,6 +388,11 @@ def test_keys_are_added_and_removed_without_writing_the_snapshots_again(state, t
     assert new.encode() not in after["config.json"] and old.encode() not in after["config.json"]
     assert cli.main(["admin", "backup-keys", "--at", str(dest), "--add", str(tmp_path / "new.key")]) == 2
     assert f"key id {new_id} already opens" in capsys.readouterr().err
+    (tmp_path / "long.key").write_text(new + "x" * 10_000)  # read no further than a key could be long
+    assert cli.main(["admin", "backup-keys", "--at", str(dest), "--add", str(tmp_path / "long.key")]) == 2
+    assert "the key to add (" in (err := capsys.readouterr().err) and "(4096 characters" in err
+    assert cli.main(["admin", "backup-keys", "--at", str(dest), "--add", str(tmp_path / "none.key")]) == 2
+    assert "none.key) cannot be read (No such file" in capsys.readouterr().err
 
     # the new key opens every snapshot, old and new, and backs up incrementally into the same store
     monkeypatch.setenv("INDAI_BACKUP_KEY", new)
