@@ -326,7 +326,7 @@ def bare_app(pool_app: str, model_id: str, version: int):
 # ---- setting up the platform ----------------------------------------------------------------
 
 def prepare_platform(epochs: int) -> dict:
-    from indai.platform import datasets, db, registry, services, tenancy
+    from indai.platform import datasets, db, promotion, services, tenancy
     from indai.platform.config import load_config
     from indai.platform.ingest import ingest
     from indai.platform.settings import load_settings
@@ -345,12 +345,12 @@ def prepare_platform(epochs: int) -> dict:
                       [f"data.dataset={name}@{version}", f"optim.epochs={epochs}", "run.workers=1", "run.progress=false",
                        "run.name=bench-serve-latency", f"run.register_as={MODEL}"])
     result = train(cfg, s)
-    registry.promote(s.require_mlflow(), MODEL, result.model_version, ALIAS)
+    eng = db.engine()
+    db.upgrade(eng)
+    promotion.promote(eng, s.require_mlflow(), MODEL, result.model_version, ALIAS)
     print(f"[setup] trained {MODEL} version {result.model_version}, test accuracy {result.test_accuracy:.3f} "
           f"({time.perf_counter() - t:.0f} s)", flush=True)
 
-    eng = db.engine()
-    db.upgrade(eng)
     tenancy.add_member(eng, MEMBER, "bench member", "other", "research")
     tenancy.add_user(eng, "bench-user", MEMBER, "researcher")
     _, token = tenancy.create_token(eng, "bench-user", name="serve-latency")

@@ -268,7 +268,8 @@ def _headline(result) -> str:
 def _print_train_result(result) -> None:
     print(f"run {result.run_id}: dataset {result.dataset}, {_headline(result)}"
           + (f", registered {result.model_name} version {result.model_version}" if result.model_version else "")
-          + (f", alias {result.alias}" if result.alias else ""))
+          + (f", registry label {result.alias} (members are served it once an admin runs `indai model promote "
+             f"{result.model_name}/{result.model_version} --alias {result.alias}`)" if result.alias else ""))
     # one machine-readable line for `indai train submit`, which follows this job's log
     print("[indai] result " + json.dumps({"run_id": result.run_id, "dataset": result.dataset, "test_accuracy": result.test_accuracy,
                                           "model": result.model_name, "version": result.model_version, "alias": result.alias,
@@ -287,10 +288,17 @@ def cmd_model_ls(a) -> int:
     from indai.platform import registry
     from indai.platform.db import ModelAccess
 
+    from indai.platform import promotion
+
     models = registry.list_models(_settings().require_mlflow())
-    with Session(_db()) as s:
+    eng = _db()
+    with Session(eng) as s:
         rules = {r.model: r for r in s.scalars(select(ModelAccess))}
+    promoted = promotion.promoted_aliases(eng)
     for m in models:
+        # what members are served (the platform's promotions) beside the registry's labels, which any job may move
+        m["registry_aliases"] = m.pop("aliases")
+        m["promoted"] = promoted.get(m["name"], {})
         r = rules.get(m["name"])
         m["access"] = ({"owner": r.owner_member_id, "visibility": r.visibility, "process": r.process,
                         "shared_with": r.shared_members} if r
@@ -304,14 +312,51 @@ def cmd_model_ls(a) -> int:
     return 0
 
 
-def cmd_model_promote(a) -> int:
-    from indai.platform import registry
+def _promote_through_gateway(gateway: str, token: str | None, name: str, version: int, alias: str) -> dict:
+    """A researcher's promotion: the job gateway checks that the token's member owns the model."""
+    import requests
 
+    if not token:
+        raise UserError("no API token: pass --token or set INDAI_TOKEN (a researcher's token holds the models:promote scope)")
+    try:
+        r = requests.post(f"{gateway.rstrip('/')}/api/indai/models/{name}/promote", json={"version": version, "alias": alias},
+                          headers={"Authorization": f"Bearer {token}"}, timeout=(10, 600))
+    except requests.RequestException as e:
+        raise UserError(f"job gateway {gateway} did not answer ({type(e).__name__}): check --gateway and retry") from None
+    if r.status_code != 200:
+        try:
+            detail = r.json().get("detail")
+        except ValueError:
+            detail = r.text[:200]
+        raise UserError(f"the job gateway refused the promotion ({r.status_code}): {detail}")
+    return r.json()
+
+
+def cmd_model_promote(a) -> int:
+    from indai.platform import promotion, registry
+
+    tracking = None if a.gateway else _settings().require_mlflow()
+    if a.adopt_registry_aliases:
+        if a.model or a.gateway:
+            raise UserError("--adopt-registry-aliases takes no model and no --gateway: an admin runs it, once, beside the "
+                            "platform database, and it promotes every registry alias the platform has not")
+        done = promotion.adopt_registry_aliases(_db(), tracking, log=lambda line: print(line, file=sys.stderr))
+        for d in done:
+            print(f"{d['model']}@{d['alias']} -> version {d['version']} (files sha256 {d['sha256'][:16]}..., {d['files']} files)")
+        print(f"{len(done)} registry alias(es) promoted", file=sys.stderr)
+        return 0
+    if not a.model:
+        raise UserError("name the version to promote, e.g. indai model promote cwru-bearing/3 --alias champion")
     ref = registry.parse_model_ref(a.model)
     if ref.version is None:
         raise UserError(f"promote takes a pinned version, e.g. {ref.name}/3 (`indai model ls` lists versions)")
-    registry.promote(_settings().require_mlflow(), ref.name, ref.version, a.alias)
-    print(f"{ref.name}@{a.alias} -> version {ref.version}")
+    registry.check_alias(a.alias)
+    if a.gateway:
+        d = _promote_through_gateway(a.gateway, a.token, ref.name, ref.version, a.alias)
+    else:
+        d = promotion.promote(_db(), tracking, ref.name, ref.version, a.alias, log=lambda line: print(line, file=sys.stderr))
+    print(f"{ref.name}@{a.alias} -> version {d['version']}" + (f" (was {d['previous']})" if d["previous"] else "")
+          + f"; files sha256 {d['sha256'][:16]}... ({d['files']} files, {d['bytes']} bytes)")
     return 0
 
 
@@ -534,7 +579,7 @@ def demo_member_token(model_name: str) -> str:
 
 
 def cmd_demo(a) -> int:
-    from indai.platform import datasets, registry, services
+    from indai.platform import datasets, promotion, services
     from indai.platform.ingest import ingest
     from indai.platform.progress import Stages
     from indai.serving.client import evaluate_split, split_instances
@@ -552,8 +597,9 @@ def cmd_demo(a) -> int:
         cfg = load_train_config(a.recipe, [f"data.dataset={name}@{version}", *a.overrides])
         result = train(cfg, s)
         print(f"    test accuracy in training {result.test_accuracy:.4f}; {result.model_name} version {result.model_version}", file=sys.stderr)
-    with stages.stage("promote: point the 'champion' alias at the new version"):
-        registry.promote(s.require_mlflow(), result.model_name, result.model_version, "champion")
+    with stages.stage("promote: record the new version's files and point 'champion' at it"):
+        promotion.promote(_db(), s.require_mlflow(), result.model_name, result.model_version, "champion",
+                          log=lambda line: print(f"    {line}", file=sys.stderr))
     model = f"{result.model_name}@champion"
     with stages.stage(f"serve {model} with Ray Serve (members call it with an API token)"):
         url = serve_model(model)
@@ -650,7 +696,7 @@ def cmd_gateway_serve(a) -> int:
     print(f"job gateway on http://{a.host}:{a.port} -> {dashboard}", file=sys.stderr)
     token_path = services.ray_auth_env().get("RAY_AUTH_TOKEN_PATH") or os.environ.get("INDAI_RAY_AUTH_TOKEN_PATH")
     token = Path(token_path).read_text().strip() if token_path else None
-    gateway.serve(a.host, a.port, dashboard, _db(), ray_token=token, store=_store())
+    gateway.serve(a.host, a.port, dashboard, _db(), ray_token=token, store=_store(), mlflow_uri=_settings().mlflow_uri)
     return 0
 
 
@@ -906,9 +952,18 @@ def parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="registered models: list, promote").add_subparsers(dest="model_cmd", required=True, metavar="ACTION")
     model.add_parser("ls", help="list registered models, versions and aliases").set_defaults(fn=cmd_model_ls)
-    pr = model.add_parser("promote", help="point an alias at a registered version")
-    pr.add_argument("model", help="name/version, e.g. cwru-bearing/3")
+    pr = model.add_parser("promote", help="serve a registered version to members under an alias (records its files' sha256)",
+                          description="Records the version and the sha256 of its files in the platform database and points the "
+                                      "alias there: serving resolves name@alias from this record only and loads the version only "
+                                      "while its files still hash the same. A job's run.alias only labels the registry.")
+    pr.add_argument("model", nargs="?", help="name/version, e.g. cwru-bearing/3")
     pr.add_argument("--alias", default="champion", help="alias to move (default champion)")
+    pr.add_argument("--gateway", help="promote through the job gateway (researchers: a model your member owns), "
+                                      "e.g. the URL `helm install` printed; without it, the platform database is written directly (admins)")
+    pr.add_argument("--token", default=os.environ.get("INDAI_TOKEN"), help="with --gateway: your API token (env INDAI_TOKEN)")
+    pr.add_argument("--adopt-registry-aliases", action="store_true",
+                    help="once, after upgrading from a release whose serving followed the registry's aliases: promote every "
+                         "alias the registry holds now that the platform has no promotion for")
     pr.set_defaults(fn=cmd_model_promote)
     ms = model.add_parser("share", help="who may call a model: its owner, named members, or the whole consortium")
     ms.add_argument("model", help="registered model name")

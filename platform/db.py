@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from datetime import date, datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import (Boolean, Date, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
+from sqlalchemy import (BigInteger, Boolean, Date, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
                         event)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -255,6 +255,32 @@ class ModelAccess(Base):
     def shared_members(self) -> list[str]:
         """The members `shared_with` names (stored comma-separated)."""
         return [m for m in self.shared_with.split(",") if m]
+
+
+class ModelVersion(Base):
+    """A registered version the platform promoted, with the sha256 of its files as they were then
+    (platform/promotion.py): serving loads it only while its files still hash to this."""
+
+    __tablename__ = "model_versions"
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64))
+    files: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    recorded_by: Mapped[str] = mapped_column(String(64))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ModelAlias(Base):
+    """Where a promoted alias points: serving resolves `name@alias` here, never from the registry's
+    aliases, which every job's MLflow account may move."""
+
+    __tablename__ = "model_aliases"
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    set_by: Mapped[str] = mapped_column(String(64))
+    set_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Call(Base):

@@ -31,6 +31,10 @@ work unchanged, and forwards to the real job server only what passes:
 - Ray's job server down answers 503 with Retry-After on every route that needs it (the routes
   that do not, such as whoami, keep working); a submission Ray cannot have received (its
   connection was refused or never opened) drops its reservation, so a retry submits at once.
+
+Beside Ray's API, `POST /api/indai/models/{name}/promote` lets a researcher promote a version of
+a model its member owns (platform/promotion.py: what members are served), with the
+`models:promote` scope; an admin's token may promote any model.
 """
 from __future__ import annotations
 
@@ -59,6 +63,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from indai.platform import tenancy
+from indai.platform.errors import UserError
 from indai.platform.db import Audit, Job, Member, SubmissionKey, utcnow
 from indai.platform.settings import OFFLINE_ENV
 
@@ -192,13 +197,20 @@ def job_role(p: tenancy.Principal) -> str:
     return p.role
 
 
+class Promotion(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1, le=9_999_999_999, description="the registered version to serve")
+    alias: str = Field(default="champion", max_length=64, description="the alias members call it by")
+
+
 def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_token: str | None = None,
-                  store=None) -> FastAPI:
+                  store=None, mlflow_uri: str | None = None) -> FastAPI:
     """`ray_token`: Ray's own token (token authentication); the gateway adds it to every call
     upstream, in Ray's own header, so the member's token never reaches Ray. `store`: the
     object store, to check the dataset versions a job declares (metadata `indai.datasets`)
     against the reading rule; every job also runs with its member in INDAI_JOB_MEMBER, which
-    indai's dataset reader enforces inside the job."""
+    indai's dataset reader enforces inside the job. `mlflow_uri`: the registry the promotion
+    route reads versions' files from (None: that route answers 503)."""
     limits = limits or Limits()
     ray_url = ray_url.rstrip("/")
     upstream_headers = {"X-Ray-Authorization": f"Bearer {ray_token}"} if ray_token else {}
@@ -520,7 +532,6 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
     def check_datasets(p: tenancy.Principal, declared: str) -> str | None:
         """Why the principal may not read one of the declared dataset versions, or None."""
         from indai.platform import datasets
-        from indai.platform.errors import UserError
 
         refs = [r.strip() for r in declared.split(",") if r.strip()]
         if not refs:
@@ -680,10 +691,65 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
             return
         await ws.close()
 
+    @app.post("/api/indai/models/{name}/promote")
+    async def promote(name: str, request: Request):
+        """Serve `version` of a model the token's member owns under `alias` (an admin's: any model)."""
+        from indai.platform import promotion, registry
+        from indai.platform.db import ModelAccess
+
+        p: tenancy.Principal = request.state.principal
+        target = f"{name[:128]}"
+        if refused := await asyncio.to_thread(scope_refusal, p, "models:promote", "model.promote", target,
+                                              "promoting a model version"):
+            return refused
+        try:
+            registry.check_model_name(name)
+            body = Promotion.model_validate_json(await request.body())
+            registry.check_alias(body.alias)
+        except ValidationError as e:
+            first = e.errors()[0]
+            return _error(400, f"field {'.'.join(map(str, first['loc'])) or '(body)'}: {first['msg']} "
+                               '(send {"version": 3, "alias": "champion"})')
+        except UserError as e:
+            return _error(400, str(e))
+
+        def owner() -> str | None:
+            with Session(eng) as s:
+                row = s.get(ModelAccess, name)
+                return row.owner_member_id if row else None
+
+        try:
+            owned_by = await asyncio.to_thread(owner)
+        except SQLAlchemyError:
+            return _error(503, DB_DOWN)
+        if not is_admin(p) and owned_by != p.member:
+            await asyncio.to_thread(audit, p, "model.promote", f"{name}@{body.alias}", 403, f"owner {owned_by}")
+            return _error(403, f"member {p.member} does not own model {name}: only its owner's researchers, or an admin, may "
+                               "promote it (an admin records the owner with `indai model share`)")
+        if not mlflow_uri:
+            return _error(503, "this gateway has no model registry configured (INDAI_MLFLOW_URI): ask the platform admin")
+        try:
+            done = await asyncio.to_thread(promotion.promote, eng, mlflow_uri, name, body.version, body.alias, p.user,
+                                           log.warning, p.member)
+        except promotion.ModelAltered as e:
+            return _error(409, str(e))
+        except (registry.RegistryAway, registry.RegistryRefused) as e:
+            log.warning("promoting %s/%s: %s", name, body.version, e)
+            return _error(503, "the model registry did not answer or refused the gateway: retry later", retry_after=30)
+        except registry.ModelMissing:
+            return _error(404, f"model {name} has no version {body.version} in the registry")
+        except UserError as e:
+            return _error(400, str(e))
+        except SQLAlchemyError:
+            return _error(503, DB_DOWN)
+        return done
+
     return app
 
 
-def serve(host: str, port: int, ray_url: str, eng: Engine, ray_token: str | None = None, store=None) -> None:
+def serve(host: str, port: int, ray_url: str, eng: Engine, ray_token: str | None = None, store=None,
+          mlflow_uri: str | None = None) -> None:
     import uvicorn
 
-    uvicorn.run(build_gateway(ray_url, eng, ray_token=ray_token, store=store), host=host, port=port, log_level="warning")
+    uvicorn.run(build_gateway(ray_url, eng, ray_token=ray_token, store=store, mlflow_uri=mlflow_uri), host=host, port=port,
+                log_level="warning")

@@ -9,7 +9,9 @@ can be checked without a browser.
 
 KPIs, each judged against a target (`Targets`, loadable from YAML):
 1. fine-tuned models in production per process: models a member owns for a process
-   (`model_access`) that carry a `champion` or `production` alias in the registry;
+   (`model_access`) that the platform promoted under a `champion` or `production` alias
+   (platform/promotion.py; the registry's own aliases are labels any job may move) and that the
+   registry still holds;
 2. AI operating-time share per process: distinct UTC clock hours with at least one
    successful call of the member for the process, over the declared operating hours;
 3. satisfaction per member: the mean feedback rating in the period, one rating per call (the
@@ -36,7 +38,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from indai.platform.config import Strict, load_config
-from indai.platform.db import Call, Feedback, Member, ModelAccess, OperatingHours, Outcome, utcnow
+from indai.platform.db import Call, Feedback, Member, ModelAccess, ModelAlias, OperatingHours, Outcome, utcnow
 from indai.platform.errors import UserError
 from indai.platform.tenancy import check_process
 
@@ -240,8 +242,9 @@ def _hour_bucket(dialect: str, column):
 
 
 def _registry_aliases(mlflow_uri: str | None, names: list[str]) -> tuple[dict[str, dict | None], str | None]:
-    """{model: {alias: version}} (None for a model the registry does not hold), and an error
-    text when the registry could not be asked at all."""
+    """{model: {alias: version}} as the registry labels it (None for a model the registry does not
+    hold: only that is used, for "registered"), and an error text when the registry could not be
+    asked at all."""
     if not names:
         return {}, None
     if not mlflow_uri:
@@ -341,6 +344,9 @@ def compute(eng: Engine, industry: str, period: Period, *, member: str | None = 
             .where(Feedback.id.in_(latest))
             .group_by(Feedback.member_id))}
         outcomes = _outcomes(s, ids)
+        promoted: dict[str, dict[str, int]] = {}
+        for pin in s.scalars(select(ModelAlias).where(ModelAlias.model.in_([a.model for a in access]))):
+            promoted.setdefault(pin.model, {})[pin.alias] = pin.version
 
     aliases, registry_error = _registry_aliases(mlflow_uri, sorted({a.model for a in access if a.process}))
     common, store_error = _common_datasets(store, industry)
@@ -355,18 +361,20 @@ def compute(eng: Engine, industry: str, period: Period, *, member: str | None = 
             models = []
             for a in access:
                 if a.owner_member_id == m.id and a.process == proc:
-                    al = aliases.get(a.model) if registry_error is None else None
-                    prod = sorted(set(al or {}) & set(PRODUCTION_ALIASES))
-                    models.append({"model": a.model, "registered": None if registry_error else al is not None,
-                                   "aliases": al or {}, "production_aliases": prod, "in_production": bool(prod) if not registry_error else None})
-            n_prod = None if registry_error else sum(1 for x in models if x["in_production"])
+                    registered = None if registry_error else aliases.get(a.model) is not None
+                    al = promoted.get(a.model, {})
+                    prod = sorted(set(al) & set(PRODUCTION_ALIASES))
+                    models.append({"model": a.model, "registered": registered, "aliases": al, "production_aliases": prod,
+                                   "in_production": bool(prod) and registered is not False})
+            # (the registry only says whether a promoted model is still there: while it is away, promotions count)
+            n_prod = sum(1 for x in models if x["in_production"])
             hours = declared.get((m.id, proc)) or 0.0
             with_ai = active.get((m.id, proc), 0)
             share = min(1.0, with_ai / hours) if hours > 0 else None
             rows.append({
                 "process": proc,
                 "models_in_production": {"value": n_prod, "models": models,
-                                         **_judge(n_prod, targets.models_in_production, "registry unreachable")},
+                                         **_judge(n_prod, targets.models_in_production, "not measured")},
                 "ai_time_share": {"value": share, "hours_with_ai": with_ai, "declared_hours": hours,
                                   "capped": hours > 0 and with_ai > hours,
                                   **_judge(share, targets.ai_time_share, "no hours declared")},

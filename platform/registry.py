@@ -159,7 +159,10 @@ def wait_for_model(tracking_uri: str, ref: ModelRef, wait_s: float = 300.0, log=
             time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
 
 
-def promote(tracking_uri: str, name: str, version: int, alias: str) -> None:
+def label_alias(tracking_uri: str, name: str, version: int, alias: str) -> None:
+    """Point the registry's alias at a version: a label for people reading MLflow. Serving never
+    reads it (every job's account may move it); `indai model promote` (platform/promotion.py) is
+    what members are served."""
     check_model_name(name)
     check_alias(alias)
     resolve_version(tracking_uri, ModelRef(name, version=version))

@@ -29,8 +29,8 @@ from indai.platform.settings import MEMBER_ID_RE
 INDUSTRIES = ("steel", "automotive", "shipbuilding", "electronics", "chemicals", "bio", "other")
 MEMBER_ROLES = ("demand", "supplier", "research")  # demand company, AI supplier, research institute
 USER_ROLES = ("admin", "researcher", "consumer")
-SCOPES = ("jobs:submit", "jobs:read", "models:predict", "feedback:write", "admin")
-DEFAULT_SCOPES = {"admin": SCOPES, "researcher": ("jobs:submit", "jobs:read", "models:predict", "feedback:write"),
+SCOPES = ("jobs:submit", "jobs:read", "models:predict", "models:promote", "feedback:write", "admin")
+DEFAULT_SCOPES = {"admin": SCOPES, "researcher": ("jobs:submit", "jobs:read", "models:predict", "models:promote", "feedback:write"),
                   "consumer": ("models:predict", "feedback:write")}
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,63}$")
 TOKEN_RE = re.compile(r"^indai_([a-z0-9]{16})_([A-Za-z0-9_-]{32,64})$")

@@ -4,9 +4,10 @@ Two deployments:
 - `Ingress` (FastAPI): authenticates the member's API token, checks that the member may call
   the model (by the platform database's rule: private to its owner, shared with named members,
   or consortium-wide; a model without a rule is served to admins only), applies a
-  per-member rate limit, resolves `name@alias` to a registered version (re-resolved every few
-  seconds, so moving an alias moves traffic without a restart; `name/version` stays pinned),
-  and meters every call in batches (serving never waits on the database). While the database
+  per-member rate limit, resolves `name@alias` to the version the platform promoted it to
+  (platform/promotion.py; re-read every few seconds, so `indai model promote` moves traffic
+  without a restart, and a job moving the registry's alias moves nothing), serves a `name/version`
+  to members only if it was promoted, has the pool check the promoted files' digest, and meters every call in batches (serving never waits on the database). While the database
   or MLflow is away, what was looked up recently stands in (platform/recent.py), and MLflow
   requests are bounded (`registry_timeout_s`), so no member's call hangs on them. `POST /v1/feedback`
   stores a member's rating of a prediction by its request id.
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -78,11 +80,12 @@ class ServeArgs(Strict):
     registry_timeout_s: int = Field(default=5, ge=1, le=300, description="seconds the ingress and the model pool wait for one "
                                     "answer from MLflow; they do not send again (MLflow's own default is 120 s and 7 retries, "
                                     "minutes in which a member's call would hang)")
-    registry_grace_s: float = Field(default=300.0, ge=0, le=3600, description="while MLflow is unreachable, alias resolutions "
-                                    "and the model list confirmed less than this long ago keep being used")
+    registry_grace_s: float = Field(default=300.0, ge=0, le=3600, description="while MLflow is unreachable, the model list "
+                                    "and registered-model checks confirmed less than this long ago keep being used")
     token_recheck_s: float = Field(default=2.0, ge=0, le=300, description="a revoked token is refused within this time")
-    db_grace_s: float = Field(default=300.0, ge=0, le=3600, description="while the platform database is unreachable, tokens and "
-                                                                        "access rules checked less than this long ago keep working")
+    db_grace_s: float = Field(default=300.0, ge=0, le=3600, description="while the platform database is unreachable, tokens, "
+                                                                        "access rules and promotions (aliases) checked less than this "
+                                                                        "long ago keep working")
     db_timeout_s: float = Field(default=5.0, ge=1, le=300, description="seconds the ingress waits for one answer from the "
                                 "platform database (a token's first check, an access rule, a batch of metered calls) before it "
                                 "gives that connection up; a server that stops answering mid-statement would otherwise hold them")
@@ -256,6 +259,13 @@ def registry_away(e: Exception) -> SourceAway | None:
     return SourceAway(message, f"MLflow: {short_cause(e)}" if raw else str(e))
 
 
+def is_admin(p) -> bool:
+    """Whether a principal acts as an admin: the role and the scope both (an admin may narrow a token,
+    e.g. to models:predict, to get what a consumer of the admin's member gets, no more; the role is
+    checked too, so the old tokens of a user no longer admin lose it at once)."""
+    return p.role == "admin" and "admin" in p.scopes
+
+
 def parsed_model_ref(text: str):
     """A request's model reference, checked (registry.parse_model_ref) before it reaches the
     database or the registry; a bad one is a 400 that says what is wrong."""
@@ -265,6 +275,22 @@ def parsed_model_ref(text: str):
         return parse_model_ref(text)
     except UserError as e:
         raise Refused(400, str(e)) from None
+
+
+def fetch_model_files(mlflow_uri: str, model_id: str, dest: str):
+    """Download a pool's model into `dest` and return its folder. The id is `name/version`, or
+    `name/version#<sha256>` (the ingress's id of a promoted version), whose files must hash to that
+    digest (promotion.ModelAltered otherwise, and nothing is loaded)."""
+    from indai.platform.promotion import DIGEST_RE, check_digest
+    from indai.platform.registry import download, parse_model_ref
+
+    ref_text, _, digest = model_id.partition("#")
+    if digest and not DIGEST_RE.fullmatch(digest):
+        raise UserError(f"model id {model_id!r}: the part after '#' must be a sha256 in hex")
+    folder, _ = download(mlflow_uri, parse_model_ref(ref_text), Path(dest))
+    if digest:
+        check_digest(folder, digest, f"model {ref_text}")
+    return folder
 
 
 @serve.deployment
@@ -278,21 +304,24 @@ class ModelPool:
     @serve.multiplexed(max_num_models_per_replica=MAX_MODELS)
     async def get_model(self, model_id: str):
         from indai.platform.model_format import IndaiModel
-        from indai.platform.registry import download, parse_model_ref
 
-        folder, _ = await asyncio.to_thread(download, self.args.mlflow_uri, parse_model_ref(model_id),
-                                            tempfile.mkdtemp(dir=self._tmp.name))
+        folder = await asyncio.to_thread(fetch_model_files, self.args.mlflow_uri, model_id, tempfile.mkdtemp(dir=self._tmp.name))
         return await asyncio.to_thread(IndaiModel.load, folder / "artifacts" / "indai_model")
 
     async def _loaded(self, model_id: str):
         """(the model, None), or (None, {"error": ..., "status": ...}) when it cannot be loaded: 503
         while MLflow is away or refuses the pool's account, 404 for a version that is not there."""
+        from indai.platform.promotion import ModelAltered
         from indai.platform.registry import ModelMissing
 
         try:
             return await self.get_model(model_id), None
+        except ModelAltered as e:  # the details for the admins' log; the member is told it is not served
+            print(f"[indai] refused to load {model_id}: {e}", file=sys.stderr, flush=True)
+            return None, {"error": f"model {model_id.partition('#')[0]} is not served: its files in the registry differ from "
+                                   "the ones promoted; the platform's admins can see why in the serving log", "status": 502}
         except ModelMissing:
-            name, _, version = model_id.rpartition("/")
+            name, _, version = model_id.partition("#")[0].rpartition("/")
             return None, {"error": f"model {name} has no version {version} in the registry: GET /v1/models lists the models "
                                    "you may call", "status": 404}
         except Exception as e:  # the version's lookup, or its files' download
@@ -357,8 +386,9 @@ class Ingress:
         self.meter = Meter(self.eng, flush_s=self.args.meter_flush_s)
         self.limits = RateLimiter(self.args.rate_per_s, self.args.burst)
         self.rules = Recent(lambda name, _: self._lookup_rule(name), self.args.resolve_ttl_s, self.args.db_grace_s, log=said)
-        self.versions = Recent(lambda text, _: self._lookup_version(text), self.args.resolve_ttl_s, self.args.registry_grace_s, log=said)
+        self.versions = Recent(lambda text, _: self._lookup_version(text), self.args.resolve_ttl_s, self.args.db_grace_s, log=said)
         self.names = Recent(lambda _all, _: self._lookup_names(), self.args.resolve_ttl_s, self.args.registry_grace_s, log=said)
+        self.promoted = Recent(lambda _all, _: self._lookup_promoted(), self.args.resolve_ttl_s, self.args.db_grace_s, log=said)
         self.pool_retries = 0  # calls sent again because the pool replica that had them died
 
     # -- who is asking, may they, which version -----------------------------------------
@@ -416,11 +446,7 @@ class Ingress:
         rule = self._rule(name)
         if rule is None:
             raise Refused(404, f"model {name!r} is not registered: GET /v1/models lists the models you may call")
-        # every model for an admin's token only if it holds the admin scope: an admin may narrow a
-        # token (e.g. to models:predict) to get what a consumer of the admin's member gets, no more.
-        # The role is checked too, so the old tokens of a user no longer admin lose it at once.
-        admin = p.role == "admin" and "admin" in p.scopes
-        if admin or rule["visibility"] == "consortium" or p.member == rule["owner"] or \
+        if is_admin(p) or rule["visibility"] == "consortium" or p.member == rule["owner"] or \
                 (rule["visibility"] == "shared" and p.member in rule["shared_with"]):
             return rule
         if rule["visibility"] == UNASSIGNED:
@@ -428,26 +454,36 @@ class Ingress:
                                f"share {name} --owner <member>`, and it is then served to that member")
         raise Refused(403, f"model {name!r} belongs to another member and is not shared with {p.member}: ask its owner to share it")
 
-    def _version(self, text: str) -> tuple[str, int]:
+    def _version(self, p, text: str) -> tuple[str, int, str]:
+        """(name, version, the pool's model id) of a reference the principal may call: an alias as
+        the platform promoted it (platform/promotion.py), never as the registry's alias says; a
+        version only if it was promoted, except for admins (to try one before promoting it). The
+        model id carries the promoted files' digest, which the pool checks before loading."""
         ref = parsed_model_ref(text)
-        if ref.version is not None:
-            return ref.name, ref.version
         try:
-            return ref.name, self.versions.get(text)
+            version, digest = self.versions.get(str(ref))
         except SourceAway as e:
             raise Refused(503, str(e)) from None
+        if digest is None and not is_admin(p):
+            raise Refused(403, f"version {version} of model {ref.name} is not promoted: members are served promoted versions "
+                               f"only (an admin runs `indai model promote {ref.name}/{version} --alias <alias>`)")
+        return ref.name, version, f"{ref.name}/{version}" + (f"#{digest}" if digest else "")
 
-    def _lookup_version(self, text: str) -> int:
-        from indai.platform.registry import ModelMissing, RegistryAway, RegistryRefused, resolve_version
+    def _lookup_version(self, text: str) -> tuple[int, str | None]:
+        """(version, recorded digest or None) from the platform database."""
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from indai.platform import db, promotion
 
         ref = parsed_model_ref(text)
         try:
-            return int(resolve_version(self.args.mlflow_uri, ref).version)
-        except (RegistryRefused, RegistryAway) as e:  # the details for the admin's log; the member gets none
-            raise registry_away(e) from None
-        except ModelMissing:  # (resolve_version's text names the registry's address and account: not for members)
-            raise Refused(404, f"model {ref.name} has no alias {ref.alias} in the registry: GET /v1/models lists the models "
-                               "you may call, and the model's owner can tell its aliases") from None
+            version = ref.version if ref.alias is None else promotion.alias_version(self.eng, ref.name, ref.alias)
+            if version is None:
+                raise Refused(404, f"model {ref.name} has no promoted alias {ref.alias}: GET /v1/models lists the models you may "
+                                   "call with their aliases (an admin promotes one with `indai model promote`)")
+            return version, promotion.version_digest(self.eng, ref.name, version)
+        except SQLAlchemyError as e:
+            raise db.unavailable(e) from None
 
     def _lookup_names(self) -> list[str]:
         from mlflow.exceptions import MlflowException
@@ -465,6 +501,16 @@ class Ingress:
             if (away := registry_away(e)) is not None:
                 raise away from None
             raise
+
+    def _lookup_promoted(self) -> dict[str, dict[str, int]]:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from indai.platform import db, promotion
+
+        try:
+            return promotion.promoted_aliases(self.eng)
+        except SQLAlchemyError as e:
+            raise db.unavailable(e) from None
 
     def _model_ref(self, given: str | None) -> str:
         ref = given or self.args.model
@@ -496,7 +542,7 @@ class Ingress:
     async def healthz(self) -> dict:
         return {"status": "ok", "metering": self.meter.stats(), "pool_retries": self.pool_retries,
                 "lookups": {"tokens": self.tokens.stats(), "access": self.rules.stats(), "versions": self.versions.stats(),
-                            "models": self.names.stats()}}
+                            "models": self.names.stats(), "promoted": self.promoted.stats()}}
 
     @api.get("/v1/models", response_model=ModelListing, responses={401: {"model": ErrorResponse}})
     async def models(self, request: Request):
@@ -506,13 +552,15 @@ class Ingress:
             return self._error(e, "")
         try:
             names = await asyncio.to_thread(self.names.get, "")
+            promoted = await asyncio.to_thread(self.promoted.get, "")
         except SourceAway as e:
             return self._error(Refused(503, str(e)), "")
         visible = []
         for name in sorted(names):
             try:
                 rule = await asyncio.to_thread(self._check_access, p, name)
-                visible.append({"model": name, "owner": rule["owner"], "visibility": rule["visibility"], "process": rule["process"]})
+                visible.append({"model": name, "owner": rule["owner"], "visibility": rule["visibility"], "process": rule["process"],
+                                "aliases": promoted.get(name, {})})
             except Refused as e:
                 if e.status == 503:
                     return self._error(e, "")
@@ -527,8 +575,8 @@ class Ingress:
             # access before the alias or version is resolved: else a 404 for a missing alias and a 403
             # for an existing one would tell anyone which aliases and versions a private model has
             await asyncio.to_thread(self._check_access, p, parsed_model_ref(ref).name)
-            name, version = await asyncio.to_thread(self._version, ref)
-            c = await self._ask_pool(f"{name}/{version}", "card")
+            name, version, model_id = await asyncio.to_thread(self._version, p, ref)
+            c = await self._ask_pool(model_id, "card")
             if "error" in c:
                 raise Refused(c.get("status", 400), c["error"])
         except Refused as e:
@@ -558,8 +606,8 @@ class Ingress:
             name = parsed_model_ref(ref).name
             rule = await asyncio.to_thread(self._check_access, p, name)
             process = rule["process"]
-            name, version = await asyncio.to_thread(self._version, ref)
-            out = await self._ask_pool(f"{name}/{version}", "predict", [i.model_dump(exclude_none=True) for i in body.instances])
+            name, version, model_id = await asyncio.to_thread(self._version, p, ref)
+            out = await self._ask_pool(model_id, "predict", [i.model_dump(exclude_none=True) for i in body.instances])
             if "error" in out:
                 raise Refused(out.get("status", 400), out["error"])
             return PredictResponse(request_id=request_id, model=ref, model_version=version, predictions=out["predictions"])

@@ -85,7 +85,8 @@ class ErrorResponse(BaseModel):
 
 
 class ModelListing(BaseModel):
-    models: list[dict] = Field(description="models the caller may call: model, owner, visibility, process")
+    models: list[dict] = Field(description="models the caller may call: model, owner, visibility, process, and "
+                                                  "aliases (the promoted ones: {alias: version})")
 
 
 class FeedbackRequest(BaseModel):

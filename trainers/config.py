@@ -83,7 +83,8 @@ class RunConfig(Strict):
     name: str = Field(description="run name; checkpoints live under checkpoints/<name>/ and a re-run resumes from them")
     experiment: str = Field(default="indai", description="MLflow experiment")
     register_as: str | None = Field(default=None, description="registered model name (None: do not register)")
-    alias: str | None = Field(default=None, description="alias to point at the new version, e.g. champion (or use `indai model promote`)")
+    alias: str | None = Field(default=None, description="registry alias to label the new version with, e.g. candidate; "
+                                                       "members are served what `indai model promote` records, never this label")
     launcher: Literal["ray", "local"] = Field(default="ray", description="ray: Ray Train TorchTrainer; local: this process (or torchrun)")
     process: str = Field(default="", pattern=r"^([a-z0-9][a-z0-9_-]{0,63})?$", description="the member's process the model serves (KPI report)")
     workers: int = Field(default=2, ge=1, le=1024, description="Ray Train workers")

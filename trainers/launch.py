@@ -480,6 +480,6 @@ def train(cfg: TrainConfig, settings: Settings, parent_run_id: str | None = None
                       model_version=version, resumed_from=resumed, confusion=test.get("confusion", []),
                       task=cfg.model.task, test_metrics=tasks.scalars(test))
     if version and cfg.run.alias:
-        registry.promote(tracking, cfg.run.register_as, version, cfg.run.alias)
+        registry.label_alias(tracking, cfg.run.register_as, version, cfg.run.alias)  # a label: `indai model promote` serves it
         out.alias = cfg.run.alias
     return out

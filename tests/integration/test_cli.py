@@ -4,7 +4,9 @@ import json
 import os
 import signal
 import subprocess
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,14 +73,39 @@ def test_errors_that_need_services(services, trained_model, tmp_path):
     assert "not valid JSON" in error_line(indai("predict", "--input", body, home=home))
 
 
-def test_model_promote_moves_the_alias(services, trained_model):
+def test_model_promote_records_the_version_and_moves_the_alias(services, trained_model):
+    """`indai model promote` records the version's files' sha256 and the alias in the platform
+    database (what serving follows) and labels the registry; `--adopt-registry-aliases` promotes,
+    once, the registry's aliases the platform has no promotion for."""
     from mlflow.tracking import MlflowClient
+
+    from indai.platform import db, promotion, registry
 
     done = indai("model", "promote", "it-cwru/1", "--alias", "staging", home=services.home)
     assert done.returncode == 0, done.stderr[-2000:]
+    eng = db.engine()
+    digest = promotion.version_digest(eng, "it-cwru", 1)
+    assert re.fullmatch(r"it-cwru@staging -> version 1; files sha256 [0-9a-f]{16}\.\.\. \(\d+ files, \d+ bytes\)\n",
+                        done.stdout) and digest[:16] in done.stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, _ = registry.download(services.mlflow_uri, registry.ModelRef("it-cwru", version=1), Path(tmp))
+        assert promotion.files_digest(folder).sha256 == digest
+    assert promotion.alias_version(eng, "it-cwru", "staging") == 1
     assert MlflowClient(services.mlflow_uri).get_model_version_by_alias("it-cwru", "staging").version == "1"
-    listed = indai("model", "ls", home=services.home)
-    assert '"staging": "1"' in listed.stdout
+    listed = {m["name"]: m for m in json.loads(indai("model", "ls", home=services.home).stdout)}
+    assert listed["it-cwru"]["promoted"]["staging"] == 1 and listed["it-cwru"]["registry_aliases"]["staging"] == "1"
+
+    # a registry alias set by a job (trained_model's run.alias champion) is adopted once, on request
+    adopted = indai("model", "promote", "--adopt-registry-aliases", home=services.home)
+    assert adopted.returncode == 0, adopted.stderr[-2000:]
+    listed = {m["name"]: m for m in json.loads(indai("model", "ls", home=services.home).stdout)}
+    for name, m in listed.items():
+        assert {a: int(v) for a, v in m["registry_aliases"].items()} == m["promoted"], name
+    assert "it-cwru@champion -> version 1" in adopted.stdout or "champion" in promotion.promoted_aliases(eng)["it-cwru"]
+    again = indai("model", "promote", "--adopt-registry-aliases", home=services.home)
+    assert again.returncode == 0 and again.stdout == "" and "0 registry alias(es) promoted" in again.stderr
+    assert "takes no model" in error_line(indai("model", "promote", "it-cwru/1", "--adopt-registry-aliases", home=services.home))
+    assert "name the version to promote" in error_line(indai("model", "promote", home=services.home))
 
 
 def test_model_ls_names_who_may_call_each_model(services):

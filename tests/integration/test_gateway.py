@@ -2,6 +2,7 @@
 JobSubmissionClient work through it with a bearer token; members are isolated; quotas,
 revocation and hostile bodies are refused; everything is audited."""
 import json
+import re
 import subprocess
 import sys
 import time
@@ -33,7 +34,7 @@ def gateway(services, tmp_path_factory):
     from indai.platform.storage import open_store
 
     app = build_gateway(state["ray_dashboard"], eng, Limits(concurrent_jobs=2, gpus_per_job=1), ray_token=ray_token,
-                        store=open_store(services.store_uri))
+                        store=open_store(services.store_uri), mlflow_uri=services.mlflow_uri)
     with app_server(app) as url:
         yield url, eng, {u: t for u, (_, t) in tokens.items()}, {u: i for u, (i, _) in tokens.items()}
 
@@ -72,6 +73,77 @@ def test_stock_ray_cli_submits_through_the_gateway(gateway, tmp_path):
     assert wait_done(c, "kim-hello") == "SUCCEEDED"
     info = c.get_job_info("kim-hello")
     assert info.metadata["indai.member"] == "steel-a" and info.metadata["indai.user"] == "kim"
+
+
+def test_a_researcher_promotes_versions_of_its_members_models_only(gateway, services, tmp_path, capsys):
+    """`POST /api/indai/models/{name}/promote`: what members are served, decided by the owner's
+    researchers (scope models:promote) or an admin, never by another member or a consumer."""
+    from mlflow.tracking import MlflowClient
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from indai.platform import db, promotion, tenancy
+
+    url, eng, tokens, _ = gateway
+    c = MlflowClient(tracking_uri=services.mlflow_uri, registry_uri=services.mlflow_uri)
+    for name in ("gw-steel", "gw-auto", "gw-nobody"):
+        c.create_registered_model(name)
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "MLmodel").write_text(f"name: {name}\n")
+        c.create_model_version(name, source=folder.as_uri())
+    tenancy.set_model_access(eng, "gw-steel", "steel-a")
+    tenancy.set_model_access(eng, "gw-auto", "auto-b")
+
+    def promote(user: str, name: str, body) -> requests.Response:
+        return requests.post(f"{url}/api/indai/models/{name}/promote", headers=bearer(tokens[user]), timeout=60,
+                             data=body if isinstance(body, str) else json.dumps(body))
+
+    r = promote("kim", "gw-steel", {"version": 1, "alias": "champion"})
+    assert r.status_code == 200, r.text
+    assert {k: r.json()[k] for k in ("model", "alias", "version", "previous", "files")} == {
+        "model": "gw-steel", "alias": "champion", "version": 1, "previous": None, "files": 1}
+    assert promotion.alias_version(eng, "gw-steel", "champion") == 1
+    assert promotion.version_digest(eng, "gw-steel", 1) == r.json()["sha256"]
+    assert c.get_model_version_by_alias("gw-steel", "champion").version == "1"  # (the registry's label)
+
+    for user, name, status, says in (
+            ("lee", "gw-steel", 403, "member auto-b does not own model gw-steel"),
+            ("kim", "gw-auto", 403, "member steel-a does not own model gw-auto"),
+            ("kim", "gw-nobody", 403, "member steel-a does not own model gw-nobody"),
+            ("park", "gw-steel", 403, "'models:promote' scope"),
+            ("kim", "gw..steel", 400, "model name 'gw..steel' is not valid")):
+        r = promote(user, name, {"version": 1, "alias": "production"})
+        assert r.status_code == status and says in r.text, (user, name, r.status_code, r.text)
+    for body, says in (({"version": 0}, "field version: Input should be greater than or equal to 1"),
+                       ({"version": 1, "alias": "Prod"}, "alias 'Prod' is not valid"),
+                       ({"version": 1, "owner": "auto-b"}, "field owner: Extra inputs are not permitted"),
+                       ("{nope", "field (body)")):
+        r = promote("kim", "gw-steel", body)
+        assert r.status_code == 400 and says in r.json()["detail"], (body, r.text)
+    r = promote("kim", "gw-steel", {"version": 7})
+    assert (r.status_code, r.json()["detail"]) == (404, "model gw-steel has no version 7 in the registry")
+    assert promotion.promoted_aliases(eng) == {"gw-steel": {"champion": 1}}  # nothing else was promoted
+
+    # an admin's token may promote any member's model
+    r = promote("root", "gw-auto", {"version": 1})
+    assert r.status_code == 200 and promotion.alias_version(eng, "gw-auto", "champion") == 1
+    with Session(eng) as s:
+        rows = [(a.user_id, a.member_id, a.target, a.status) for a in s.scalars(
+            select(db.Audit).where(db.Audit.action == "model.promote").order_by(db.Audit.id))]
+    assert rows[0] == ("kim", "steel-a", "gw-steel@champion", 200) and rows[-1] == ("root", "steel-a", "gw-auto@champion", 200)
+    assert ("lee", "auto-b", "gw-steel@production", 403) in rows
+
+    # the researcher's CLI: `indai model promote ... --gateway`
+    from indai.platform import cli
+
+    assert cli.main(["model", "promote", "gw-steel/1", "--alias", "staging", "--gateway", url, "--token", tokens["kim"]]) == 0
+    assert promotion.alias_version(eng, "gw-steel", "staging") == 1
+    assert re.match(r"gw-steel@staging -> version 1; files sha256 [0-9a-f]{16}", capsys.readouterr().out)
+    assert cli.main(["model", "promote", "gw-auto/1", "--alias", "staging", "--gateway", url, "--token", tokens["kim"]]) == 2
+    assert capsys.readouterr().err == ("indai: error: the job gateway refused the promotion (403): member steel-a does not own "
+                                       "model gw-auto: only its owner's researchers, or an admin, may promote it (an admin "
+                                       "records the owner with `indai model share`)\n")
 
 
 def test_another_member_cannot_see_read_or_stop(gateway):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from chromium import chromium  # noqa: F401 - the session fixture
@@ -69,6 +69,9 @@ def seed(e) -> None:
             db.ModelAccess(model="it-kpi-ghost", owner_member_id="steel-a", visibility="shared", shared_with="steel-b", process="cutting", updated_at=NOW),
             db.ModelAccess(model="it-kpi-noproc", owner_member_id="steel-a", visibility="consortium", process="", updated_at=NOW),
             db.ModelAccess(model="auto-press", owner_member_id="auto-c", visibility="private", process="press", updated_at=NOW),
+            # what the platform promoted (`indai model promote`); it-kpi-ghost is no longer in the registry
+            db.ModelAlias(model="it-cwru", alias="champion", version=1, set_by="test", set_at=NOW),
+            db.ModelAlias(model="it-kpi-ghost", alias="production", version=1, set_by="test", set_at=NOW),
         ])
         s.add_all([db.OperatingHours(member_id="steel-a", process="rolling", day=d, hours=h)
                    for d, h in ((date(2026, 11, 2), 8), (date(2026, 11, 3), 6), (date(2026, 10, 31), 5), (date(2026, 12, 1), 10))])
@@ -124,7 +127,8 @@ def store(tmp_path):
 
 @pytest.fixture(scope="module")
 def registry(services, trained_model):
-    """it-cwru carries `champion` (trained_model); it-kpi-noalias is registered without an alias."""
+    """it-cwru carries the registry label `champion` (trained_model's run.alias; `seed` records the
+    platform's promotion); it-kpi-noalias is registered without an alias."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -187,6 +191,13 @@ def test_numbers(eng, store, registry):
     assert r["sources"]["mlflow"] == {"uri": registry, "error": None}
     json.dumps(r)  # machine-readable as it is
 
+    # the registry's alias is a label any job may set: without the platform's promotion it counts for nothing
+    with Session(eng) as s, s.begin():
+        s.execute(delete(db.ModelAlias).where(db.ModelAlias.model == "it-cwru"))
+    unpromoted = kpi.compute(eng, "steel", PERIOD, member="steel-a", mlflow_uri=registry, store=store, now=NOW)
+    mp = by(unpromoted, "steel-a", "rolling")["models_in_production"]
+    assert (mp["value"], mp["met"], mp["models"][0]["registered"], mp["models"][0]["aliases"]) == (0, False, True, {})
+
     only_b = kpi.compute(eng, "steel", PERIOD, member="steel-b", mlflow_uri=registry, store=store, now=NOW)
     assert [m["member"] for m in only_b["members"]] == ["steel-b"] and only_b["member"] == "steel-b"
     with pytest.raises(UserError, match="'auto-c' is not a member of industry 'steel' \\(it is automotive\\)"):
@@ -210,8 +221,10 @@ def test_share_is_capped_and_hours_are_upserted(sqlite_eng):
 def test_unreachable_registry_and_store_are_reported_not_fatal(sqlite_eng, tmp_path):
     seed(sqlite_eng)
     r = kpi.compute(sqlite_eng, "steel", PERIOD, mlflow_uri="http://127.0.0.1:9", store=None)
+    # the promotions are the platform database's: still counted, with "registered" unknown
     mp = by(r, "steel-a", "rolling")["models_in_production"]
-    assert (mp["value"], mp["met"], mp["status"]) == (None, None, "registry unreachable")
+    assert (mp["value"], mp["met"], mp["status"]) == (1, True, "met")
+    assert [(x["model"], x["registered"], x["aliases"]) for x in mp["models"]] == [("it-cwru", None, {"champion": 1})]
     assert "did not answer" in r["sources"]["mlflow"]["error"]
     assert by(r, "steel-a", "rolling")["ai_time_share"]["value"] == 0.5  # the rest is still measured
     assert r["industry_kpis"]["common_datasets"]["status"] == "object store unreadable"

@@ -234,7 +234,7 @@ def test_serving_user_reads_what_serve_reads_and_changes_nothing(auth_mlflow, re
     run_id = admin.get_model_version("auth-cwru", "1").run_id
     history = [(m.step, m.value) for m in admin.get_metric_history(run_id, "test_accuracy")]
     refused = {
-        "move the alias": lambda: registry.promote(uri, "auth-cwru", 1, "production"),
+        "move the alias": lambda: registry.label_alias(uri, "auth-cwru", 1, "production"),
         "retag the owner": lambda: serve.set_registered_model_tag("auth-cwru", "indai.member", "steel-a"),
         "delete the version": lambda: serve.delete_model_version("auth-cwru", "1"),
         "log into the run": lambda: serve.log_metric(run_id, "test_accuracy", 1.0),
@@ -326,7 +326,7 @@ def test_the_jobs_user_cannot_manage_users_nor_delete_what_others_made(auth_mlfl
     _client(uri).create_registered_model("admin-made")
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", JOBS[0])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", JOBS[1])
-    registry.promote(uri, "auth-cwru", 1, "production")  # `indai model promote` in the gateway pod
+    registry.label_alias(uri, "auth-cwru", 1, "production")  # the label `indai model promote` sets (gateway pod)
     assert registry.resolve_version(uri, registry.parse_model_ref("auth-cwru@production")).version == "1"
     with pytest.raises(MlflowException) as e:
         _client(uri).delete_registered_model("admin-made")

@@ -57,7 +57,7 @@ def test_training_lowers_the_loss_and_registers_the_model(trained, services):
 
 @pytest.fixture(scope="module")
 def served(trained, services):
-    from indai.platform import db, tenancy
+    from indai.platform import db, promotion, tenancy
     from indai.platform.cli import serve_model
 
     eng = db.engine()
@@ -69,6 +69,8 @@ def served(trained, services):
         tokens[member] = tenancy.create_token(eng, f"u-{member}")[1]
     # who may call it is the platform database's (the registry's `indai.member` tag is only a hint)
     tenancy.set_model_access(eng, MODEL, owner="nist-demo", visibility="private")
+    # and what it is served is the platform's promotion (the job's run.alias only labels the registry)
+    promotion.promote(eng, services.mlflow_uri, MODEL, trained[1].model_version, "champion", by="test-admin")
     url = serve_model(f"{MODEL}@champion")
     yield url, tokens
     from ray import serve

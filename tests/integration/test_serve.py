@@ -39,8 +39,10 @@ def platform_db(services, postgres):
 
 
 @pytest.fixture(scope="module")
-def members(services, platform_db):
-    from indai.platform import db, tenancy
+def members(services, platform_db, trained_model):
+    """Three members, a researcher each and an admin of steel-a; it-cwru private to steel-a, its
+    trained version promoted as champion (the admin's `indai model promote`)."""
+    from indai.platform import db, promotion, tenancy
 
     eng = db.engine(platform_db)
     db.upgrade(eng)
@@ -50,6 +52,7 @@ def members(services, platform_db):
     tenancy.add_user(eng, "root", "steel-a", "admin")
     tokens = {u: tenancy.create_token(eng, u) for u in ("u-steel-a", "u-auto-b", "u-ship-c", "root")}
     tenancy.set_model_access(eng, "it-cwru", owner="steel-a", visibility="private", process="bearing-line-2")
+    promotion.promote(eng, services.mlflow_uri, "it-cwru", trained_model[1].model_version, "champion", by="test-admin")
     return eng, {u: t for u, (_, t) in tokens.items()}, {u: i for u, (i, _) in tokens.items()}
 
 
@@ -247,7 +250,11 @@ def test_metering_adds_up_and_feedback_is_stored(served, test_windows, members):
 
 
 def test_alias_move_is_seen_without_restart_and_pins_stay(served, test_windows, members, services, trained_model):
-    from indai.platform import registry
+    """`indai model promote` moves traffic within seconds; the registry's alias, which any job may
+    move, moves none; a version never promoted is not served to members."""
+    import time
+
+    from indai.platform import promotion, registry
 
     token = members[1]["u-steel-a"]
     inst = [good(test_windows)]
@@ -259,14 +266,21 @@ def test_alias_move_is_seen_without_restart_and_pins_stay(served, test_windows, 
     mv = mlflow.register_model(v1.source, "it-cwru")  # a second version of the same logged model
     assert int(mv.version) == 2
     wait("version 2 ready", lambda: c.get_model_version("it-cwru", "2").status == "READY", timeout=15, interval=0.3)
-    registry.promote(services.mlflow_uri, "it-cwru", 2, "champion")
+    # a job moving the registry's alias (run.alias, with the jobs' MLflow account) moves no traffic
+    registry.label_alias(services.mlflow_uri, "it-cwru", 2, "champion")
+    time.sleep(3)  # (longer than resolve_ttl_s)
+    assert call(served, token, inst).json()["model_version"] == 1
+    r = call(served, token, inst, model="it-cwru/2")
+    assert r.status_code == 403 and "version 2 of model it-cwru is not promoted" in r.json()["detail"]
+    eng = members[0]
+    promotion.promote(eng, services.mlflow_uri, "it-cwru", 2, "champion", by="test-admin")
     try:
         wait("the alias move", lambda: call(served, token, inst).json().get("model_version") == 2, timeout=15, interval=0.3)
         pinned = call(served, token, inst, model="it-cwru/1").json()
         assert pinned["model_version"] == 1 and pinned["model"] == "it-cwru/1"
         assert call(served, token, inst, model="it-cwru@champion").json()["model_version"] == 2
     finally:
-        registry.promote(services.mlflow_uri, "it-cwru", 1, "champion")
+        promotion.promote(eng, services.mlflow_uri, "it-cwru", 1, "champion", by="test-admin")
 
 
 def test_unknown_model_is_refused_before_deploying(services):
@@ -745,12 +759,12 @@ def test_the_ingress_serves_while_the_database_is_down_and_meters_every_call_onc
 @pytest.mark.timeout(300, func_only=True)
 def test_the_ingress_serves_while_the_registry_hangs(served, test_windows, members, services, trained_model):
     """The MLflow server frozen for 15 s (SIGSTOP on its process group: connections are taken,
-    nothing is answered) under a steady load of 5 requests a second on it-cwru@champion. The
-    alias resolved before stands in (platform/recent.py), so every request is answered 200; a
-    version never loaded and an alias never resolved get 503 with Retry-After, after one bounded
-    wait (registry_timeout_s, 5 s), not after MLflow's own 120 s and 7 retries; the model list
-    seen before is still listed. Thawed, the new version loads and the unknown alias is a 404 that
-    names neither the registry's address nor an admin's command."""
+    nothing is answered) under a steady load of 5 requests a second on it-cwru@champion. Aliases
+    resolve from the platform's promotions and the loaded version serves, so every request is
+    answered 200; a promoted version never loaded gets 503 with Retry-After after one bounded wait
+    (registry_timeout_s, 5 s), not after MLflow's own 120 s and 7 retries; an alias never promoted
+    is a 404 at once; the model list seen before stands in (platform/recent.py). Thawed, the new
+    version loads."""
     import os
     import signal
     import time
@@ -758,7 +772,7 @@ def test_the_ingress_serves_while_the_registry_hangs(served, test_windows, membe
     import mlflow
     from steady_load import SteadyLoad
 
-    from indai.platform import registry
+    from indai.platform import promotion, registry
     from indai.platform.services import read_services
     from indai.serving.app import REGISTRY_AWAY
 
@@ -767,10 +781,11 @@ def test_the_ingress_serves_while_the_registry_hangs(served, test_windows, membe
     mlflow.set_tracking_uri(services.mlflow_uri)
     new = mlflow.register_model(c.get_model_version("it-cwru", "1").source, "it-cwru").version  # never loaded by Serve
     wait("the new version ready", lambda: c.get_model_version("it-cwru", new).status == "READY", timeout=15, interval=0.3)
+    promotion.promote(members[0], services.mlflow_uri, "it-cwru", int(new), "candidate", by="test-admin")
     assert call(served, token, [inst]).status_code == 200
     listing = requests.get(f"{served}/v1/models", headers=bearer(token), timeout=30)
     assert listing.status_code == 200 and "it-cwru" in [m["model"] for m in listing.json()["models"]]
-    before = healthz(served)["lookups"]["versions"]
+    before = healthz(served)["lookups"]["models"]
     mlflow_group = read_services()["mlflow_pid"]  # its own session: the group is the server and its workers
     during: dict = {}
     with SteadyLoad(served, token, [inst], rate_per_s=5) as load:
@@ -787,7 +802,7 @@ def test_the_ingress_serves_while_the_registry_hangs(served, test_windows, membe
             r = requests.get(f"{served}/v1/models", headers=bearer(token), timeout=60)
             during["listing"] = (r.status_code, [m["model"] for m in r.json().get("models", [])])
             time.sleep(max(0.0, 15 - (load.now() - frozen_at)))
-            during["lookups"] = healthz(served)["lookups"]["versions"]
+            during["lookups"] = healthz(served)["lookups"]
             thawed_at = load.now()
         finally:
             os.killpg(mlflow_group, signal.SIGCONT)
@@ -797,20 +812,24 @@ def test_the_ingress_serves_while_the_registry_hangs(served, test_windows, membe
     slowest = sorted((s.done_s - s.sent_s for s in load.sent), reverse=True)[:3]  # (one sent just before may meet the freeze)
     print(f"\nMLflow frozen {thawed_at - frozen_at:.1f} s: {len(answered)} of {len(load.sent)} requests answered 200 "
           f"({len(while_frozen)} sent while frozen; the slowest three in {', '.join(f'{t:.2f}' for t in slowest)} s); new version "
-          f"{during['new version'][3]:.1f} s and unknown alias {during['unknown alias'][3]:.1f} s to a 503; "
-          f"versions' lookups while frozen: {during['lookups']}")
+          f"{during['new version'][3]:.1f} s to a 503, unknown alias {during['unknown alias'][3]:.1f} s to a 404; "
+          f"lookups while frozen: {during['lookups']}")
     assert [s for s in load.sent if s.status != 200] == []
     assert len(while_frozen) >= 40
-    for what in ("new version", "unknown alias"):
-        assert during[what][:3] == (503, REGISTRY_AWAY, "1"), (what, during[what])
+    assert during["new version"][:3] == (503, REGISTRY_AWAY, "1"), during["new version"]
+    assert during["unknown alias"][:3] == (404, "model it-cwru has no promoted alias challenger: GET /v1/models lists the "
+                                                "models you may call with their aliases (an admin promotes one with "
+                                                "`indai model promote`)", None), during["unknown alias"]
     assert during["listing"][0] == 200 and during["listing"][1] == [m["model"] for m in listing.json()["models"]]
-    assert during["lookups"]["away"] and during["lookups"]["stale_answers"] > before["stale_answers"]
-    assert during["lookups"]["failed_lookups"] >= before["failed_lookups"] + 2
-    # thawed: the lookups find MLflow back, the new version loads, and the unknown alias is told plainly
-    wait("MLflow seen back", lambda: call(served, token, [inst]).status_code == 200
-         and not healthz(served)["lookups"]["versions"]["away"], timeout=60, interval=0.5)
+    models, versions = during["lookups"]["models"], during["lookups"]["versions"]
+    assert models["away"] and models["stale_answers"] > before["stale_answers"] and models["failed_lookups"] > before["failed_lookups"]
+    assert not versions["away"] and versions["failed_lookups"] == 0  # (the platform database answered throughout)
+
+    # thawed: the listing finds MLflow back and the new version loads
+    def listing_back() -> bool:
+        return requests.get(f"{served}/v1/models", headers=bearer(token), timeout=30).status_code == 200 \
+            and not healthz(served)["lookups"]["models"]["away"]
+    wait("MLflow seen back", listing_back, timeout=60, interval=0.5)
     r = call(served, token, [inst], model=f"it-cwru/{new}")
     assert (r.status_code, r.json()["model_version"]) == (200, int(new))
-    r = call(served, token, [inst], model="it-cwru@challenger")
-    assert (r.status_code, r.json()["detail"]) == (404, "model it-cwru has no alias challenger in the registry: GET /v1/models "
-                                                         "lists the models you may call, and the model's owner can tell its aliases")
+    assert call(served, token, [inst], model="it-cwru@candidate").json()["model_version"] == int(new)

@@ -132,11 +132,18 @@ def test_job_routes_need_their_scope_whatever_the_role(scoped):
             assert r.status_code == 403 and "lacks scope 'jobs:submit'" in r.json()["detail"], (method, path, r.text)
         else:  # allowed: it went on to ask Ray, which is not there
             assert r.status_code == 503, (method, path, r.status_code, r.text)
+    # promoting a model needs models:promote (then, that the token's member owns the model)
+    for who in ("consumer", "admin-predict", "read-only", "researcher"):
+        r = requests.post(f"{url}/api/indai/models/m/promote", json={"version": 1}, timeout=30,
+                          headers={"Authorization": f"Bearer {tokens[who]}"})
+        expected = ("member steel-a does not own model m" if who == "researcher" else "lacks scope 'models:promote'")
+        assert r.status_code == 403 and expected in r.json()["detail"], (who, r.text)
     from sqlalchemy import select
 
     with Session(eng) as s:
         refused = set(s.execute(select(db.Audit.user_id, db.Audit.action, db.Audit.status).where(db.Audit.status == 403)))
-    assert {("park", "logs", 403), ("root", "stop", 403), ("root", "delete", 403), ("kim", "stop", 403)} <= refused
+    assert {("park", "logs", 403), ("root", "stop", 403), ("root", "delete", 403), ("kim", "stop", 403),
+            ("park", "model.promote", 403), ("kim", "model.promote", 403)} <= refused
 
 
 def test_the_log_websocket_needs_jobs_read(scoped):

@@ -2,7 +2,7 @@
 
 The ingress's FastAPI app is served by uvicorn on a loopback port (real HTTP, so a chunked body
 really is chunked), with a real platform database (SQLite: members, tokens, access rules) and a
-real MLflow registry (SQLite) for alias resolution. Only the Ray Serve handle to the model pool is
+real MLflow registry (SQLite) holding the versions' files. Only the Ray Serve handle to the model pool is
 replaced, by `FakePool`, which answers as the pool does and records what reached it. The pool's
 own code (ModelPool.predict) runs in an event loop here, on a real IndaiModel (its prepare and run
 code) whose network is a two-line torch module, decoding real images.
@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -21,7 +22,7 @@ import requests
 from PIL import Image
 from servers import app_server
 
-from indai.platform import db, modalities, tenancy
+from indai.platform import db, modalities, promotion, tenancy
 from indai.platform.connectors import images
 from indai.platform.errors import UserError
 from indai.serving import app as serving_app
@@ -34,7 +35,8 @@ LIMIT = serving_app.MAX_BODY_BYTES
 
 @pytest.fixture(scope="module")
 def registry_uri(tmp_path_factory):
-    """A real MLflow registry (SQLite) holding secret-model version 1 with the alias champion."""
+    """A real MLflow registry (SQLite) holding secret-model version 1 (two small files) with the
+    registry alias champion."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -43,7 +45,7 @@ def registry_uri(tmp_path_factory):
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     c = MlflowClient(tracking_uri=uri, registry_uri=uri)
     c.create_registered_model("secret-model")
-    version = c.create_model_version("secret-model", source=(folder / "artifacts").as_uri())
+    version = c.create_model_version("secret-model", source=model_files(folder / "secret-model-1").as_uri())
     c.set_registered_model_alias("secret-model", "champion", version.version)
     try:
         yield uri
@@ -52,10 +54,19 @@ def registry_uri(tmp_path_factory):
         mlflow.set_registry_uri(before[1])
 
 
+def model_files(folder: Path, weights: bytes = b"\x00weights") -> Path:
+    """A registered version's files as the registry's artefact store holds them."""
+    (folder / "artifacts" / "indai_model").mkdir(parents=True)
+    (folder / "MLmodel").write_text("flavors: {}\n")
+    (folder / "artifacts" / "indai_model" / "weights.bin").write_bytes(weights)
+    return folder
+
+
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory):
-    """steel-a owns the private secret-model; auto-b is another member; root is an admin of a third
-    member, with a full token and one narrowed to models:predict."""
+def platform(tmp_path_factory, registry_uri):
+    """steel-a owns the private secret-model, whose version 1 the platform promoted as champion;
+    auto-b is another member; root is an admin of a third member, with a full token and one
+    narrowed to models:predict."""
     url = f"sqlite:///{tmp_path_factory.mktemp('platform') / 'platform.db'}"
     eng = db.engine(url)
     db.upgrade(eng)
@@ -68,6 +79,7 @@ def platform(tmp_path_factory):
               "admin": tenancy.create_token(eng, "root")[1],
               "admin-narrowed": tenancy.create_token(eng, "root", name="predict-only", scopes=["models:predict"])[1]}
     tenancy.set_model_access(eng, "secret-model", owner="steel-a", visibility="private", process="line-1")
+    promotion.promote(eng, registry_uri, "secret-model", 1, "champion", by="test-admin")
     return url, tokens
 
 
@@ -288,7 +300,8 @@ def test_an_admin_token_narrowed_to_predict_gets_what_a_member_gets(ingress):
 
 # ---- 2b: who may call a model comes from the platform database only, never from registry tags --------
 
-def test_a_model_without_an_access_rule_is_served_to_admins_only_whatever_its_tags_say(ingress, platform, registry_uri):
+def test_a_model_without_an_access_rule_is_served_to_admins_only_whatever_its_tags_say(ingress, platform, registry_uri,
+                                                                                       tmp_path):
     """Every job writes the registry with one account: a job of auto-b can tag any model as its own
     (`indai.member`). Before, a model without a rule in the platform database was private to the
     member its tag named, so that tag handed auto-b steel-a's newly trained model."""
@@ -300,17 +313,18 @@ def test_a_model_without_an_access_rule_is_served_to_admins_only_whatever_its_ta
     c = MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
     c.create_registered_model("fresh-model", tags={"indai.member": "auto-b", "indai.process": "line-9"})
     try:
-        version = c.create_model_version("fresh-model", source="file:///nowhere")
-        c.set_registered_model_alias("fresh-model", "champion", version.version)
-        _served_to_admins_until_an_owner_is_recorded(url, tokens, pool, platform[0])
+        version = c.create_model_version("fresh-model", source=model_files(tmp_path / "fresh-model-1").as_uri())
+        c.set_registered_model_alias("fresh-model", "champion", version.version)  # as the job's run.alias does
+        _served_to_admins_until_an_owner_is_recorded(url, tokens, pool, platform[0], registry_uri)
     finally:  # the other tests see the registry with secret-model alone
         c.delete_registered_model("fresh-model")
         with Session(db.engine(platform[0])) as s, s.begin():
-            s.execute(delete(db.ModelAccess).where(db.ModelAccess.model == "fresh-model"))
+            for table in (db.ModelAccess, db.ModelAlias, db.ModelVersion):
+                s.execute(delete(table).where(table.model == "fresh-model"))
 
 
-def _served_to_admins_until_an_owner_is_recorded(url: str, tokens: dict, pool, db_url: str) -> None:
-    body = {"model": "fresh-model@champion", "instances": [{"text": "bearing noise"}]}
+def _served_to_admins_until_an_owner_is_recorded(url: str, tokens: dict, pool, db_url: str, registry_uri: str) -> None:
+    body = {"model": "fresh-model/1", "instances": [{"text": "bearing noise"}]}
 
     def listed(token: str) -> dict:
         r = requests.get(f"{url}/v1/models", headers=bearer(token), timeout=30)
@@ -323,22 +337,35 @@ def _served_to_admins_until_an_owner_is_recorded(url: str, tokens: dict, pool, d
         assert r.json()["detail"] == ("model 'fresh-model' has no owner in the platform yet: an admin records it with "
                                       "`indai model share fresh-model --owner <member>`, and it is then served to that member")
         assert "fresh-model" not in listed(tokens[who])
+    # an admin may try a version before promoting it: served unverified (no digest in the pool's id)
     r = requests.post(f"{url}/v1/predict", json=body, headers=bearer(tokens["admin"]), timeout=30)
     assert r.status_code == 200 and pool.calls[-1][:2] == ("predict", "fresh-model/1")
     assert listed(tokens["admin"])["fresh-model"] == {"model": "fresh-model", "owner": "", "visibility": "unassigned",
-                                                      "process": ""}
+                                                      "process": "", "aliases": {}}
 
-    # the admin records the owner: served to it, and to no one else
+    # the admin records the owner: the owner is still not served a version nobody promoted, and the
+    # registry's alias (which the job set) is not a promotion
     tenancy.set_model_access(db.engine(db_url), "fresh-model", owner="steel-a", visibility="private", process="line-1")
-    assert requests.post(f"{url}/v1/predict", json=body, headers=bearer(tokens["own"]), timeout=30).status_code == 200
+    r = requests.post(f"{url}/v1/predict", json=body, headers=bearer(tokens["own"]), timeout=30)
+    assert (r.status_code, r.json()["detail"]) == (403, "version 1 of model fresh-model is not promoted: members are served "
+                                                        "promoted versions only (an admin runs `indai model promote "
+                                                        "fresh-model/1 --alias <alias>`)")
+    r = requests.post(f"{url}/v1/predict", json={**body, "model": "fresh-model@champion"}, headers=bearer(tokens["own"]), timeout=30)
+    assert r.status_code == 404 and r.json()["detail"].startswith("model fresh-model has no promoted alias champion")
+    # promoted: served to the owner by alias and by version, with the digest for the pool to check, and to no one else
+    done = promotion.promote(db.engine(db_url), registry_uri, "fresh-model", 1, "champion", by="test-admin")
+    for model in ("fresh-model@champion", "fresh-model/1"):
+        r = requests.post(f"{url}/v1/predict", json={**body, "model": model}, headers=bearer(tokens["own"]), timeout=30)
+        assert r.status_code == 200 and pool.calls[-1][:2] == ("predict", f"fresh-model/1#{done['sha256']}"), r.text
     r = requests.post(f"{url}/v1/predict", json=body, headers=bearer(tokens["other"]), timeout=30)
     assert r.status_code == 403 and "belongs to another member" in r.json()["detail"]
     assert listed(tokens["own"])["fresh-model"]["owner"] == "steel-a" and "fresh-model" not in listed(tokens["other"])
+    assert listed(tokens["own"])["fresh-model"]["aliases"] == {"champion": 1}
 
 
 # ---- 3: /v1/model does not tell a stranger which aliases and versions a private model has -------------
 
-def test_model_info_checks_access_before_resolving_the_version(ingress):
+def test_model_info_checks_access_before_resolving_the_version(ingress, platform):
     url, tokens, pool, _ = ingress
     refused = "model 'secret-model' belongs to another member and is not shared with auto-b: ask its owner to share it"
     for ref in ("secret-model@champion", "secret-model@ghost", "secret-model/1", "secret-model/99"):
@@ -347,11 +374,11 @@ def test_model_info_checks_access_before_resolving_the_version(ingress):
     # the owner is told what exists
     r = requests.get(f"{url}/v1/model", params={"model": "secret-model@ghost"}, headers=bearer(tokens["own"]), timeout=30)
     assert r.status_code == 404
-    assert r.json()["detail"] == ("model secret-model has no alias ghost in the registry: GET /v1/models lists the models you "
-                                  "may call, and the model's owner can tell its aliases")
+    assert r.json()["detail"] == ("model secret-model has no promoted alias ghost: GET /v1/models lists the models you may call "
+                                  "with their aliases (an admin promotes one with `indai model promote`)")
     r = requests.get(f"{url}/v1/model", params={"model": "secret-model@champion"}, headers=bearer(tokens["own"]), timeout=30)
     assert r.status_code == 200 and r.json()["model_version"] == 1
-    assert pool.calls[-1][:2] == ("card", "secret-model/1")
+    assert pool.calls[-1][:2] == ("card", f"secret-model/1#{promotion.version_digest(db.engine(platform[0]), 'secret-model', 1)}")
 
 
 # ---- 3b: the registry away: 503 without its address, and what was resolved before stands in --------------
@@ -364,10 +391,12 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_while_the_registry_is_away_members_get_503_and_what_was_resolved_stands_in(platform, registry_uri, monkeypatch):
+def test_while_the_registry_is_away_promoted_aliases_resolve_and_the_model_list_stands_in(platform, registry_uri, monkeypatch):
     """The ingress's registry moves to a port where nothing listens (MLflow's client fails at once
-    there): the alias and the model list resolved before keep answering, a reference never resolved
-    is a 503 with Retry-After that names no address, and once the grace is over so is the rest."""
+    there). Aliases and versions resolve from the platform's promotions, so members' calls go on
+    (the pool loads from the registry, which test_the_pool_answers_503... covers); the model list
+    read before stands in, and once its grace is over it is a 503 with Retry-After that names no
+    address."""
     import ray.serve
 
     db_url, tokens = platform
@@ -384,33 +413,28 @@ def test_while_the_registry_is_away_members_get_503_and_what_was_resolved_stands
 
     def listed(url):
         r = requests.get(f"{url}/v1/models", headers=own, timeout=60)
-        return r.status_code, [m["model"] for m in r.json().get("models", [])]
+        return r.status_code, [m["model"] for m in r.json().get("models", [])], r.json().get("detail")
 
     with app_server(served_app()) as url:
         assert predict(url, "secret-model@champion").json()["model_version"] == 1
-        assert listed(url) == (200, ["secret-model"])
+        assert listed(url) == (200, ["secret-model"], None)
         away = f"http://127.0.0.1:{closed_port()}"
         instance.args = instance.args.model_copy(update={"mlflow_uri": away})
-        r = predict(url, "secret-model@champion")
-        assert (r.status_code, r.json()["model_version"]) == (200, 1)
-        assert listed(url) == (200, ["secret-model"])
-        r = predict(url, "secret-model@challenger")
-        assert (r.status_code, r.json()["detail"], r.headers.get("retry-after")) == (503, serving_app.REGISTRY_AWAY, "1")
-        r = requests.get(f"{url}/v1/model", params={"model": "secret-model@challenger"}, headers=own, timeout=60)
-        assert (r.status_code, r.json()["detail"]) == (503, serving_app.REGISTRY_AWAY)
+        assert (predict(url, "secret-model@champion").status_code, listed(url)) == (200, (200, ["secret-model"], None))
+        r = predict(url, "secret-model@challenger")  # (what is not promoted is known without the registry too)
+        assert r.status_code == 404 and "has no promoted alias challenger" in r.json()["detail"]
         health = requests.get(f"{url}/healthz", timeout=30).json()["lookups"]
-        assert health["versions"]["away"] and health["models"]["away"] and not health["access"]["away"]
-        assert health["versions"]["stale_answers"] >= 1 and health["versions"]["failed_lookups"] >= 2
-        for recent in (instance.versions, instance.names):
-            recent.grace_s = 0
-        assert predict(url, "secret-model@champion").status_code == 503
-        assert listed(url)[0] == 503
-        # back: answered again, and the listing and the alias are looked up afresh
-        instance.args = instance.args.model_copy(update={"mlflow_uri": registry_uri})
+        assert health["models"]["away"] and not health["versions"]["away"] and not health["access"]["away"]
+        assert health["models"]["stale_answers"] >= 1 and health["versions"]["failed_lookups"] == 0
+        instance.names.grace_s = 0
+        r = requests.get(f"{url}/v1/models", headers=own, timeout=60)
+        assert (r.status_code, r.json()["detail"], r.headers.get("retry-after")) == (503, serving_app.REGISTRY_AWAY, "1")
         assert predict(url, "secret-model@champion").json()["model_version"] == 1
-        assert listed(url) == (200, ["secret-model"])
-        assert not requests.get(f"{url}/healthz", timeout=30).json()["lookups"]["versions"]["away"]
-    assert [c[:2] for c in pool.calls] == [("predict", "secret-model/1")] * 3  # (none for the 503s)
+        # back: the listing is looked up afresh
+        instance.args = instance.args.model_copy(update={"mlflow_uri": registry_uri})
+        assert listed(url) == (200, ["secret-model"], None)
+        assert not requests.get(f"{url}/healthz", timeout=30).json()["lookups"]["models"]["away"]
+    assert [c[0] for c in pool.calls] == ["predict"] * 3
 
 
 def test_the_pool_answers_503_while_the_registry_is_away_and_404_for_a_version_it_has_not(registry_uri, replica_loop,
@@ -433,6 +457,79 @@ def test_the_pool_answers_503_while_the_registry_is_away_and_404_for_a_version_i
         monkeypatch.setattr(ray.serve, "get_multiplexed_model_id", lambda model_id=model_id: model_id)
         assert replica_loop(replica.predict([{"text": "x"}])) == expected
         assert replica_loop(replica.card()) == expected
+
+
+def test_a_promoted_version_whose_files_change_is_not_loaded_nor_promoted_again(platform, registry_uri, replica_loop,
+                                                                                monkeypatch, tmp_path):
+    """Every job writes the registry with one account, so a job can rewrite the files of another
+    member's version (through MLflow's artefact proxy) or move its registry alias. What members are
+    served is the promotion: the alias the platform recorded, and files that hash as they did then."""
+    import ray.serve
+    from mlflow.tracking import MlflowClient
+    from sqlalchemy import delete, select
+    from sqlalchemy.orm import Session
+
+    from indai.platform import registry
+
+    eng = db.engine(platform[0])
+    c = MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
+    c.create_registered_model("swap-model")
+    files = [model_files(tmp_path / f"v{n}", weights=f"weights {n}".encode()) for n in (1, 2)]
+    try:
+        for folder in files:
+            c.create_model_version("swap-model", source=folder.as_uri())
+        first = promotion.promote(eng, registry_uri, "swap-model", 1, "champion", by="test-admin")
+        assert (first["version"], first["previous"], first["files"]) == (1, None, 2)
+        assert promotion.files_digest(files[0]).sha256 == first["sha256"] != promotion.files_digest(files[1]).sha256
+
+        # a job moves the registry's alias: the platform's promotion stays where it was
+        registry.label_alias(registry_uri, "swap-model", 2, "champion")
+        assert promotion.alias_version(eng, "swap-model", "champion") == 1
+
+        # the pool loads the promoted files, and refuses them once changed (one byte)
+        model_id = f"swap-model/1#{first['sha256']}"
+        assert serving_app.fetch_model_files(registry_uri, model_id, str(tmp_path / "dl-1")).joinpath("MLmodel").is_file()
+        weights = files[0] / "artifacts" / "indai_model" / "weights.bin"
+        weights.write_bytes(b"weights 9")
+        with pytest.raises(promotion.ModelAltered, match=r"^model swap-model/1: its files in the registry hash to [0-9a-f]{16}"
+                                                         rf"\.\.\., not to the {first['sha256'][:16]}\.\.\. recorded when it"):
+            serving_app.fetch_model_files(registry_uri, model_id, str(tmp_path / "dl-2"))
+        replica = serving_app.ModelPool.func_or_class({"mlflow_uri": registry_uri})
+
+        async def get_model(mid: str):
+            return serving_app.fetch_model_files(registry_uri, mid, str(tmp_path / "dl-3"))
+        replica.get_model = get_model
+        monkeypatch.setattr(ray.serve, "get_multiplexed_model_id", lambda: model_id)
+        assert replica_loop(replica.predict([{"text": "x"}])) == {
+            "status": 502, "error": "model swap-model/1 is not served: its files in the registry differ from the ones "
+                                    "promoted; the platform's admins can see why in the serving log"}
+        # a file added beside them, or one renamed, changes the digest too
+        weights.write_bytes(b"weights 1")
+        assert promotion.files_digest(files[0]).sha256 == first["sha256"]
+        (files[0] / "extra.py").write_text("print('hi')")
+        assert promotion.files_digest(files[0]).sha256 != first["sha256"]
+        (files[0] / "extra.py").unlink()
+        weights.rename(weights.with_name("weights.bin2"))
+        assert promotion.files_digest(files[0]).sha256 != first["sha256"]
+
+        # promoting the changed version again is refused, and the refusal is on record
+        with pytest.raises(promotion.ModelAltered, match="the registry's copy was changed since. Not promoted"):
+            promotion.promote(eng, registry_uri, "swap-model", 1, "production", by="test-admin")
+        assert promotion.alias_version(eng, "swap-model", "production") is None
+        second = promotion.promote(eng, registry_uri, "swap-model", 2, "champion", by="test-admin")
+        assert (second["version"], second["previous"]) == (2, 1)
+        with Session(eng) as s:
+            audit = [(a.target, a.status, a.detail) for a in s.scalars(
+                select(db.Audit).where(db.Audit.action == "model.promote", db.Audit.target.like("swap-model@%")).order_by(db.Audit.id))]
+        assert [a[:2] for a in audit] == [("swap-model@champion", 200), ("swap-model@production", 409), ("swap-model@champion", 200)]
+        assert audit[0][2] == f"version 1 (was None), files sha256 {first['sha256']}"
+        assert audit[1][2].startswith("version 1: files hash to ") and audit[1][2].endswith(f", recorded {first['sha256']}")
+        assert audit[2][2] == f"version 2 (was 1), files sha256 {second['sha256']}"
+    finally:
+        c.delete_registered_model("swap-model")
+        with Session(eng) as s, s.begin():
+            for table in (db.ModelAlias, db.ModelVersion):
+                s.execute(delete(table).where(table.model == "swap-model"))
 
 
 def test_the_apps_build_tries_again_while_the_registry_does_not_answer(monkeypatch):

@@ -358,6 +358,6 @@ def train(cfg: TrainConfig, settings, parent_run_id: str | None = None):
     out = TrainResult(run_id=run_id, dataset=str(ref), test_accuracy=None, model_name=cfg.run.register_as,
                       model_version=version, resumed_from=resumed, task="report", test_metrics=test)
     if version and cfg.run.alias:
-        registry.promote(tracking, cfg.run.register_as, version, cfg.run.alias)
+        registry.label_alias(tracking, cfg.run.register_as, version, cfg.run.alias)  # a label: `indai model promote` serves it
         out.alias = cfg.run.alias
     return out
