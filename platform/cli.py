@@ -332,6 +332,17 @@ def _promote_through_gateway(gateway: str, token: str | None, name: str, version
     return r.json()
 
 
+def cmd_model_demote(a) -> int:
+    from indai.platform import promotion, registry
+
+    ref = registry.parse_model_ref(a.model)
+    if ref.alias is None:
+        raise UserError(f"demote takes name@alias, e.g. {ref.name}@champion")
+    version = promotion.demote(_db(), _settings().mlflow_uri, ref.name, ref.alias, log=lambda line: print(line, file=sys.stderr))
+    print(f"{ref.name}@{ref.alias} is no longer served (it pointed at version {version})")
+    return 0
+
+
 def cmd_model_promote(a) -> int:
     from indai.platform import promotion, registry
 
@@ -965,6 +976,9 @@ def parser() -> argparse.ArgumentParser:
                     help="once, after upgrading from a release whose serving followed the registry's aliases: promote every "
                          "alias the registry holds now that the platform has no promotion for")
     pr.set_defaults(fn=cmd_model_promote)
+    dm = model.add_parser("demote", help="stop serving name@alias to members (its calls get 404; versions stay recorded)")
+    dm.add_argument("model", help="name@alias, e.g. cwru-bearing@champion")
+    dm.set_defaults(fn=cmd_model_demote)
     ms = model.add_parser("share", help="who may call a model: its owner, named members, or the whole consortium")
     ms.add_argument("model", help="registered model name")
     ms.add_argument("--owner", required=True, help="member that owns the model")

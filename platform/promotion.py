@@ -144,6 +144,33 @@ def promote(eng: Engine, tracking_uri: str, name: str, version: int, alias: str,
             "files": digest.files, "bytes": digest.bytes}
 
 
+def demote(eng: Engine, tracking_uri: str | None, name: str, alias: str, by: str | None = None, member: str | None = None,
+           log=print) -> int:
+    """Stop serving `name@alias` (members calling it get 404); the versions' records stay, so a
+    version promoted under another alias is still served there. Returns the version it pointed at."""
+    from indai.platform import registry
+    from indai.platform.db import Audit, ModelAlias, utcnow
+
+    registry.check_model_name(name)
+    registry.check_alias(alias)
+    by = (by or who())[:64]
+    with Session(eng) as s, s.begin():
+        pin = s.get(ModelAlias, (name, alias))
+        if pin is None:
+            raise UserError(f"{name}@{alias} is not promoted: `indai model ls` shows each model's promoted aliases")
+        version = pin.version
+        s.delete(pin)
+        s.add(Audit(at=utcnow(), user_id=by, member_id=member, action="model.demote", target=f"{name}@{alias}", status=200,
+                    detail=f"version {version}"))
+    if tracking_uri:
+        try:  # the registry's label goes too, so MLflow does not show an alias nobody is served
+            with registry.refusals_named(tracking_uri, f"deleting alias {alias} of {name}"):
+                registry.client(tracking_uri).delete_registered_model_alias(name, alias)
+        except Exception as e:
+            log(f"demoted in the platform, but the registry's alias label stays ({str(e).splitlines()[0][:200]})")
+    return version
+
+
 def alias_version(eng: Engine, name: str, alias: str) -> int | None:
     """The version `name@alias` was promoted to, or None."""
     from indai.platform.db import ModelAlias

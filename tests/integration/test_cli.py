@@ -31,7 +31,7 @@ def error_line(done: subprocess.CompletedProcess) -> str:
     return lines[-1]
 
 
-@pytest.mark.parametrize("cmd", [[], ["up"], ["down"], ["data", "ingest"], ["train"], ["model", "promote"], ["serve"], ["predict"], ["demo"],
+@pytest.mark.parametrize("cmd", [[], ["up"], ["down"], ["data", "ingest"], ["train"], ["model", "promote"], ["model", "demote"], ["serve"], ["predict"], ["demo"],
                                  ["member", "add"], ["member", "user-add"], ["token", "create"], ["token", "revoke"]])
 def test_every_command_has_help(cmd, tmp_path):
     done = indai(*cmd, "--help", home=tmp_path, timeout=60)
@@ -106,6 +106,15 @@ def test_model_promote_records_the_version_and_moves_the_alias(services, trained
     assert again.returncode == 0 and again.stdout == "" and "0 registry alias(es) promoted" in again.stderr
     assert "takes no model" in error_line(indai("model", "promote", "it-cwru/1", "--adopt-registry-aliases", home=services.home))
     assert "name the version to promote" in error_line(indai("model", "promote", home=services.home))
+
+    # demoted: no longer served under that alias, nor labelled in the registry; the version's record stays
+    done = indai("model", "demote", "it-cwru@staging", home=services.home)
+    assert (done.returncode, done.stdout) == (0, "it-cwru@staging is no longer served (it pointed at version 1)\n"), done.stderr
+    assert promotion.alias_version(eng, "it-cwru", "staging") is None and promotion.version_digest(eng, "it-cwru", 1) == digest
+    assert "staging" not in MlflowClient(services.mlflow_uri).get_registered_model("it-cwru").aliases
+    assert error_line(indai("model", "demote", "it-cwru@staging", home=services.home)) == (
+        "indai: error: it-cwru@staging is not promoted: `indai model ls` shows each model's promoted aliases")
+    assert "demote takes name@alias" in error_line(indai("model", "demote", "it-cwru/1", home=services.home))
 
 
 def test_model_ls_names_who_may_call_each_model(services):

@@ -86,12 +86,15 @@ def test_a_researcher_promotes_versions_of_its_members_models_only(gateway, serv
 
     url, eng, tokens, _ = gateway
     c = MlflowClient(tracking_uri=services.mlflow_uri, registry_uri=services.mlflow_uri)
-    for name in ("gw-steel", "gw-auto", "gw-nobody"):
+    experiment = c.create_experiment("gw-promotions")
+    for name in ("gw-steel", "gw-auto", "gw-nobody"):  # one small file each, logged by a run as a job logs its model
         c.create_registered_model(name)
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "MLmodel").write_text(f"name: {name}\n")
-        c.create_model_version(name, source=folder.as_uri())
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "MLmodel").write_text(f"name: {name}\n")
+        run = c.create_run(experiment)
+        c.log_artifacts(run.info.run_id, str(tmp_path / name), artifact_path="model")
+        c.set_terminated(run.info.run_id)
+        c.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
     tenancy.set_model_access(eng, "gw-steel", "steel-a")
     tenancy.set_model_access(eng, "gw-auto", "auto-b")
 
@@ -137,6 +140,7 @@ def test_a_researcher_promotes_versions_of_its_members_models_only(gateway, serv
     # the researcher's CLI: `indai model promote ... --gateway`
     from indai.platform import cli
 
+    capsys.readouterr()  # (what MLflow's client printed above)
     assert cli.main(["model", "promote", "gw-steel/1", "--alias", "staging", "--gateway", url, "--token", tokens["kim"]]) == 0
     assert promotion.alias_version(eng, "gw-steel", "staging") == 1
     assert re.match(r"gw-steel@staging -> version 1; files sha256 [0-9a-f]{16}", capsys.readouterr().out)

@@ -292,19 +292,24 @@ def test_serves_build_waits_while_mlflow_refuses_its_user_then_finds_the_model(a
     with pytest.raises(registry.RegistryRefused, match=r"\(user indai-serve-late\).* \(tried for 3 s\)$"):
         registry.wait_for_model(uri, ref, wait_s=3, log=lambda _: None)
     assert 3 <= time.monotonic() - t0 < 30
-    # a member's call meanwhile: 503 (retried by clients), without the serving account's details
-    import types
+    # a member's call meanwhile, for a version the pool has not loaded yet: 503 (retried by clients),
+    # without the serving account's details (aliases resolve from the platform database: no MLflow)
+    import asyncio
+    import tempfile
 
-    from indai.serving.app import Ingress, Refused, ServeArgs
-    from indai.platform.recent import Recent
-    ingress = types.SimpleNamespace(args=ServeArgs(mlflow_uri=uri))
-    ingress.versions = Recent(lambda text, _: Ingress.func_or_class._lookup_version(ingress, text), fresh_s=2, grace_s=300)
-    with pytest.raises(Refused) as refused:
-        Ingress.func_or_class._version(ingress, "auth-cwru@champion")
-    assert refused.value.status == 503 and "indai-serve-late" not in refused.value.detail
-    assert refused.value.detail.startswith("the model registry refused the serving service's credentials: retry later")
+    from indai.serving.app import ModelPool, fetch_model_files
+
+    pool = ModelPool.func_or_class({"mlflow_uri": uri})
+
+    async def get_model(model_id: str):
+        return fetch_model_files(uri, model_id, tempfile.mkdtemp(dir=pool._tmp.name))
+    pool.get_model = get_model
+    model, failed = asyncio.run(pool._loaded("auth-cwru/1"))
+    assert model is None and failed["status"] == 503 and "indai-serve-late" not in failed["error"]
+    assert failed["error"].startswith("the model registry refused the serving service's credentials: retry later")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", late[1])
-    assert Ingress.func_or_class._version(ingress, "auth-cwru@champion") == ("auth-cwru", 1)
+    model, failed = asyncio.run(pool._loaded("auth-cwru/1"))
+    assert failed is None and (model / "artifacts" / "indai_model").is_dir()
     t0 = time.monotonic()
     # MLflow's auth answers 403 for a model it cannot find, before looking: the message says both
     with pytest.raises(UserError, match=r"^model no-such-model@champion: MLflow at .* denied user indai-serve-late access to it: "
