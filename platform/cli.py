@@ -324,11 +324,9 @@ def _promote_through_gateway(gateway: str, token: str | None, name: str, version
     except requests.RequestException as e:
         raise UserError(f"job gateway {gateway} did not answer ({type(e).__name__}): check --gateway and retry") from None
     if r.status_code != 200:
-        try:
-            detail = r.json().get("detail")
-        except ValueError:
-            detail = r.text[:200]
-        raise UserError(f"the job gateway refused the promotion ({r.status_code}): {detail}")
+        from indai.serving.client import refusal
+
+        raise refusal(r, "the job gateway refused the promotion")
     return r.json()
 
 

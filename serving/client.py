@@ -83,12 +83,17 @@ def post_predict(base_url: str, instances: list[dict], token: str | None = None,
             break
         time.sleep(retry_wait(attempt, r.headers.get("Retry-After")))
     if r.status_code != 200:
-        try:
-            detail = r.json().get("detail")
-        except ValueError:
-            detail = r.text[:300]
-        raise UserError(f"the model server refused the request ({r.status_code}): {detail}")
+        raise refusal(r, "the model server refused the request")
     return r.json()
+
+
+def refusal(r, what: str) -> UserError:
+    """An indai service's answer other than 200 as one line: `what (status): its detail`."""
+    try:
+        detail = r.json().get("detail")
+    except ValueError:  # (not JSON: a proxy's page)
+        detail = r.text[:300]
+    return UserError(f"{what} ({r.status_code}): {detail}")
 
 
 def split_instances(store, ref: datasets.DatasetRef, split: str, limit: int | None = None) -> tuple[list[dict], list[str]]:
