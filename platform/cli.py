@@ -268,7 +268,7 @@ def _headline(result) -> str:
 def _print_train_result(result) -> None:
     print(f"run {result.run_id}: dataset {result.dataset}, {_headline(result)}"
           + (f", registered {result.model_name} version {result.model_version}" if result.model_version else "")
-          + (f", registry label {result.alias} (members are served it once an admin runs `indai model promote "
+          + (f", registry label {result.alias} (members are served it once it is promoted: `indai model promote "
              f"{result.model_name}/{result.model_version} --alias {result.alias}`)" if result.alias else ""))
     # one machine-readable line for `indai train submit`, which follows this job's log
     print("[indai] result " + json.dumps({"run_id": result.run_id, "dataset": result.dataset, "test_accuracy": result.test_accuracy,
@@ -285,10 +285,8 @@ def cmd_model_ls(a) -> int:
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
-    from indai.platform import registry
+    from indai.platform import promotion, registry
     from indai.platform.db import ModelAccess
-
-    from indai.platform import promotion
 
     models = registry.list_models(_settings().require_mlflow())
     eng = _db()
@@ -959,7 +957,7 @@ def parser() -> argparse.ArgumentParser:
                          "comparison table")
     tr.set_defaults(fn=cmd_train)
 
-    model = sub.add_parser("model", help="registered models: list, promote").add_subparsers(dest="model_cmd", required=True, metavar="ACTION")
+    model = sub.add_parser("model", help="registered models: list, promote, demote, share").add_subparsers(dest="model_cmd", required=True, metavar="ACTION")
     model.add_parser("ls", help="list registered models, versions and aliases").set_defaults(fn=cmd_model_ls)
     pr = model.add_parser("promote", help="serve a registered version to members under an alias (records its files' sha256)",
                           description="Records the version and the sha256 of its files in the platform database and points the "

@@ -698,8 +698,7 @@ def build_gateway(ray_url: str, eng: Engine, limits: Limits | None = None, ray_t
         from indai.platform.db import ModelAccess
 
         p: tenancy.Principal = request.state.principal
-        target = f"{name[:128]}"
-        if refused := await asyncio.to_thread(scope_refusal, p, "models:promote", "model.promote", target,
+        if refused := await asyncio.to_thread(scope_refusal, p, "models:promote", "model.promote", name,
                                               "promoting a model version"):
             return refused
         try:

@@ -51,8 +51,9 @@ class Digest:
 
 def files_digest(folder: Path) -> Digest:
     """One sha256 over a model version's files (as downloaded, less CLIENT_WRITTEN): each file's
-    path (relative, '/'-separated) and the sha256 of its bytes, in path order, so a renamed, added, removed or changed file changes it.
-    A link or anything but a plain file or folder is refused (a download never makes one)."""
+    path (relative, '/'-separated) and the sha256 of its bytes, in path order, so a renamed,
+    added, removed or changed file changes it. A link or anything but a plain file or folder is
+    refused (a download never makes one)."""
     folder = Path(folder)
     entries, total = [], 0
     for path in sorted(folder.rglob("*"), key=lambda p: p.relative_to(folder).as_posix()):

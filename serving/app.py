@@ -7,7 +7,8 @@ Two deployments:
   per-member rate limit, resolves `name@alias` to the version the platform promoted it to
   (platform/promotion.py; re-read every few seconds, so `indai model promote` moves traffic
   without a restart, and a job moving the registry's alias moves nothing), serves a `name/version`
-  to members only if it was promoted, has the pool check the promoted files' digest, and meters every call in batches (serving never waits on the database). While the database
+  to members only if it was promoted, has the pool check the promoted files' digest, and meters
+  every call in batches (serving never waits on the database). While the database
   or MLflow is away, what was looked up recently stands in (platform/recent.py), and MLflow
   requests are bounded (`registry_timeout_s`), so no member's call hangs on them. `POST /v1/feedback`
   stores a member's rating of a prediction by its request id.
@@ -310,7 +311,8 @@ class ModelPool:
 
     async def _loaded(self, model_id: str):
         """(the model, None), or (None, {"error": ..., "status": ...}) when it cannot be loaded: 503
-        while MLflow is away or refuses the pool's account, 404 for a version that is not there."""
+        while MLflow is away or refuses the pool's account, 404 for a version that is not there, 502
+        for a promoted version whose files changed since."""
         from indai.platform.promotion import ModelAltered
         from indai.platform.registry import ModelMissing
 
