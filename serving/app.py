@@ -664,13 +664,21 @@ def build_app(args: dict | ServeArgs) -> serve.Application:
     from indai.platform import db
 
     a = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
-    if a.model:  # fail here, not in a replica loop
-        from indai.platform.registry import parse_model_ref, wait_for_model
-
-        wait_for_model(a.mlflow_uri, parse_model_ref(a.model), a.registry_wait_s,
-                       log=lambda line: print(f"[indai] {line}", file=sys.stderr, flush=True))
     a = a.model_copy(update={"db_url": a.db_url or db.database_url()})
-    db.upgrade(db.engine(a.db_url))
+    eng = db.engine(a.db_url)
+    db.upgrade(eng)
+    if a.model:  # fail here, not in a replica loop: the default model's promotion, and its version in the registry
+        from indai.platform import promotion
+        from indai.platform.registry import ModelRef, parse_model_ref, wait_for_model
+
+        ref = parse_model_ref(a.model)
+        if ref.alias is not None:  # (as members' calls resolve it: never by the registry's label, which a job may move or delete)
+            version = promotion.alias_version(eng, ref.name, ref.alias)
+            if version is None:
+                raise UserError(f"the default model {a.model} is not promoted: run `indai model promote {ref.name}/<version> "
+                                f"--alias {ref.alias}` first (`indai model ls` lists the versions)")
+            ref = ModelRef(ref.name, version=version)
+        wait_for_model(a.mlflow_uri, ref, a.registry_wait_s, log=lambda line: print(f"[indai] {line}", file=sys.stderr, flush=True))
     # a member's call must not hang on MLflow's own defaults (120 s a request, 7 retries): one try, bounded
     mlflow_env = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(a.registry_timeout_s), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
     pool_opts = {"max_ongoing_requests": max(a.pool_max_ongoing, a.max_batch_size), "max_queued_requests": a.max_queued_requests,

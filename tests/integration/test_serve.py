@@ -283,13 +283,28 @@ def test_alias_move_is_seen_without_restart_and_pins_stay(served, test_windows, 
         promotion.promote(eng, services.mlflow_uri, "it-cwru", 1, "champion", by="test-admin")
 
 
-def test_unknown_model_is_refused_before_deploying(services):
-    from indai.platform import db
+def test_the_default_model_is_checked_by_its_promotion_before_deploying(services, members, platform_db):
+    """An alias nobody promoted is refused before anything deploys; a promoted one builds even while
+    a job has deleted the registry's label (which only labels); a promoted version the registry no
+    longer holds is named."""
+    from indai.platform import registry
     from indai.platform.errors import UserError
     from indai.serving.app import ServeArgs, build_app
 
+    def build(model: str):
+        return build_app(ServeArgs(model=model, mlflow_uri=services.mlflow_uri, db_url=platform_db))
+
+    for model in ("no-such-model@champion", "it-cwru@ghost"):
+        with pytest.raises(UserError, match=rf"^the default model {model} is not promoted: run `indai model promote "):
+            build(model)
     with pytest.raises(UserError, match="not in the registry"):
-        build_app(ServeArgs(model="no-such-model@champion", mlflow_uri=services.mlflow_uri, db_url=db.database_url()))
+        build("it-cwru/99")
+    c = registry.client(services.mlflow_uri)
+    c.delete_registered_model_alias("it-cwru", "champion")
+    try:
+        assert build("it-cwru@champion") is not None
+    finally:
+        registry.label_alias(services.mlflow_uri, "it-cwru", 1, "champion")
 
 
 def test_cli_predict_with_a_request_file(served, test_windows, services, members, tmp_path):
